@@ -1,0 +1,47 @@
+"""Importing bfcl_eval safely: its data location, version, and imports that do not write into site-packages.
+
+bfcl_eval creates result/score folders under BFCL_PROJECT_ROOT at import time (inside site-packages
+when unset), so every import of it goes through here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class BfclMissingError(RuntimeError):
+    """bfcl_eval is not installed in this environment."""
+
+
+def bfcl_package_dir() -> Path:
+    """The installed bfcl_eval package directory, found without importing it."""
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise BfclMissingError("bfcl_eval is not installed (pip install bfcl-eval)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bfcl_data_dir() -> Path:
+    return bfcl_package_dir() / "data"
+
+
+def bfcl_version() -> str:
+    bfcl_package_dir()
+    return importlib.metadata.version("bfcl-eval")
+
+
+def bfcl_import(module: str, attr: str | None = None, project_root: str | os.PathLike | None = None) -> Any:
+    """Import a bfcl_eval module (or one attribute of it) with BFCL_PROJECT_ROOT pointed somewhere safe."""
+    bfcl_package_dir()
+    if project_root is not None:
+        os.environ["BFCL_PROJECT_ROOT"] = str(project_root)
+    else:
+        os.environ.setdefault("BFCL_PROJECT_ROOT", str(Path(tempfile.gettempdir()) / "fcdistill-bfcl"))
+    mod = importlib.import_module(module)
+    return getattr(mod, attr) if attr else mod

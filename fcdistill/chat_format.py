@@ -1,0 +1,257 @@
+"""The wire format: the one place that turns conversations into student text and back.
+
+A prompt is the student's own chat template around our messages, with the tools rendered once by
+this module into the system message (compact JSON, one line a tool). An assistant turn that calls
+tools is exactly `FC` + a JSON array of `{"name", "arguments"}` + end-of-turn; a plain answer is
+text + end-of-turn. Train renders targets with it, serve renders prompts and parses completions with
+it, eval and the teacher parse with it. Nothing else formats a prompt or parses a call.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fcdistill.tools import ToolCall, ToolSpec, normalize_tools
+
+DEFAULT_FC_TOKEN = "<tool_call>"
+TOOLS_HEADER = "# Functions"
+_TOOLS_INSTRUCTION = (
+    "{header}\nYou may call the functions below, one JSON object a line. To call, reply with {fc} "
+    'followed by a JSON list of {{"name": ..., "arguments": {{...}}}} objects and nothing else. '
+    "If no function fits, or a required argument is missing, answer in plain text.\n"
+)
+
+
+class Message(BaseModel):
+    """One chat turn, OpenAI-shaped; assistant calls are ToolCalls, tool results carry the name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    name: str | None = None  # for role tool: the function whose result this is
+    tool_call_id: str | None = Field(default=None, exclude=True)  # transport only, not rendered
+
+
+class ParsedCompletion(BaseModel):
+    """What a completion means: text, calls, and why it was not a clean call when it was not."""
+
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    error: str | None = None
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def as_messages(messages: list[Any]) -> list[Message]:
+    """Accept OpenAI-style dicts (tool_calls with JSON-string arguments) or Messages."""
+    out: list[Message] = []
+    names_by_id: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+            continue
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}]: expected an object")
+        calls = []
+        for j, tc in enumerate(m.get("tool_calls") or []):
+            fn = tc.get("function", tc) if isinstance(tc, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"messages[{i}].tool_calls[{j}]: needs function.name")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].arguments: not JSON ({exc.msg})") from None
+            if not isinstance(args, dict):
+                raise ValueError(f"messages[{i}].tool_calls[{j}].arguments: must be a JSON object")
+            calls.append(ToolCall(name=fn["name"], arguments=args))
+            if isinstance(tc, dict) and tc.get("id"):
+                names_by_id[tc["id"]] = fn["name"]
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        name = m.get("name")
+        if m.get("role") == "tool" and not name:
+            name = names_by_id.get(m.get("tool_call_id") or "")
+        out.append(Message(role=m.get("role"), content=content, tool_calls=tuple(calls), name=name,
+                           tool_call_id=m.get("tool_call_id")))
+    return out
+
+
+class ChatFormat:
+    """The contract, bound to one student's chat template, FC token and end-of-turn text.
+
+    The tokenizer is needed only to render whole prompts; rendering targets and parsing work
+    without one (eot then defaults to `<|im_end|>`, the ChatML end-of-turn).
+    """
+
+    def __init__(self, tokenizer: Any = None, fc_token: str = DEFAULT_FC_TOKEN, eot: str | None = None):
+        if not fc_token or fc_token.strip() != fc_token:
+            raise ValueError(f"FC token must be non-empty text without surrounding spaces, got {fc_token!r}")
+        self.tokenizer = tokenizer
+        self.fc_token = fc_token
+        self.eot = eot or (getattr(tokenizer, "eos_token", None) if tokenizer is not None else None) or "<|im_end|>"
+
+    # -- tools in the system message -------------------------------------------------------------
+    def tools_block(self, tools: list[ToolSpec]) -> str:
+        lines = [_compact(t.model_dump()) for t in tools]
+        return _TOOLS_INSTRUCTION.format(header=TOOLS_HEADER, fc=self.fc_token) + "\n".join(lines)
+
+    def _split_system(self, text: str) -> tuple[str | None, list[ToolSpec]]:
+        marker = _TOOLS_INSTRUCTION.format(header=TOOLS_HEADER, fc=self.fc_token)
+        idx = text.rfind(marker)
+        if idx < 0:
+            return text, []
+        before, body = text[:idx], text[idx + len(marker):]
+        tools = normalize_tools([json.loads(line) for line in body.split("\n") if line])
+        if before.endswith("\n\n"):
+            before = before[:-2]
+        return (before or None), tools
+
+    # -- messages <-> template input -------------------------------------------------------------
+    def encode_messages(self, messages: list[Any], tools: list[Any] | None = None) -> list[dict[str, str]]:
+        """Text-only `{"role","content"}` messages for the chat template; tools go into the system turn."""
+        msgs = as_messages(messages)
+        specs = normalize_tools(tools or [])
+        out: list[dict[str, str]] = []
+        system_parts: list[str] = []
+        if msgs and msgs[0].role == "system":
+            system_parts.append(msgs[0].content or "")
+            msgs = msgs[1:]
+        if specs:
+            system_parts.append(self.tools_block(specs))
+        if system_parts:
+            out.append({"role": "system", "content": "\n\n".join(system_parts)})
+        for m in msgs:
+            if m.role == "system":
+                out.append({"role": "system", "content": m.content or ""})
+            elif m.role == "assistant":
+                out.append({"role": "assistant", "content": self.render_assistant(m.content, m.tool_calls)})
+            elif m.role == "tool":
+                out.append({"role": "tool", "content": _dumps({"name": m.name, "content": m.content})})
+            else:
+                out.append({"role": m.role, "content": m.content or ""})
+        return out
+
+    def decode_messages(self, encoded: list[dict[str, str]]) -> tuple[list[Message], list[ToolSpec]]:
+        """Invert encode_messages (tool_call ids are transport, not content, and do not round-trip)."""
+        messages: list[Message] = []
+        tools: list[ToolSpec] = []
+        for i, m in enumerate(encoded):
+            role, text = m["role"], m["content"]
+            if role == "system" and i == 0:
+                content, tools = self._split_system(text)
+                if content is not None or not tools:
+                    messages.append(Message(role="system", content=content if content is not None else ""))
+            elif role == "assistant":
+                parsed = self.parse(text)
+                messages.append(Message(role="assistant", content=parsed.content, tool_calls=tuple(parsed.tool_calls)))
+            elif role == "tool":
+                obj = json.loads(text)
+                messages.append(Message(role="tool", name=obj["name"], content=obj["content"]))
+            else:
+                messages.append(Message(role=role, content=text))
+        return messages, tools
+
+    def render_prompt(self, messages: list[Any], tools: list[Any] | None = None) -> str:
+        """The student's prompt text, ending where the assistant's answer starts."""
+        if self.tokenizer is None:
+            raise ValueError("rendering a prompt needs the student's tokenizer (chat template)")
+        return self.tokenizer.apply_chat_template(self.encode_messages(messages, tools), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    # -- assistant turns -------------------------------------------------------------------------
+    def render_assistant(self, content: str | None, tool_calls: tuple[ToolCall, ...] | list[ToolCall] = ()) -> str:
+        """An assistant turn's text without end-of-turn: [content] + FC + JSON array of calls."""
+        if not tool_calls:
+            return content or ""
+        body = _dumps([{"name": c.name, "arguments": c.arguments} for c in tool_calls])
+        return f"{content or ''}{self.fc_token}{body}"
+
+    def render_target(self, content: str | None = None, tool_calls: tuple[ToolCall, ...] | list[ToolCall] = ()) -> str:
+        """The training completion: the assistant turn followed by end-of-turn."""
+        return self.render_assistant(content, tool_calls) + self.eot
+
+    def parse(self, completion: str) -> ParsedCompletion:
+        """(content, tool_calls) from a completion; malformed calls come back as text with a reason."""
+        text = completion
+        cut = text.find(self.eot)
+        if cut >= 0:
+            text = text[:cut]
+        idx = text.find(self.fc_token)
+        if idx < 0:
+            return ParsedCompletion(content=text)
+        before = text[:idx] or None
+        body = text[idx + len(self.fc_token):]
+        calls, error = _parse_calls(body)
+        if error is not None:
+            return ParsedCompletion(content=completion[:cut] if cut >= 0 else completion, error=error)
+        return ParsedCompletion(content=before, tool_calls=calls)
+
+
+def _parse_calls(body: str) -> tuple[list[ToolCall], str | None]:
+    stripped = body.lstrip()
+    if not stripped:
+        return [], "function-call token with no calls after it"
+    try:
+        value, end = json.JSONDecoder().raw_decode(stripped)
+    except json.JSONDecodeError as exc:
+        return [], f"calls are not valid JSON: {exc.msg} at char {exc.pos}"
+    rest = stripped[end:]
+    if rest.strip():
+        return [], f"unexpected text after the calls: {rest.strip()[:40]!r}"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        return [], "empty list of calls"
+    calls: list[ToolCall] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return [], f"call {i} is not an object"
+        name, args = item.get("name"), item.get("arguments", {})
+        if not isinstance(name, str) or not name:
+            return [], f"call {i} has no function name"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return [], f"call {i} ({name}) has arguments that are not JSON"
+        if not isinstance(args, dict):
+            return [], f"call {i} ({name}) has arguments that are not an object"
+        extra = set(item) - {"name", "arguments"}
+        if extra:
+            return [], f"call {i} ({name}) has unexpected keys {sorted(extra)}"
+        calls.append(ToolCall(name=name, arguments=args))
+    return calls, None
+
+
+# -- BFCL's python-syntax call format (prompt mode: teachers and models without tool support) ----
+def render_python_calls(calls: list[ToolCall]) -> str:
+    """`[f(a=1, b='x')]`, the call syntax BFCL's prompt-mode system prompt asks for."""
+    parts = [f"{c.name}({', '.join(f'{k}={v!r}' for k, v in c.arguments.items())})" for c in calls]
+    return f"[{', '.join(parts)}]"
+
+
+def parse_python_calls(text: str, language: str = "python") -> ParsedCompletion:
+    """Decode prompt-mode output with bfcl_eval's own AST decoder; never raises."""
+    from fcdistill.bfcl_env import bfcl_import
+
+    decode = bfcl_import("bfcl_eval.model_handler.utils", "default_decode_ast_prompting")
+    try:
+        decoded = decode(text, language)
+    except Exception as exc:  # the decoder raises on anything it cannot read
+        return ParsedCompletion(content=text, error=f"not a python-syntax call list: {type(exc).__name__}: {exc}"[:300])
+    if not isinstance(decoded, list) or not all(isinstance(d, dict) and len(d) == 1 for d in decoded):
+        return ParsedCompletion(content=text, error="decoded calls have an unexpected shape")
+    return ParsedCompletion(tool_calls=[ToolCall(name=k, arguments=v) for d in decoded for k, v in d.items()])

@@ -1,0 +1,97 @@
+"""The `fcd` command line, grouped by stage. Heavy libraries are imported inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(help="fcdistill: distill function calling into a small local model.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare data: BFCL splits and exports.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr naming the problem, then exit (2: bad input, as click does)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def validation_message(exc: Exception) -> str:
+    """The first problem of a pydantic ValidationError as one line (our own error text where we raised it)."""
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return str(exc).splitlines()[0]
+    err = errors[0]
+    inner = (err.get("ctx") or {}).get("error")
+    if inner is not None:
+        return str(inner)
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@data_app.command("bfcl")
+def data_bfcl(
+    out: Annotated[Path, typer.Option(help="Output directory for records, manifest and eval ids.")] = Path("runs/data"),
+    categories: Annotated[str, typer.Option(help="Comma-separated BFCL v4 categories.")] = "simple_python,multiple,parallel,parallel_multiple,irrelevance",
+    eval_only: Annotated[str, typer.Option(help="Categories that go wholly to eval (never trained on).")] = "",
+    live_eval_only: Annotated[bool, typer.Option(help="Declare every live_* category eval-only.")] = True,
+    eval_fraction: Annotated[float, typer.Option(help="Share of each trainable category held out for eval.")] = 0.5,
+    mix_in: Annotated[float, typer.Option(help="Share of train that keeps ground-truth labels; the rest awaits the teacher.")] = 0.1,
+    max_per_category: Annotated[str, typer.Option(help="Sample caps, e.g. live_multiple=100,live_irrelevance=50 (seeded).")] = "",
+    seed: Annotated[int, typer.Option(help="Seed of the split, mix-in choice and caps.")] = 42,
+) -> None:
+    """Split BFCL v4 categories from the installed bfcl_eval into train/eval, with a manifest."""
+    from pydantic import ValidationError
+
+    from fcdistill.bfcl_env import BfclMissingError
+    from fcdistill.data.bfcl import DataError, SplitOptions, prepare_bfcl
+
+    try:
+        caps = {}
+        for item in _csv(max_per_category):
+            name, _, n = item.partition("=")
+            if not n.isdigit() or int(n) <= 0:
+                raise DataError(f"--max-per-category: expected CATEGORY=N with N > 0, got {item!r}")
+            caps[name] = int(n)
+        opts = SplitOptions(categories=_csv(categories), eval_only=_csv(eval_only), live_eval_only=live_eval_only,
+                            eval_fraction=eval_fraction, mix_in_fraction=mix_in, max_per_category=caps, seed=seed)
+        result = prepare_bfcl(opts, out)
+    except ValidationError as exc:
+        fail(validation_message(exc))
+    except (DataError, BfclMissingError) as exc:
+        fail(str(exc))
+    typer.echo(result.summary())
+
+
+@data_app.command("export")
+def data_export(
+    data: Annotated[Path, typer.Option(help="Directory written by `fcd data bfcl`.")] = Path("runs/data"),
+    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    fmt: Annotated[str, typer.Option("--format", help="trl | openai | bedrock-prompt | bedrock-toolconfig")] = "trl",
+    out: Annotated[Path | None, typer.Option(help="Output JSONL (default: DATA/export/SPLIT.FORMAT.jsonl).")] = None,
+    model: Annotated[str, typer.Option(help="Student whose chat template renders TRL prompts.")] = "smollm2-135m",
+    fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
+    labels: Annotated[str, typer.Option(help="Which targets to use: labeled (mix-in + teacher) or ground-truth (all).")] = "labeled",
+) -> None:
+    """Write one split in a training/evaluation format."""
+    from fcdistill.data.bfcl import DataError
+    from fcdistill.data.export import EXPORT_FORMATS, export_split
+
+    if fmt not in EXPORT_FORMATS:
+        fail(f"unknown --format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    try:
+        path, n, skipped = export_split(data, split, fmt, out, model=model, fc_token=fc_token, labels=labels)
+    except DataError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {n} records to {path}" + (f" ({skipped} without a target skipped)" if skipped else ""))
+
+
+if __name__ == "__main__":
+    app()

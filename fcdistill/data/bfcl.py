@@ -1,0 +1,257 @@
+"""BFCL v4 data from the installed bfcl_eval: records with canonical targets, seeded splits, a manifest.
+
+Every record carries the question (as chat messages), its tools normalized to JSON Schema, and a
+target where one is known: canonical calls from the possible answers (first acceptable value per
+parameter, optional parameters omitted), a plain-text answer for irrelevance items, none for
+relevance items. Live categories are eval-only by default: they are the out-of-distribution check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from fcdistill.bfcl_env import bfcl_data_dir, bfcl_version
+from fcdistill.tools import ToolCall, ToolSpec, call_errors, normalize_tools
+
+SINGLE_TURN_CATEGORIES = (
+    "simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple",
+    "irrelevance", "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+    "live_irrelevance", "live_relevance",
+)
+NO_CALL_CATEGORIES = ("irrelevance", "live_irrelevance")  # correct answer: no call
+RELEVANCE_CATEGORIES = ("live_relevance",)  # correct answer: any call; no ground truth
+IRRELEVANT_ANSWER = "None of the available functions can be used to answer this request."
+
+
+class DataError(ValueError):
+    """Bad data-stage input; the CLI prints it as one line and exits 2."""
+
+
+def category_language(category: str) -> str:
+    return "java" if category.endswith("_java") else "javascript" if category.endswith("_javascript") else "python"
+
+
+class SplitOptions(BaseModel):
+    categories: list[str]
+    eval_only: list[str] = Field(default_factory=list)
+    live_eval_only: bool = True
+    eval_fraction: float = 0.5
+    mix_in_fraction: float = 0.1
+    max_per_category: dict[str, int] = Field(default_factory=dict)
+    seed: int = 42
+
+    @field_validator("eval_fraction", "mix_in_fraction")
+    @classmethod
+    def _fraction(cls, v: float, info: Any) -> float:
+        if not 0.0 < v < 1.0:
+            flag = "--eval-fraction" if info.field_name == "eval_fraction" else "--mix-in"
+            raise DataError(f"{flag} must be a fraction strictly between 0 and 1, got {v}")
+        return v
+
+    def check(self) -> None:
+        if not self.categories:
+            raise DataError("no categories given")
+        named = [*self.categories, *self.eval_only, *self.max_per_category]
+        for c in named:
+            if c not in SINGLE_TURN_CATEGORIES:
+                hint = " (multi-turn categories are not supported)" if c.startswith("multi_turn") else ""
+                raise DataError(f"unknown BFCL category {c!r}{hint}; known: {', '.join(SINGLE_TURN_CATEGORIES)}")
+
+    def is_eval_only(self, category: str) -> bool:
+        return category in self.eval_only or (self.live_eval_only and category.startswith("live_")) \
+            or category in RELEVANCE_CATEGORIES
+
+
+class Record(BaseModel):
+    """One BFCL question as every later stage sees it."""
+
+    id: str
+    category: str
+    split: str
+    messages: list[dict[str, Any]]
+    tools: list[ToolSpec]
+    ground_truth: list[ToolCall] | None = None  # canonical calls; None: no call is correct / unknown
+    target_content: str | None = None  # plain-text target (irrelevance)
+    label_source: str | None = None  # "ground_truth" (mix-in, irrelevance) | "teacher" (awaits labels) | None
+    possible_answer: list[dict[str, Any]] | None = None  # BFCL's raw possible answer, for scoring
+    label_errors: list[str] = Field(default_factory=list)  # ground truth that fails its own schema
+
+    @property
+    def has_target(self) -> bool:
+        return self.ground_truth is not None or self.target_content is not None
+
+
+def canonical_value(value: Any) -> Any:
+    """A possible-answer value with nested option lists reduced to their first acceptable choice."""
+    if isinstance(value, dict):
+        out = {}
+        for k, options in value.items():
+            if isinstance(options, list):
+                if "" in options:
+                    continue  # optional: omitted
+                if not options:
+                    continue
+                out[k] = canonical_value(options[0])
+            else:
+                out[k] = canonical_value(options)
+        return out
+    if isinstance(value, list):
+        return [canonical_value(v) for v in value]
+    return value
+
+
+def _source_string(value: Any) -> Any:
+    """A Java/JavaScript argument as BFCL's checker reads it: source text in a string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def canonical_calls(ground_truth: list[dict[str, Any]], language: str = "python") -> list[ToolCall]:
+    """BFCL ground truth (`[{fn: {param: [acceptable...]}}]`) -> canonical ToolCalls."""
+    calls = []
+    for entry in ground_truth:
+        for name, params in entry.items():
+            args = canonical_value(params)
+            if language != "python":
+                args = {k: _source_string(v) for k, v in args.items()}
+            calls.append(ToolCall(name=name, arguments=args))
+    return calls
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
+    """All records of one category (split unset) and the hashes of the files read."""
+    data_dir = bfcl_data_dir()
+    qpath = data_dir / f"BFCL_v4_{category}.json"
+    if not qpath.is_file():
+        raise DataError(f"bfcl_eval has no data file for {category!r} ({qpath})")
+    hashes = {qpath.name: _sha256(qpath)}
+    answers: dict[str, Any] = {}
+    apath = data_dir / "possible_answer" / qpath.name
+    if apath.is_file():
+        hashes[f"possible_answer/{apath.name}"] = _sha256(apath)
+        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(apath)}
+    language = category_language(category)
+    records = []
+    for item in _read_jsonl(qpath):
+        turns = item["question"]
+        messages = turns[0] if turns and isinstance(turns[0], list) else turns
+        tools = normalize_tools(item.get("function", []), language)
+        rec = Record(id=item["id"], category=category, split="", messages=messages, tools=tools)
+        if category in NO_CALL_CATEGORIES:
+            rec.target_content = IRRELEVANT_ANSWER
+            rec.label_source = "ground_truth"
+        elif item["id"] in answers:
+            rec.possible_answer = answers[item["id"]]
+            rec.ground_truth = canonical_calls(rec.possible_answer, language)
+            rec.label_errors = [e for c in rec.ground_truth for e in call_errors(c, tools)]
+        records.append(rec)
+    return records, hashes
+
+
+class PrepareResult(BaseModel):
+    out: Path
+    counts: dict[str, dict[str, int]]
+
+    def summary(self) -> str:
+        lines = [f"{'category':<24}{'train':>7}{'mix-in':>8}{'eval':>7}"]
+        for cat, c in self.counts.items():
+            lines.append(f"{cat:<24}{c['train']:>7}{c['mix_in']:>8}{c['eval']:>7}")
+        lines.append(f"wrote {self.out}/manifest.json, train.jsonl, eval.jsonl, test_case_ids_to_generate.json")
+        return "\n".join(lines)
+
+
+def _dump_jsonl(path: Path, rows: list[BaseModel]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
+    """Read, split (seeded, stratified by category), choose the mix-in, and write everything to `out`."""
+    opts.check()
+    version = bfcl_version()
+    train: list[Record] = []
+    evals: list[Record] = []
+    hashes: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for category in dict.fromkeys([*opts.categories, *opts.eval_only]):
+        records, h = load_category(category)
+        hashes.update(h)
+        records.sort(key=lambda r: r.id)
+        rng = random.Random(f"{opts.seed}:{category}")
+        rng.shuffle(records)
+        if category in opts.max_per_category:
+            records = records[: opts.max_per_category[category]]
+        if opts.is_eval_only(category):
+            cat_eval, cat_train = records, []
+        else:
+            n_eval = round(len(records) * opts.eval_fraction)
+            cat_eval, cat_train = records[:n_eval], records[n_eval:]
+        n_mix = round(len(cat_train) * opts.mix_in_fraction)
+        for i, rec in enumerate(cat_train):
+            rec.split = "train"
+            if rec.label_source is None and rec.ground_truth is not None:
+                rec.label_source = "ground_truth" if i < n_mix else "teacher"
+            elif rec.label_source == "ground_truth" and i >= n_mix:
+                rec.label_source = "teacher"  # irrelevance outside the mix-in is teacher-labeled too
+        for rec in cat_eval:
+            rec.split = "eval"
+            rec.label_source = None
+        mix = sum(1 for r in cat_train if r.label_source == "ground_truth")
+        counts[category] = {"train": len(cat_train), "mix_in": mix, "eval": len(cat_eval)}
+        train += sorted(cat_train, key=lambda r: r.id)
+        evals += sorted(cat_eval, key=lambda r: r.id)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _dump_jsonl(out / "train.jsonl", train)
+    _dump_jsonl(out / "eval.jsonl", evals)
+    eval_ids: dict[str, list[str]] = {}
+    for r in evals:
+        eval_ids.setdefault(r.category, []).append(r.id)
+    (out / "test_case_ids_to_generate.json").write_text(json.dumps(eval_ids, indent=2, sort_keys=True) + "\n")
+    manifest = {
+        "bfcl_eval_version": version,
+        "seed": opts.seed,
+        "options": opts.model_dump(),
+        "source_files": dict(sorted(hashes.items())),
+        "counts": counts,
+        "splits": {"train": [r.id for r in train], "eval": [r.id for r in evals]},
+        "mix_in": [r.id for r in train if r.label_source == "ground_truth"],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return PrepareResult(out=out, counts=counts)
+
+
+def read_records(data_dir: Path, split: str) -> list[Record]:
+    """Records of one split written by prepare_bfcl."""
+    if split not in ("train", "eval"):
+        raise DataError(f"unknown split {split!r}; choose train or eval")
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `fcd data bfcl --out {data_dir}` first")
+    return [Record.model_validate(row) for row in _read_jsonl(path)]
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `fcd data bfcl --out {data_dir}` first")
+    return json.loads(path.read_text())

