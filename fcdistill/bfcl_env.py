@@ -21,7 +21,10 @@ class BfclMissingError(RuntimeError):
 
 def bfcl_package_dir() -> Path:
     """The installed bfcl_eval package directory, found without importing it."""
-    spec = importlib.util.find_spec("bfcl_eval")
+    try:
+        spec = importlib.util.find_spec("bfcl_eval")
+    except ImportError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise BfclMissingError("bfcl_eval is not installed (pip install bfcl-eval)")
     return Path(next(iter(spec.submodule_search_locations)))

@@ -114,11 +114,11 @@ class ChatFormat:
         idx = text.rfind(marker)
         if idx < 0:
             return text, []
-        before, body = text[:idx], text[idx + len(marker):]
+        body = text[idx + len(marker):]
         tools = normalize_tools([json.loads(line) for line in body.split("\n") if line])
-        if before.endswith("\n\n"):
-            before = before[:-2]
-        return (before or None), tools
+        if idx == 0:
+            return None, tools
+        return text[:idx].removesuffix("\n\n"), tools
 
     # -- messages <-> template input -------------------------------------------------------------
     def encode_messages(self, messages: list[Any], tools: list[Any] | None = None) -> list[dict[str, str]]:
@@ -185,55 +185,54 @@ class ChatFormat:
         return self.render_assistant(content, tool_calls) + self.eot
 
     def parse(self, completion: str) -> ParsedCompletion:
-        """(content, tool_calls) from a completion; malformed calls come back as text with a reason."""
-        text = completion
-        cut = text.find(self.eot)
-        if cut >= 0:
-            text = text[:cut]
-        idx = text.find(self.fc_token)
-        if idx < 0:
-            return ParsedCompletion(content=text)
-        before = text[:idx] or None
-        body = text[idx + len(self.fc_token):]
-        calls, error = _parse_calls(body)
+        """(content, tool_calls) from a completion; malformed calls come back as text with a reason.
+
+        Generation may run past end-of-turn (no stop token): anything after it is ignored.
+        """
+        idx = completion.find(self.fc_token)
+        eot = completion.find(self.eot)
+        if idx < 0 or 0 <= eot < idx:
+            return ParsedCompletion(content=completion[:eot] if eot >= 0 else completion)
+        calls, rest, error = _parse_calls(completion[idx + len(self.fc_token):])
+        if error is None and rest.strip() and not rest.lstrip().startswith(self.eot):
+            error = f"unexpected text after the calls: {rest.strip()[:40]!r}"
         if error is not None:
-            return ParsedCompletion(content=completion[:cut] if cut >= 0 else completion, error=error)
-        return ParsedCompletion(content=before, tool_calls=calls)
+            return ParsedCompletion(content=completion[:eot] if eot >= 0 else completion, error=error)
+        return ParsedCompletion(content=completion[:idx] or None, tool_calls=calls)
 
 
-def _parse_calls(body: str) -> tuple[list[ToolCall], str | None]:
+def _parse_calls(body: str) -> tuple[list[ToolCall], str, str | None]:
+    """Calls decoded from the JSON right after FC, the text after them, and an error if malformed."""
     stripped = body.lstrip()
     if not stripped:
-        return [], "function-call token with no calls after it"
+        return [], "", "function-call token with no calls after it"
     try:
         value, end = json.JSONDecoder().raw_decode(stripped)
     except json.JSONDecodeError as exc:
-        return [], f"calls are not valid JSON: {exc.msg} at char {exc.pos}"
+        return [], "", f"calls are not valid JSON: {exc.msg} at char {exc.pos}"
     rest = stripped[end:]
-    if rest.strip():
-        return [], f"unexpected text after the calls: {rest.strip()[:40]!r}"
     items = value if isinstance(value, list) else [value]
     if not items:
-        return [], "empty list of calls"
+        return [], rest, "empty list of calls"
     calls: list[ToolCall] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            return [], f"call {i} is not an object"
+            return [], rest, f"call {i} is not an object"
         name, args = item.get("name"), item.get("arguments", {})
         if not isinstance(name, str) or not name:
-            return [], f"call {i} has no function name"
+            return [], rest, f"call {i} has no function name"
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except json.JSONDecodeError:
-                return [], f"call {i} ({name}) has arguments that are not JSON"
+                return [], rest, f"call {i} ({name}) has arguments that are not JSON"
         if not isinstance(args, dict):
-            return [], f"call {i} ({name}) has arguments that are not an object"
+            return [], rest, f"call {i} ({name}) has arguments that are not an object"
         extra = set(item) - {"name", "arguments"}
         if extra:
-            return [], f"call {i} ({name}) has unexpected keys {sorted(extra)}"
+            return [], rest, f"call {i} ({name}) has unexpected keys {sorted(extra)}"
         calls.append(ToolCall(name=name, arguments=args))
-    return calls, None
+    return calls, rest, None
 
 
 # -- BFCL's python-syntax call format (prompt mode: teachers and models without tool support) ----
@@ -248,8 +247,9 @@ def parse_python_calls(text: str, language: str = "python") -> ParsedCompletion:
     from fcdistill.bfcl_env import bfcl_import
 
     decode = bfcl_import("bfcl_eval.model_handler.utils", "default_decode_ast_prompting")
+    return_format = bfcl_import("bfcl_eval.constants.enums", "ReturnFormat")
     try:
-        decoded = decode(text, language)
+        decoded = decode(text, return_format(language))
     except Exception as exc:  # the decoder raises on anything it cannot read
         return ParsedCompletion(content=text, error=f"not a python-syntax call list: {type(exc).__name__}: {exc}"[:300])
     if not isinstance(decoded, list) or not all(isinstance(d, dict) and len(d) == 1 for d in decoded):

@@ -9,6 +9,8 @@ object), BFCL (types `dict`, `float`, `tuple`, `any`, Java/JavaScript type names
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from typing import Any
 
 import jsonschema
@@ -223,10 +225,19 @@ def normalize_tools(tools: list[Any] | None, language: str = "python") -> list[T
 
 def check_schema(schema: dict[str, Any], name: str = "tool") -> None:
     """Raise ToolSchemaError unless `schema` is valid against the JSON Schema 2020-12 meta-schema."""
+    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    if problem:
+        raise ToolSchemaError(f"{name}: invalid JSON Schema: {problem}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_problem(schema_text: str) -> str | None:
+    """Meta-schema check, cached by text: BFCL and clients repeat the same tools many times."""
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.Draft202012Validator.check_schema(json.loads(schema_text))
     except jsonschema.SchemaError as exc:
-        raise ToolSchemaError(f"{name}: invalid JSON Schema: {exc.message}") from None
+        return exc.message
+    return None
 
 
 def call_errors(call: ToolCall, tools: list[ToolSpec]) -> list[str]:

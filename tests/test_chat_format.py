@@ -1,0 +1,141 @@
+"""The wire-format contract: render and parse are inverses; malformed output never raises."""
+
+import json
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fcdistill.chat_format import ChatFormat, Message, as_messages, render_python_calls
+from fcdistill.tools import ToolCall, ToolSpec
+
+FC = "<tool_call>"
+EOT = "<|im_end|>"
+fmt = ChatFormat(fc_token=FC, eot=EOT)
+
+names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}(\.[A-Za-z_][A-Za-z0-9_]{0,8})?", fullmatch=True)
+text = st.text(min_size=1, max_size=40).filter(lambda s: FC not in s and EOT not in s)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+calls = st.builds(ToolCall, name=names, arguments=st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=5))
+tools = st.lists(
+    st.builds(lambda n, d, props: ToolSpec(name=n, description=d, parameters={
+        "type": "object", "properties": {p: {"type": t} for p, t in props.items()}}),
+        names, st.text(max_size=30),
+        st.dictionaries(st.text(string.ascii_letters, min_size=1, max_size=6),
+                        st.sampled_from(["string", "integer", "number", "boolean", "array", "object"]), max_size=4)),
+    max_size=4, unique_by=lambda t: t.name)
+
+user = st.builds(lambda c: Message(role="user", content=c), text)
+assistant_text = st.builds(lambda c: Message(role="assistant", content=c), text)
+assistant_calls = st.builds(lambda c, cs: Message(role="assistant", content=c, tool_calls=tuple(cs)),
+                            st.none() | text, st.lists(calls, min_size=1, max_size=4))
+tool_result = st.builds(lambda n, c: Message(role="tool", name=n, content=c), st.none() | names, st.text(max_size=40))
+conversations = st.tuples(
+    st.none() | st.text(max_size=40).filter(lambda s: "# Functions" not in s),
+    st.lists(st.one_of(user, assistant_text, assistant_calls, tool_result), min_size=1, max_size=8),
+).map(lambda t: ([Message(role="system", content=t[0])] if t[0] is not None else []) + t[1])
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations, tools)
+def test_conversations_round_trip(conv, tool_list):
+    encoded = fmt.encode_messages(conv, tool_list)
+    assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in encoded)
+    messages, decoded_tools = fmt.decode_messages(encoded)
+    assert messages == conv
+    assert decoded_tools == tool_list
+
+
+@settings(max_examples=300)
+@given(st.none() | text, st.lists(calls, max_size=5))
+def test_targets_round_trip(content, call_list):
+    if not call_list and content is None:
+        content = "ok"
+    completion = fmt.render_target(content, call_list)
+    assert completion.endswith(EOT)
+    parsed = fmt.parse(completion)
+    assert parsed.error is None
+    assert parsed.tool_calls == call_list
+    assert parsed.content == content
+    if call_list:
+        assert completion.count(FC) == 1 + sum(json.dumps(c.arguments, ensure_ascii=False).count(FC) for c in call_list)
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=80))
+def test_any_text_after_fc_parses_or_gives_a_reason(tail):
+    parsed = fmt.parse(FC + tail)
+    if parsed.error is not None:
+        assert parsed.tool_calls == [] and parsed.content == (FC + tail).split(EOT)[0]
+    else:
+        assert parsed.tool_calls
+
+
+def test_malformed_completions_give_reasons():
+    cases = {
+        FC: "no calls",
+        FC + '[{"name": "f", "arguments": {"a": 1}': "not valid JSON",
+        FC + '[{"arguments": {}}]': "no function name",
+        FC + '[{"name": "f", "arguments": [1]}]': "not an object",
+        FC + '[{"name": "f", "arguments": {}}] and more': "unexpected text",
+        FC + "[]": "empty list",
+        FC + '[{"name": "f", "arguments": {}, "id": 3}]': "unexpected keys",
+        FC + "[1]": "not an object",
+    }
+    for completion, reason in cases.items():
+        parsed = fmt.parse(completion)
+        assert parsed.tool_calls == []
+        assert reason in parsed.error, (completion, parsed.error)
+        assert parsed.content == completion
+
+
+def test_text_after_end_of_turn_is_ignored_and_openai_arguments_accepted():
+    parsed = fmt.parse(FC + '[{"name": "f", "arguments": "{\\"x\\": 2}"}]' + EOT + "garbage")
+    assert parsed.tool_calls == [ToolCall(name="f", arguments={"x": 2})]
+    assert fmt.parse("hello" + EOT + FC + "[]").content == "hello"
+
+
+def test_openai_messages_resolve_tool_names_from_call_ids():
+    msgs = as_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+    ])
+    assert msgs[1].tool_calls[0].arguments == {"city": "Paris"}
+    assert msgs[2].name == "get_weather"
+
+
+def test_render_prompt_uses_the_students_template(smollm2_tokenizer):
+    chat = ChatFormat(smollm2_tokenizer)
+    tool = ToolSpec(name="get_weather", description="Weather for a city.",
+                    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    prompt = chat.render_prompt([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+    ], [tool])
+    assert prompt.startswith("<|im_start|>system\n# Functions")
+    assert '{"name":"get_weather","description":"Weather for a city."' in prompt
+    assert '<|im_start|>assistant\n<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|im_end|>' in prompt
+    assert '<|im_start|>tool\n{"name": "get_weather", "content": "18C"}<|im_end|>' in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    # the FC token is one token of the student's vocabulary
+    ids = smollm2_tokenizer.encode(chat.render_target(None, [ToolCall(name="f")]), add_special_tokens=False)
+    assert ids[0] == smollm2_tokenizer.convert_tokens_to_ids(FC)
+    assert ids[-1] == smollm2_tokenizer.eos_token_id
+
+
+def test_python_syntax_round_trips_through_bfcl_decoder():
+    from fcdistill.chat_format import parse_python_calls
+
+    call_list = [ToolCall(name="math.factorial", arguments={"n": 5}), ToolCall(name="g", arguments={"s": "a'b", "xs": [1, 2.5]})]
+    parsed = parse_python_calls(render_python_calls(call_list))
+    assert parsed.error is None and parsed.tool_calls == call_list
+    bad = parse_python_calls("I cannot help with that")
+    assert bad.error and bad.tool_calls == []

@@ -1,0 +1,151 @@
+"""BFCL data stage: canonical targets, seeded splits without leakage, manifests, exports, CLI errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fcdistill.data.bfcl import SplitOptions, canonical_calls, prepare_bfcl, read_records
+from fcdistill.data.export import EXPORT_FORMATS, export_split
+from fcdistill.tools import ToolCall
+
+CATS = "simple_python,multiple,parallel,irrelevance,live_simple,live_irrelevance,live_relevance"
+
+
+def _prepare(out: Path, seed: int = 7) -> None:
+    opts = SplitOptions(categories=CATS.split(","), seed=seed,
+                        max_per_category={"live_simple": 20, "live_irrelevance": 20})
+    prepare_bfcl(opts, out)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, smollm2_dir):
+    a, b, c = (tmp_path_factory.mktemp(n) for n in "abc")
+    _prepare(a)
+    _prepare(b)
+    _prepare(c, seed=8)
+    for d in (a, b):
+        for fmt in EXPORT_FORMATS:
+            export_split(d, "train", fmt, None, labels="ground-truth")
+            if fmt != "trl":
+                export_split(d, "eval", fmt, None)
+    return a, b, c
+
+
+def test_canonical_calls_take_first_value_and_omit_optional():
+    gt = [{"f": {"a": [5, 6], "b": ["", "x"], "c": [{"k": ["v", "w"], "opt": [""]}], "d": [[1, 2]]}}]
+    assert canonical_calls(gt) == [ToolCall(name="f", arguments={"a": 5, "c": {"k": "v"}, "d": [1, 2]})]
+    assert canonical_calls([{"X.y": {"flag": [True], "n": [3]}}], "java") == [
+        ToolCall(name="X.y", arguments={"flag": "true", "n": "3"})]
+
+
+def test_same_seed_gives_byte_identical_outputs(prepared):
+    a, b, c = prepared
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 4 + 7
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert json.loads((a / "manifest.json").read_text())["splits"] != json.loads((c / "manifest.json").read_text())["splits"]
+
+
+def test_split_is_stratified_and_live_is_eval_only(prepared):
+    a, _, _ = prepared
+    manifest = json.loads((a / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["simple_python"] == {"train": 200, "mix_in": 20, "eval": 200}
+    assert counts["irrelevance"]["train"] == 120
+    for live in ("live_simple", "live_irrelevance", "live_relevance"):
+        assert counts[live]["train"] == 0 and counts[live]["eval"] > 0
+    assert manifest["bfcl_eval_version"]
+    assert all(len(h) == 64 for h in manifest["source_files"].values())
+    assert "possible_answer/BFCL_v4_simple_python.json" in manifest["source_files"]
+    train = read_records(a, "train")
+    assert sum(r.label_source == "ground_truth" for r in train) == len(manifest["mix_in"])
+    assert {r.label_source for r in train} == {"ground_truth", "teacher"}
+    irrelevant = [r for r in train if r.category == "irrelevance"]
+    assert all(r.target_content and r.ground_truth is None for r in irrelevant)
+    relevance = [r for r in read_records(a, "eval") if r.category == "live_relevance"]
+    assert relevance and all(not r.has_target for r in relevance)
+
+
+def test_no_eval_id_reaches_any_training_file(prepared):
+    a, _, _ = prepared
+    manifest = json.loads((a / "manifest.json").read_text())
+    eval_ids = set(manifest["splits"]["eval"])
+    assert not eval_ids & set(manifest["splits"]["train"])
+    ids_file = json.loads((a / "test_case_ids_to_generate.json").read_text())
+    assert {i for ids in ids_file.values() for i in ids} == eval_ids
+    train_text = "\n".join(p.read_text() for p in (a / "export").glob("train.*.jsonl"))
+    assert train_text
+    for eid in eval_ids:
+        assert f'"{eid}"' not in train_text
+    # no eval question reaches a training prompt, except where BFCL itself repeats a question under a train id
+    trl = [json.loads(line) for line in (a / "export" / "train.trl.jsonl").read_text().splitlines()]
+    prompts = "\n".join(r["prompt"] for r in trl)
+    train_questions = {r.messages[-1]["content"] for r in read_records(a, "train")}
+    for rec in read_records(a, "eval"):
+        question = rec.messages[-1]["content"]
+        assert f"<|im_start|>user\n{question}<|im_end|>" not in prompts or question in train_questions
+
+
+def test_exports_have_each_formats_shape(prepared):
+    a, _, _ = prepared
+    exp = a / "export"
+    trl = [json.loads(x) for x in (exp / "train.trl.jsonl").read_text().splitlines()]
+    assert all(r["completion"].endswith("<|im_end|>") for r in trl)
+    assert any(r["completion"].startswith("<tool_call>[") for r in trl)
+    assert any(not r["completion"].startswith("<tool_call>") for r in trl)  # irrelevance: text
+    oai = [json.loads(x) for x in (exp / "train.openai.jsonl").read_text().splitlines()]
+    call = next(r for r in oai if r["messages"][-1].get("tool_calls"))
+    assert call["tools"][0]["type"] == "function"
+    json.loads(call["messages"][-1]["tool_calls"][0]["function"]["arguments"])
+    bp = [json.loads(x) for x in (exp / "train.bedrock-prompt.jsonl").read_text().splitlines()]
+    assert bp[0]["schemaVersion"] == "bedrock-conversation-2024"
+    assert "[" in bp[0]["messages"][-1]["content"][0]["text"] and bp[0]["system"][0]["text"]
+    bt = [json.loads(x) for x in (exp / "train.bedrock-toolconfig.jsonl").read_text().splitlines()]
+    with_call = next(r for r in bt if "toolUse" in r["messages"][-1]["content"][0])
+    assert with_call["toolConfig"]["tools"][0]["toolSpec"]["inputSchema"]["json"]["type"] == "object"
+    ev = [json.loads(x) for x in (exp / "eval.openai.jsonl").read_text().splitlines()]
+    assert all(r["messages"][-1]["role"] == "user" for r in ev)  # eval exports carry no answers
+
+
+def test_labeled_export_keeps_only_mix_in(tmp_path, prepared):
+    a, _, _ = prepared
+    path, n, skipped = export_split(a, "train", "openai", tmp_path / "x.jsonl", labels="labeled")
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert n + skipped == len(manifest["splits"]["train"])
+    assert n <= len(manifest["mix_in"]) and n > 0
+    assert "awaits teacher labels" in path.with_suffix(".skipped.txt").read_text()
+
+
+def _fcd(*args: str, env_extra: str = "") -> subprocess.CompletedProcess:
+    code = env_extra + "from fcdistill.cli import app; import sys; sys.argv = ['fcd', *sys.argv[1:]]; app()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["data", "bfcl", "--categories", "simple_python,nonsense"], "unknown BFCL category 'nonsense'"),
+    (["data", "bfcl", "--eval-fraction", "1.0"], "--eval-fraction must be a fraction"),
+    (["data", "bfcl", "--mix-in", "0"], "--mix-in must be a fraction"),
+    (["data", "bfcl", "--categories", "multi_turn_base"], "multi-turn categories are not supported"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    proc = _fcd(*args, "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_without_bfcl_eval_exits_2(tmp_path):
+    hide = ("import sys, importlib.abc\n"
+            "class Hide(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'bfcl_eval': raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Hide())\n")
+    proc = _fcd("data", "bfcl", "--out", str(tmp_path), env_extra=hide)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bfcl_eval is not installed" in lines[0], proc.stderr
