@@ -93,5 +93,16 @@ def data_export(
     typer.echo(f"wrote {n} records to {path}" + (f" ({skipped} without a target skipped)" if skipped else ""))
 
 
+def _register_stages() -> None:
+    """Stage modules add their own commands; each keeps heavy imports inside its commands."""
+    from fcdistill.teacher.cli import register as register_teacher
+    from fcdistill.train.cli import register as register_train
+
+    register_train(app)
+    register_teacher(app)
+
+
+_register_stages()
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,1 @@
+"""Teacher labeling and synthetic data with verification."""

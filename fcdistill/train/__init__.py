@@ -1,0 +1,1 @@
+"""Training: LoRA SFT with TRL + PEFT around the function-call token."""
