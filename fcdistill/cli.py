@@ -95,9 +95,11 @@ def data_export(
 
 def _register_stages() -> None:
     """Stage modules add their own commands; each keeps heavy imports inside its commands."""
+    from fcdistill.serve.cli import register as register_serve
     from fcdistill.teacher.cli import register as register_teacher
     from fcdistill.train.cli import register as register_train
 
+    register_serve(app)
     register_train(app)
     register_teacher(app)
 

@@ -1,0 +1,22 @@
+"""Grammar-constrained tool calls: tools + tool_choice -> a token-level constraint (outlines-core).
+
+Semantics (DESIGN.md): `auto` leaves text free and activates the call grammar lazily when the FC
+token is sampled; `required` and a named function force FC first; `none` masks FC; with
+`parallel_tool_calls` false the array holds exactly one call. After FC the output is a JSON array of
+`{"name", "arguments"}` whose arguments follow each tool's schema, then end-of-turn.
+"""
+
+from fcdistill.grammars.constraint import (
+    CompiledGrammar,
+    GrammarError,
+    SequenceConstraint,
+    ToolChoice,
+    compile_grammar,
+    grammar_cache_info,
+)
+from fcdistill.grammars.vocabulary import TokenVocabulary, token_vocabulary
+
+__all__ = [
+    "CompiledGrammar", "GrammarError", "SequenceConstraint", "ToolChoice", "TokenVocabulary",
+    "compile_grammar", "grammar_cache_info", "token_vocabulary",
+]

@@ -1,0 +1,189 @@
+"""Tools + tool_choice -> compiled outlines-core Index (cached), and the per-sequence state machine.
+
+The call grammar is one JSON Schema, an array of `{"name": const, "arguments": <tool schema>}`
+alternatives, turned into a regex by outlines-core and compiled into an Index over the student's
+vocabulary. Whitespace between JSON tokens is at most one space: the wire format's own
+separators, and no room for a model to loop on newlines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fcdistill.grammars.vocabulary import TokenVocabulary
+from fcdistill.tools import ToolSpec
+
+ToolChoice = Literal["none", "auto", "required"] | str  # any other string names a function
+WHITESPACE = r"[ ]?"
+_CACHE_SIZE = 256
+
+
+class GrammarError(ValueError):
+    """A request whose constraint cannot be built (absent tool named, schema outlines cannot compile)."""
+
+
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """What one (tokenizer, tools, mode) compiles to; shared by every request that asks for it."""
+
+    mode: Literal["none", "auto", "forced", "json", "free"]
+    index: Any  # outlines_core.Index for the calls (or JSON) part; None for none/free
+    vocab: TokenVocabulary
+    compile_ms: float
+
+
+_cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
+_cache_lock = threading.Lock()
+_stats = {"hits": 0, "misses": 0}
+
+
+def grammar_cache_info() -> dict[str, int]:
+    with _cache_lock:
+        return {**_stats, "size": len(_cache)}
+
+
+def calls_schema(tools: list[ToolSpec], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
+    """JSON Schema of the FC payload: a non-empty array of calls to the given tools."""
+    chosen = [t for t in tools if only is None or t.name == only]
+    alternatives = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                     "required": ["name", "arguments"]} for t in chosen]
+    items = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    schema: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
+    if not parallel or only is not None:
+        schema["maxItems"] = 1
+    return schema
+
+
+def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice = "auto",
+                    parallel: bool = True, json_schema: dict[str, Any] | None = None) -> tuple[CompiledGrammar, bool]:
+    """The constraint for one request, and whether it came from the cache."""
+    if json_schema is not None:
+        mode, schema = "json", json_schema
+    elif not tools or tool_choice == "none":
+        mode, schema = ("none" if tools else "free"), None
+    else:
+        names = {t.name for t in tools}
+        if tool_choice in ("auto", "required"):
+            only = None
+        elif tool_choice in names:
+            only = tool_choice
+        else:
+            raise GrammarError(f"tool_choice names function {tool_choice!r}, which is not among the tools")
+        mode = "auto" if tool_choice == "auto" else "forced"
+        schema = calls_schema(tools, only, parallel)
+    if vocab.fc_id is None and mode in ("auto", "forced"):
+        raise GrammarError("the model's tokenizer has no function-call token")
+    key = (vocab.key, mode, json.dumps(schema, sort_keys=True) if schema is not None else "")
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            _stats["hits"] += 1
+            return hit, True
+    start = time.perf_counter()
+    index = _compile_index(schema, vocab) if schema is not None else None
+    compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000)
+    with _cache_lock:
+        _stats["misses"] += 1
+        _cache[key] = compiled
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return compiled, False
+
+
+def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
+    from outlines_core import Index
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        regex = build_regex_from_schema(json.dumps(schema), WHITESPACE)
+        return Index(regex, vocab.vocabulary)
+    except Exception as exc:  # outlines-core raises ValueError/RuntimeError subclasses from Rust
+        raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
+
+
+class SequenceConstraint:
+    """Per-sequence state: free text (maybe with FC masked), forced FC, inside the grammar, done."""
+
+    def __init__(self, grammar: CompiledGrammar):
+        from outlines_core import Guide
+
+        self._guide_cls = Guide
+        self.grammar = grammar
+        self.vocab = grammar.vocab
+        self.guide: Any = None
+        self.phase = {"none": "text", "free": "text", "auto": "text", "forced": "fc", "json": "grammar"}[grammar.mode]
+        if self.phase == "grammar":
+            self.guide = Guide(grammar.index)
+        self._bitmask: Any = None
+
+    @property
+    def active(self) -> bool:
+        """True when this step's logits need masking."""
+        return self.phase != "text" or self.grammar.mode == "none"
+
+    @property
+    def in_grammar(self) -> bool:
+        return self.phase in ("grammar", "done")
+
+    def mask_(self, logits: Any) -> None:
+        """Set the logits of disallowed tokens to -inf, in place (a 1-D row)."""
+        import torch
+
+        if self.phase == "text":
+            if self.grammar.mode == "none" and self.vocab.fc_id is not None:
+                logits[self.vocab.fc_id] = -torch.inf
+            return
+        if self.phase == "fc":
+            keep = logits[self.vocab.fc_id].clone()
+            logits.fill_(-torch.inf)
+            logits[self.vocab.fc_id] = keep
+            return
+        if self.phase == "done":
+            keep = logits[self.vocab.eot_id].clone()
+            logits.fill_(-torch.inf)
+            logits[self.vocab.eot_id] = keep
+            return
+        from outlines_core.kernels.torch import fill_next_token_bitmask
+
+        if self._bitmask is None:
+            self._bitmask = torch.zeros((1, (self.vocab.size + 31) // 32), dtype=torch.int32)
+        fill_next_token_bitmask(self.guide, self._bitmask)
+        bits = ((self._bitmask.unsqueeze(-1) >> _shifts()) & 1).bool().view(-1)
+        width = logits.shape[-1]
+        allowed = bits[:width] if bits.numel() >= width else torch.nn.functional.pad(bits, (0, width - bits.numel()))
+        logits.masked_fill_(~allowed, -torch.inf)
+
+    def advance(self, token_id: int) -> None:
+        """Move the state machine past a sampled token."""
+        if self.phase == "text":
+            if token_id == self.vocab.fc_id and self.grammar.mode == "auto":
+                self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+            return
+        if self.phase == "fc":
+            self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+            return
+        if self.phase == "grammar":
+            if token_id == self.vocab.eot_id:
+                self.phase = "done"
+                return
+            self.guide.advance(token_id)
+            if self.guide.is_finished():
+                self.phase = "done"
+
+
+_SHIFTS: Any = None
+
+
+def _shifts() -> Any:
+    global _SHIFTS
+    if _SHIFTS is None:
+        import torch
+
+        _SHIFTS = torch.arange(32, dtype=torch.int32)
+    return _SHIFTS

@@ -1,0 +1,72 @@
+"""What the HTTP layer asks of an engine, whichever one runs underneath (hf, vllm)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+
+class EngineRequestError(ValueError):
+    """A request the engine cannot run (prompt longer than the context, ...): a 400 for the client."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float | None = None  # None: the model's generation_config default
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None = None  # None: the base model
+    constraint: Any = None  # grammars.SequenceConstraint, or None for free text
+
+
+@dataclass
+class GenerationEvent:
+    """A piece of output: new text (and token ids) or the end with its reason."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+class Engine(Protocol):
+    model_name: str
+    adapters: dict[str, str]
+    tokenizer: Any
+    fc_token: str
+    context_length: int
+    logits_size: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    async def shutdown(self) -> None: ...
+
+
+async def drain(stream: AsyncIterator[GenerationEvent]) -> tuple[str, list[int], str]:
+    """Collect a whole generation: text, token ids, finish reason."""
+    text, ids, reason = [], [], "stop"
+    async for ev in stream:
+        text.append(ev.text)
+        ids += ev.token_ids
+        if ev.finish_reason:
+            reason = ev.finish_reason
+            if ev.error:
+                raise RuntimeError(ev.error)
+    return "".join(text), ids, reason
+
+
+def new_event_queue() -> asyncio.Queue[GenerationEvent]:
+    return asyncio.Queue()

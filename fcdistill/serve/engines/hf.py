@@ -1,0 +1,252 @@
+"""The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
+
+One scheduler thread owns the model. Requests waiting when a batch starts are decoded together
+(left-padded prefill, one shared KV cache, finished or cancelled rows dropped from the cache as they
+end); requests that arrive meanwhile form the next batch. A batch holds one adapter (or the base),
+because PEFT trainable-token layers do not take mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest
+
+log = logging.getLogger("fcdistill.serve")
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    out_ids: list[int] = field(default_factory=list)
+    sent_text: str = ""
+    generator: Any = None
+
+    def emit(self, ev: GenerationEvent) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+
+class HFEngine:
+    """transformers + PEFT, batched decoding with per-sequence grammar constraints."""
+
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
+                 served_name: str | None = None, device: str | None = None, max_batch: int = 16):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fcdistill.models import ensure_fc_token, resolve_model
+
+        path = resolve_model(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.model_name = served_name or str(model)
+        self.adapters = dict(adapters or {})
+        self.fc_token = fc_token
+        self.max_batch = max_batch
+        tokenizer = AutoTokenizer.from_pretrained(self.adapters[next(iter(self.adapters))] if self.adapters else path)
+        self.fc_info = ensure_fc_token(tokenizer, fc_token)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if self.adapters:
+            from peft import PeftModel
+
+            names = list(self.adapters)
+            net = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                net.load_adapter(self.adapters[name], adapter_name=name)
+            self.model = net
+        else:
+            self.model = base
+        self.model.to(self.device).eval()
+        cfg = base.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.logits_size = base.get_output_embeddings().weight.shape[0]
+        gen = getattr(base, "generation_config", None)
+        self.default_temperature = float(getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
+        self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
+        self.stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
+        self._pending: queue.Queue[_Seq] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
+        if len(request.prompt_ids) + request.sampling.max_tokens > self.context_length:
+            raise EngineRequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{len(request.prompt_ids) + request.sampling.max_tokens} tokens ({len(request.prompt_ids)} in the "
+                f"messages, {request.sampling.max_tokens} in the completion).", code="context_length_exceeded")
+        seq = _Seq(req=request, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        self._pending.put(seq)
+        try:
+            while True:
+                ev = await seq.events.get()
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            seq.cancelled.set()  # client gone or consumer stopped: the scheduler drops the row
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._pending.put(None)  # type: ignore[arg-type]
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # -- scheduler -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        backlog: list[_Seq] = []
+        while not self._stop.is_set():
+            if not backlog:
+                first = self._pending.get()
+                if first is None:
+                    return
+                backlog.append(first)
+            while True:
+                try:
+                    nxt = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    return
+                backlog.append(nxt)
+            backlog = [s for s in backlog if not s.cancelled.is_set()]
+            if not backlog:
+                continue
+            adapter = backlog[0].req.adapter
+            batch = [s for s in backlog if s.req.adapter == adapter][: self.max_batch]
+            backlog = [s for s in backlog if s not in batch]
+            try:
+                self._run_batch(batch, adapter)
+            except Exception as exc:  # never let one batch take the server down
+                log.exception("generation failed")
+                for s in batch:
+                    s.emit(GenerationEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+
+    def _forward(self, adapter: str | None, **kwargs: Any) -> Any:
+        if adapter is None and self.adapters:
+            with self.model.disable_adapter():
+                return self.model(**kwargs)
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        return self.model(**kwargs)
+
+    def _run_batch(self, seqs: list[_Seq], adapter: str | None) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        for s in seqs:
+            if s.req.sampling.seed is not None:
+                s.generator = torch.Generator(device="cpu").manual_seed(int(s.req.sampling.seed))
+        pad = self.tokenizer.pad_token_id
+        width = max(len(s.req.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            n = len(s.req.prompt_ids)
+            ids[i, width - n:] = torch.tensor(s.req.prompt_ids)
+            mask[i, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+        logits = out.logits[:, -1, :].float().cpu()
+        active = list(range(len(seqs)))
+        last_pos = positions[:, -1].clone()
+        while active:
+            next_tokens: list[int] = []
+            keep: list[int] = []
+            for row, i in enumerate(active):
+                s = seqs[i]
+                if s.cancelled.is_set():
+                    continue
+                token = self._sample(s, logits[row])
+                done = self._accept(s, token)
+                if not done:
+                    keep.append(row)
+                    next_tokens.append(token)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep)
+                cache.batch_select_indices(idx.to(self.device))
+                mask, last_pos = mask[idx], last_pos[idx]
+                active = [active[r] for r in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            last_pos = last_pos + 1
+            out = self._forward(adapter, input_ids=torch.tensor(next_tokens).unsqueeze(1).to(self.device),
+                                attention_mask=mask.to(self.device), position_ids=last_pos.unsqueeze(1).to(self.device),
+                                past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float().cpu()
+        for i in range(len(seqs)):
+            if seqs[i].cancelled.is_set():
+                seqs[i].emit(GenerationEvent(finish_reason="cancelled"))
+
+    def _sample(self, s: _Seq, logits: Any) -> int:
+        import torch
+
+        if s.req.constraint is not None:
+            s.req.constraint.mask_(logits)
+        sp = s.req.sampling
+        temperature = self.default_temperature if sp.temperature is None else sp.temperature
+        top_p = self.default_top_p if sp.top_p is None else sp.top_p
+        if temperature <= 1e-5:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cutoff = torch.cumsum(sorted_p, 0) - sorted_p > top_p
+            sorted_p[cutoff] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=s.generator))
+
+    def _accept(self, s: _Seq, token: int) -> bool:
+        """Record a sampled token, stream its text; True when the sequence has ended."""
+        c = s.req.constraint
+        sp = s.req.sampling
+        if token in self.stop_ids:  # the constraint only lets end-of-turn through where the grammar allows it
+            s.emit(GenerationEvent(finish_reason="stop"))
+            return True
+        if c is not None:
+            c.advance(token)
+        s.out_ids.append(token)
+        text = self.tokenizer.decode(s.out_ids, skip_special_tokens=False)
+        if sp.stop and (c is None or not c.in_grammar):
+            hit = min((p for p in (text.find(x, max(0, len(s.sent_text) - len(x))) for x in sp.stop) if p >= 0),
+                      default=-1)
+            if hit >= 0:
+                s.emit(GenerationEvent(text=text[len(s.sent_text):hit], finish_reason="stop"))
+                return True
+        delta = ""
+        if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
+            delta, s.sent_text = text[len(s.sent_text):], text
+        if len(s.out_ids) >= sp.max_tokens:
+            rest = text[len(s.sent_text):]
+            s.emit(GenerationEvent(text=delta + rest, token_ids=[token], finish_reason="length"))
+            return True
+        s.emit(GenerationEvent(text=delta, token_ids=[token]))
+        return False
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]

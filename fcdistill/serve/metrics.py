@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server: requests, tokens, latency, grammar compile time, cache hits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fcd_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.latency = Histogram("fcd_request_latency_seconds", "HTTP request latency", ["path"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.prompt_tokens = Counter("fcd_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("fcd_completion_tokens", "Completion tokens generated", registry=r)
+        self.compile = Histogram("fcd_grammar_compile_seconds", "Grammar compile time (cache misses)", registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+        self.cache_hits = Counter("fcd_grammar_cache_hits", "Grammar cache hits", registry=r)
+        self.cache_misses = Counter("fcd_grammar_cache_misses", "Grammar cache misses", registry=r)
+        self.cache_size = Gauge("fcd_grammar_cache_entries", "Compiled grammars held", registry=r)
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        label = path if path.startswith(("/v1/", "/health", "/metrics")) else "other"
+        self.requests.labels(label, str(status)).inc()
+        self.latency.labels(label).observe(seconds)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
+
+    def grammar(self, compile_seconds: float, hit: bool) -> None:
+        if hit:
+            self.cache_hits.inc()
+        else:
+            self.cache_misses.inc()
+            self.compile.observe(compile_seconds)
+
+    def render(self, cache_info: dict[str, Any]) -> tuple[bytes, str]:
+        self.cache_size.set(cache_info.get("size", 0))
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
