@@ -177,7 +177,7 @@ class ChatFormat:
         """An assistant turn's text without end-of-turn: [content] + FC + JSON array of calls."""
         if not tool_calls:
             return content or ""
-        body = _dumps([{"name": c.name, "arguments": c.arguments} for c in tool_calls])
+        body = _compact([{"name": c.name, "arguments": c.arguments} for c in tool_calls])
         return f"{content or ''}{self.fc_token}{body}"
 
     def render_target(self, content: str | None = None, tool_calls: tuple[ToolCall, ...] | list[ToolCall] = ()) -> str:
@@ -201,15 +201,32 @@ class ChatFormat:
         return ParsedCompletion(content=completion[:idx] or None, tool_calls=calls)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+# Calls must survive re-serialization as strict JSON: no NaN/Infinity, no overflowing floats.
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+
+
 def _parse_calls(body: str) -> tuple[list[ToolCall], str, str | None]:
     """Calls decoded from the JSON right after FC, the text after them, and an error if malformed."""
     stripped = body.lstrip()
     if not stripped:
         return [], "", "function-call token with no calls after it"
     try:
-        value, end = json.JSONDecoder().raw_decode(stripped)
+        value, end = _DECODER.raw_decode(stripped)
     except json.JSONDecodeError as exc:
         return [], "", f"calls are not valid JSON: {exc.msg} at char {exc.pos}"
+    except ValueError as exc:
+        return [], "", str(exc)
     rest = stripped[end:]
     items = value if isinstance(value, list) else [value]
     if not items:

@@ -64,6 +64,7 @@ def test_targets_round_trip(content, call_list):
     assert parsed.content == content
     if call_list:
         assert completion.count(FC) == 1 + sum(json.dumps(c.arguments, ensure_ascii=False).count(FC) for c in call_list)
+        assert ", " not in completion.split(FC, 1)[1] or any(", " in json.dumps(c.arguments, ensure_ascii=False, separators=(",", ":")) for c in call_list)
 
 
 @settings(max_examples=500)
@@ -86,6 +87,8 @@ def test_malformed_completions_give_reasons():
         FC + "[]": "empty list",
         FC + '[{"name": "f", "arguments": {}, "id": 3}]': "unexpected keys",
         FC + "[1]": "not an object",
+        FC + '[{"name": "f", "arguments": {"x": 1e999}}]': "out of range",
+        FC + '[{"name": "f", "arguments": {"x": NaN}}]': "not a JSON number",
     }
     for completion, reason in cases.items():
         parsed = fmt.parse(completion)
@@ -122,7 +125,7 @@ def test_render_prompt_uses_the_students_template(smollm2_tokenizer):
     ], [tool])
     assert prompt.startswith("<|im_start|>system\n# Functions")
     assert '{"name":"get_weather","description":"Weather for a city."' in prompt
-    assert '<|im_start|>assistant\n<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|im_end|>' in prompt
+    assert '<|im_start|>assistant\n<tool_call>[{"name":"get_weather","arguments":{"city":"Paris"}}]<|im_end|>' in prompt
     assert '<|im_start|>tool\n{"name": "get_weather", "content": "18C"}<|im_end|>' in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
     # the FC token is one token of the student's vocabulary

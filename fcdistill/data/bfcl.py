@@ -78,7 +78,7 @@ class Record(BaseModel):
     tools: list[ToolSpec]
     ground_truth: list[ToolCall] | None = None  # canonical calls; None: no call is correct / unknown
     target_content: str | None = None  # plain-text target (irrelevance)
-    label_source: str | None = None  # "ground_truth" (mix-in, irrelevance) | "teacher" (awaits labels) | None
+    label_source: str | None = None  # ground_truth (mix-in) | teacher (awaits labels) | teacher_labeled | synthetic | None
     possible_answer: list[dict[str, Any]] | None = None  # BFCL's raw possible answer, for scoring
     label_errors: list[str] = Field(default_factory=list)  # ground truth that fails its own schema
 

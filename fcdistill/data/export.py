@@ -88,20 +88,31 @@ def trl_record(fmt: ChatFormat, rec: Record) -> dict[str, str]:
     return {"id": rec.id, "prompt": prompt, "completion": completion}
 
 
-def select_records(records: list[Record], split: str, labels: str) -> tuple[list[Record], list[str]]:
-    """Records that can be trained on under `labels`, and why each other one was skipped."""
+def select_records(records: list[Record], split: str, labels: str,
+                   data_dir: Path | None = None) -> tuple[list[Record], list[str]]:
+    """Records that can be trained on under `labels`, and why each other one was skipped.
+
+    With labels="labeled", accepted teacher labels in DATA/labels/ (written by `fcd label`) replace the
+    targets of the records that await them; BFCL's own answers for those records are never used.
+    """
     if labels not in ("labeled", "ground-truth"):
         raise DataError(f"unknown --labels {labels!r}; choose labeled or ground-truth")
     if split == "eval":
         return records, []
+    notes: dict[str, str] = {}
+    if labels == "labeled" and data_dir is not None:
+        from fcdistill.teacher.labels import apply_teacher_labels
+
+        records, why = apply_teacher_labels(records, data_dir)
+        notes = {n.split(": ", 1)[0]: n for n in why}
     kept, skipped = [], []
     for r in records:
         if not r.has_target:
             skipped.append(f"{r.id}: no target (relevance items stay unlabeled)")
         elif r.label_errors:
             skipped.append(f"{r.id}: ground truth fails its schema: {r.label_errors[0]}")
-        elif labels == "labeled" and r.label_source != "ground_truth":
-            skipped.append(f"{r.id}: awaits teacher labels")
+        elif labels == "labeled" and r.label_source not in ("ground_truth", "teacher_labeled"):
+            skipped.append(notes.get(r.id, f"{r.id}: awaits teacher labels"))
         else:
             kept.append(r)
     return kept, skipped
@@ -112,7 +123,7 @@ def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, mode
     """Write `split` of `data_dir` as `fmt` JSONL; returns (path, written, skipped)."""
     if fmt not in EXPORT_FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    records, skipped = select_records(read_records(data_dir, split), split, labels)
+    records, skipped = select_records(read_records(data_dir, split), split, labels, data_dir)
     with_target = split == "train"
     writer: Callable[[Record], dict[str, Any]]
     if fmt == "trl":

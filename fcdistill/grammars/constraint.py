@@ -2,8 +2,8 @@
 
 The call grammar is one JSON Schema, an array of `{"name": const, "arguments": <tool schema>}`
 alternatives, turned into a regex by outlines-core and compiled into an Index over the student's
-vocabulary. Whitespace between JSON tokens is at most one space: the wire format's own
-separators, and no room for a model to loop on newlines.
+vocabulary. No whitespace between JSON tokens: the wire format renders calls compactly, a model
+gets no room to loop on whitespace, and the regex compiles about a quarter faster than with `[ ]?`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from fcdistill.grammars.vocabulary import TokenVocabulary
 from fcdistill.tools import ToolSpec
 
 ToolChoice = Literal["none", "auto", "required"] | str  # any other string names a function
-WHITESPACE = r"[ ]?"
+WHITESPACE = ""
+# outlines-core's number has unbounded digits and exponent: `4e+836045` is valid JSON but overflows to
+# inf, which no client can read back. Bounded, the largest number is about 1e115.
+BOUNDED_NUMBER = r"((-)?(0|[1-9][0-9]{0,15}))(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?"
 _CACHE_SIZE = 256
 
 
@@ -100,8 +103,10 @@ def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
     from outlines_core import Index
     from outlines_core.json_schema import build_regex_from_schema
 
+    from outlines_core.json_schema import NUMBER
+
     try:
-        regex = build_regex_from_schema(json.dumps(schema), WHITESPACE)
+        regex = build_regex_from_schema(json.dumps(schema), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
         return Index(regex, vocab.vocabulary)
     except Exception as exc:  # outlines-core raises ValueError/RuntimeError subclasses from Rust
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None

@@ -23,7 +23,7 @@ from fcdistill.grammars import GrammarError, SequenceConstraint, compile_grammar
 from fcdistill.serve.engines.base import Engine, EngineRequestError, GenerationEvent, GenerationRequest, SamplingParams
 from fcdistill.serve.metrics import Metrics
 from fcdistill.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
-from fcdistill.tools import ToolSchemaError, ToolSpec, normalize_tools
+from fcdistill.tools import ToolSchemaError, ToolSpec, call_errors, normalize_tools
 
 
 class APIError(Exception):
@@ -127,6 +127,18 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             if not task.done():
                 task.cancel()
 
+    def checked_calls(text: str, tools: list[ToolSpec]) -> tuple[Any, list[Any]]:
+        """Parsed completion and the calls safe to return. The grammar covers types, enums, required and
+        nesting; what it cannot express (numeric bounds, string patterns) is checked here, and a call
+        that fails its schema is returned as text, never as a call."""
+        parsed = chat.parse(text)
+        if not parsed.tool_calls:
+            return parsed, []
+        if any(call_errors(c, tools) for c in parsed.tool_calls):
+            metrics.rejected_calls.inc()
+            return parsed, []
+        return parsed, parsed.tool_calls
+
     def tool_call_objects(calls: list[Any]) -> list[dict[str, Any]]:
         return [{"id": f"call_{new_id('')[1:]}", "type": "function",
                  "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
@@ -195,10 +207,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         choices, completion_tokens = [], 0
         for i, (text, n_tokens, reason) in enumerate(results):
             completion_tokens += n_tokens
-            parsed = chat.parse(text) if tools else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            if parsed is not None and parsed.tool_calls:
-                message = {"role": "assistant", "content": parsed.content, "tool_calls": tool_call_objects(parsed.tool_calls)}
+            parsed, calls = checked_calls(text, tools) if tools else (None, [])
+            if calls:
+                message = {"role": "assistant", "content": parsed.content, "tool_calls": tool_call_objects(calls)}
                 reason = "tool_calls" if reason == "stop" else reason
             choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
         metrics.tokens(len(prompt_ids), completion_tokens)
@@ -232,9 +244,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except EngineRequestError as exc:
             yield f"data: {json.dumps(error_body(str(exc), code=exc.code))}\n\n"
             return
-        parsed = chat.parse(text) if tools else None
-        if parsed is not None and parsed.tool_calls:
-            for i, call in enumerate(tool_call_objects(parsed.tool_calls)):
+        _, calls = checked_calls(text, tools) if tools else (None, [])
+        if calls:
+            for i, call in enumerate(tool_call_objects(calls)):
                 yield chunk({"tool_calls": [{"index": i, **call}]})
             reason = "tool_calls" if reason == "stop" else reason
         elif len(text) > streamed:

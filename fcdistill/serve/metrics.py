@@ -21,6 +21,7 @@ class Metrics:
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
         self.cache_hits = Counter("fcd_grammar_cache_hits", "Grammar cache hits", registry=r)
         self.cache_misses = Counter("fcd_grammar_cache_misses", "Grammar cache misses", registry=r)
+        self.rejected_calls = Counter("fcd_rejected_calls", "Completions whose calls failed a schema rule the grammar cannot express", registry=r)
         self.cache_size = Gauge("fcd_grammar_cache_entries", "Compiled grammars held", registry=r)
 
     def request(self, path: str, status: int, seconds: float) -> None:

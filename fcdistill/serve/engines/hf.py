@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ class HFEngine:
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
         self.max_batch = max_batch
-        tokenizer = AutoTokenizer.from_pretrained(self.adapters[next(iter(self.adapters))] if self.adapters else path)
+        # An adapter trained with an added FC token ships the tokenizer that has it; else the base's.
+        with_tokenizer = [p for p in self.adapters.values() if os.path.isfile(os.path.join(p, "tokenizer_config.json"))]
+        tokenizer = AutoTokenizer.from_pretrained(with_tokenizer[0] if with_tokenizer else path)
         self.fc_info = ensure_fc_token(tokenizer, fc_token)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

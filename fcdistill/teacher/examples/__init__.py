@@ -1,0 +1,1 @@
+"""The shipped example domain for `fcd synth` (travel assistant): tools, seed examples, implementations."""

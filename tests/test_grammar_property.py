@@ -1,0 +1,174 @@
+"""The guarantee: whatever the logits, constrained output parses, names a tool, and validates.
+
+A random "model" drives the constraint: logits are Gaussian noise plus a fixed bias towards short
+tokens, so walks through long strings end within a bounded number of steps. The constraint must hold
+for any logits, so a biased random draw is as good a witness as an unbiased one.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fcdistill.chat_format import ChatFormat
+from fcdistill.grammars import SequenceConstraint, compile_grammar, token_vocabulary
+from fcdistill.tools import ToolSpec, closed_schema
+
+MAX_STEPS = 600
+SUB_VOCAB = 6000  # the property needs real multi-character tokens, not all 49k: compile stays fast
+
+
+@pytest.fixture(scope="module")
+def rig(smollm2_tokenizer):
+    """A vocabulary of SmolLM2's first tokens (all bytes and the commonest merges) plus FC and end-of-turn."""
+    import torch
+    from outlines.models.transformers import TransformerTokenizer
+    from outlines_core import Vocabulary
+
+    from fcdistill.grammars.vocabulary import TokenVocabulary
+
+    tok = smollm2_tokenizer
+    adapter = TransformerTokenizer(tok)
+    special = set(tok.all_special_ids)
+    fc_id = tok.convert_tokens_to_ids("<tool_call>")
+    words: dict[str, list[int]] = {}
+    for t, i in tok.get_vocab().items():
+        if i < SUB_VOCAB and i not in special:
+            words.setdefault(adapter.convert_token_to_string(t), []).append(i)
+    size = len(tok)
+    vocab = TokenVocabulary(key=("smollm2-sub", SUB_VOCAB, "<tool_call>"), vocabulary=Vocabulary(tok.eos_token_id, words),
+                            size=size, eot_id=tok.eos_token_id, fc_id=fc_id, special_ids=frozenset(special))
+    lengths = torch.full((size,), 99.0)
+    for t, i in tok.get_vocab().items():
+        lengths[i] = len(adapter.convert_token_to_string(t))
+    bias = torch.where(lengths <= 1, 4.0, 0.0)
+    return vocab, bias, ChatFormat(tok), tok
+
+
+def _walk(rig, grammar, seed: int, fc_boost_at: int | None = None) -> tuple[str, bool]:
+    """Sample until end-of-turn; `fc_boost_at`: from that step on, the FC token's logit is huge."""
+    import torch
+
+    vocab, bias, _, tok = rig
+    gen = torch.Generator().manual_seed(seed)
+    c = SequenceConstraint(grammar)
+    out: list[int] = []
+    for step in range(MAX_STEPS):
+        logits = torch.randn(vocab.size, generator=gen) * 2.0 + bias
+        if fc_boost_at is not None and step >= fc_boost_at:
+            logits[vocab.fc_id] = 1e4
+        c.mask_(logits)
+        assert torch.isfinite(logits).any(), "the constraint allowed no token at all"
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        if token == vocab.eot_id:
+            return tok.decode(out, skip_special_tokens=False) + tok.eos_token, True
+        c.advance(token)
+        out.append(token)
+    return tok.decode(out, skip_special_tokens=False), False
+
+
+names = st.from_regex(r"[a-z][a-z0-9_]{0,10}(\.[a-z][a-z0-9_]{0,8})?", fullmatch=True)
+prop_names = st.text(string.ascii_letters + "_", min_size=1, max_size=8)
+leaf = st.one_of(
+    st.just({"type": "string"}), st.just({"type": "integer"}), st.just({"type": "number"}),
+    st.just({"type": "boolean"}),
+    st.lists(st.text(string.ascii_letters + " ", min_size=1, max_size=6), min_size=1, max_size=4, unique=True).map(
+        lambda xs: {"type": "string", "enum": xs}),
+    st.lists(st.integers(-50, 50), min_size=1, max_size=4, unique=True).map(lambda xs: {"type": "integer", "enum": xs}),
+)
+
+
+def _obj(children):
+    return st.dictionaries(prop_names, children, min_size=1, max_size=4).flatmap(
+        lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+            lambda req: {"type": "object", "properties": props, "required": req}))
+
+
+schemas = st.recursive(leaf, lambda children: st.one_of(
+    children.map(lambda c: {"type": "array", "items": c}), _obj(children)), max_leaves=3)
+tool_sets = st.lists(
+    st.builds(lambda n, props_req: ToolSpec(name=n, description="", parameters={
+        "type": "object", "properties": props_req[0], "required": props_req[1]}),
+        names,
+        st.dictionaries(prop_names, schemas, max_size=3).flatmap(
+            lambda props: st.lists(st.sampled_from(sorted(props)) if props else st.nothing(), unique=True).map(
+                lambda req: (props, req)))),
+    min_size=1, max_size=40, unique_by=lambda t: t.name)
+
+
+def _check_calls(rig, tools, text, at_least_one: bool, at_most_one: bool, only: str | None = None) -> None:
+    parsed = rig[2].parse(text)
+    assert parsed.error is None, (parsed.error, text[:300])
+    if at_least_one:
+        assert parsed.tool_calls
+    if at_most_one:
+        assert len(parsed.tool_calls) <= 1
+    by_name = {t.name: t for t in tools}
+    for call in parsed.tool_calls:
+        assert call.name in by_name and (only is None or call.name == only)
+        jsonschema.validate(call.arguments, closed_schema(by_name[call.name].parameters))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(tool_sets, st.sampled_from(["required", "named", "auto", "none"]), st.booleans(), st.integers(0, 2**31))
+def test_constrained_output_always_validates(rig, tools, mode, parallel, seed):
+    vocab = rig[0]
+    choice = tools[seed % len(tools)].name if mode == "named" else mode
+    grammar, _ = compile_grammar(vocab, tools, choice, parallel)
+    if mode == "none":  # even a model that wants nothing but FC never gets it
+        text, _ = _walk(rig, grammar, seed, fc_boost_at=0)
+        assert "<tool_call>" not in text
+        return
+    finished = False
+    for k in range(3):
+        text, finished = _walk(rig, grammar, seed + k, fc_boost_at=seed % 5 if mode == "auto" else None)
+        if finished:
+            break
+    assert text.startswith("<tool_call>") or (mode == "auto" and "<tool_call>" in text)
+    assert finished, "no walk finished: the bias no longer lets random walks end"
+    _check_calls(rig, tools, text, at_least_one=True, at_most_one=not parallel or mode == "named",
+                 only=choice if mode == "named" else None)
+
+
+def test_required_forces_fc_even_against_the_logits(rig):
+    import torch
+
+    vocab = rig[0]
+    tools = [ToolSpec(name="f", parameters={"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})]
+    grammar, _ = compile_grammar(vocab, tools, "required", False)
+    c = SequenceConstraint(grammar)
+    logits = torch.zeros(vocab.size)
+    logits[vocab.eot_id] = 100.0  # the model wants to stop at once
+    c.mask_(logits)
+    assert int(torch.argmax(logits)) == vocab.fc_id
+
+
+def test_repeated_tool_sets_compile_once(rig):
+    import time
+
+    vocab = rig[0]
+    tools = [ToolSpec(name="cache_probe", parameters={"type": "object", "properties": {"q": {"type": "string"}}})]
+    first, hit1 = compile_grammar(vocab, tools, "auto", True)
+    start = time.perf_counter()
+    second, hit2 = compile_grammar(vocab, tools, "auto", True)
+    assert (hit1, hit2) == (False, True) and second is first
+    assert time.perf_counter() - start < 0.05
+    _, hit3 = compile_grammar(vocab, tools, "required", True)  # another mode is another grammar
+    assert hit3 is False
+
+
+def test_json_response_format_uses_the_same_machinery(rig):
+    vocab = rig[0]
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
+              "required": ["answer", "why"]}
+    grammar, _ = compile_grammar(vocab, [], "none", True, json_schema=schema)
+    for seed in range(3):
+        text, done = _walk(rig, grammar, seed)
+        if done:
+            import json
+
+            jsonschema.validate(json.loads(text.removesuffix(rig[3].eos_token)), schema)
