@@ -29,6 +29,8 @@ class _Seq:
     cancelled: threading.Event = field(default_factory=threading.Event)
     out_ids: list[int] = field(default_factory=list)
     sent_text: str = ""
+    prefix_offset: int = 0  # incremental detokenization window (as TGI/vLLM do): decode only the tail
+    read_offset: int = 0
     generator: Any = None
 
     def emit(self, ev: GenerationEvent) -> None:
@@ -231,22 +233,30 @@ class HFEngine:
         if c is not None:
             c.advance(token)
         s.out_ids.append(token)
-        text = self.tokenizer.decode(s.out_ids, skip_special_tokens=False)
+        delta = self._detokenize(s)
         if sp.stop and (c is None or not c.in_grammar):
-            hit = min((p for p in (text.find(x, max(0, len(s.sent_text) - len(x))) for x in sp.stop) if p >= 0),
-                      default=-1)
-            if hit >= 0:
-                s.emit(GenerationEvent(text=text[len(s.sent_text):hit], finish_reason="stop"))
+            text = s.sent_text + delta
+            start = max(0, len(s.sent_text) - max(len(x) for x in sp.stop))
+            hits = [p for p in (text.find(x, start) for x in sp.stop) if p >= 0]
+            if hits:
+                s.emit(GenerationEvent(text=text[len(s.sent_text):min(hits)], token_ids=[token], finish_reason="stop"))
                 return True
-        delta = ""
-        if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
-            delta, s.sent_text = text[len(s.sent_text):], text
+        s.sent_text += delta
         if len(s.out_ids) >= sp.max_tokens:
-            rest = text[len(s.sent_text):]
+            rest = self.tokenizer.decode(s.out_ids[s.read_offset:], skip_special_tokens=False) if s.read_offset < len(s.out_ids) else ""
             s.emit(GenerationEvent(text=delta + rest, token_ids=[token], finish_reason="length"))
             return True
         s.emit(GenerationEvent(text=delta, token_ids=[token]))
         return False
+
+    def _detokenize(self, s: _Seq) -> str:
+        """New text since the last call, decoding only a short window; holds back incomplete UTF-8."""
+        prefix = self.tokenizer.decode(s.out_ids[s.prefix_offset:s.read_offset], skip_special_tokens=False)
+        full = self.tokenizer.decode(s.out_ids[s.prefix_offset:], skip_special_tokens=False)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            s.prefix_offset, s.read_offset = s.read_offset, len(s.out_ids)
+            return full[len(prefix):]
+        return ""
 
 
 def _as_list(x: Any) -> list[int]:

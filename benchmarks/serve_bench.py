@@ -1,0 +1,198 @@
+"""Serving benchmark: constrained vs free decode speed, grammar compile times, batching gain, RSS.
+
+Starts a real `fcd serve` process (SmolLM2-135M by default) and drives it with the official openai
+client; grammar compile times are measured in-process over BFCL tool sets with the same tokenizer.
+Everything is measured side by side in one run and written as JSON.
+
+    .venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results/serve_bench.json]
+        [--compile-limit N]   # tool sets per category (default: all unique sets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", model, "--port", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def timed(client, model: str, messages, tools, choice: str, max_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    r = await client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=choice,
+                                             max_tokens=max_tokens, temperature=0)
+    return r.usage.completion_tokens, time.perf_counter() - start
+
+
+async def decode_speed(client, model: str, items, max_tokens: int) -> dict:
+    """Decode tokens/s with the grammar on (required) and off (none) on the same prompts, alternating.
+
+    Decode time = time of the whole answer minus the time of a 1-token answer to the same request
+    (prefill + first token), so prompt processing does not dilute the comparison.
+    """
+    totals = {"required": [0, 0.0], "none": [0, 0.0]}
+    for rec in items:
+        tools = [t.to_openai() for t in rec.tools]
+        for choice in ("none", "required"):
+            _, first = await timed(client, model, rec.messages, tools, choice, 1)
+            n, whole = await timed(client, model, rec.messages, tools, choice, max_tokens)
+            totals[choice][0] += n - 1
+            totals[choice][1] += max(whole - first, 1e-6)
+    out: dict = {}
+    for choice, (n, secs) in totals.items():
+        out["constrained" if choice == "required" else "unconstrained"] = {
+            "decode_tokens": n, "decode_seconds": round(secs, 3), "decode_tokens_per_s": round(n / secs, 2)}
+    c, u = out["constrained"]["decode_tokens_per_s"], out["unconstrained"]["decode_tokens_per_s"]
+    out["overhead_pct"] = round(100 * (u - c) / u, 1)
+    return out
+
+
+async def concurrency_gain(client, model: str, prompt: str, max_tokens: int) -> dict:
+    """Aggregate completion tokens/s with 1 request at a time vs 8 at once (free text, fixed length)."""
+    async def one() -> int:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.7, seed=1)
+        return r.usage.completion_tokens
+
+    result = {}
+    for n in (1, 8):
+        await one()  # warm
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one() for _ in range(n)))
+        secs = time.perf_counter() - start
+        result[f"concurrency_{n}"] = {"tokens": sum(counts), "seconds": round(secs, 3),
+                                      "tokens_per_s": round(sum(counts) / secs, 2)}
+    result["ratio_8_vs_1"] = round(result["concurrency_8"]["tokens_per_s"] / result["concurrency_1"]["tokens_per_s"], 2)
+    return result
+
+
+def compile_times(model: str, categories: list[str], limit: int | None) -> dict:
+    """Grammar compile time (cache miss) per unique BFCL tool set, and the cache-hit time."""
+    from transformers import AutoTokenizer
+
+    from fcdistill.data.bfcl import load_category
+    from fcdistill.grammars import compile_grammar, token_vocabulary
+    from fcdistill.models import ensure_fc_token, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    ensure_fc_token(tok, "<tool_call>")
+    vocab = token_vocabulary(tok, "<tool_call>")
+    report: dict[str, dict] = {}
+    hits: list[float] = []
+    for category in categories:
+        records, _ = load_category(category)
+        unique: dict[str, list] = {}
+        for r in records:
+            unique.setdefault(json.dumps([t.model_dump() for t in r.tools], sort_keys=True), r.tools)
+        sets = list(unique.values())[: limit or None]
+        times: list[float] = []
+        failures = 0
+        for tools in sets:
+            try:
+                grammar, hit = compile_grammar(vocab, tools, "auto", True)
+            except ValueError:
+                failures += 1
+                continue
+            if not hit:
+                times.append(grammar.compile_ms)
+            start = time.perf_counter()
+            compile_grammar(vocab, tools, "auto", True)
+            hits.append((time.perf_counter() - start) * 1000)
+        report[category] = {"tool_sets": len(sets), "unique_in_category": len(unique), "compiled": len(times),
+                            "failed": failures, "p50_ms": round(pct(times, 0.5), 1) if times else None,
+                            "p95_ms": round(pct(times, 0.95), 1) if times else None,
+                            "max_ms": round(max(times), 1) if times else None}
+    report["cache_hit_ms"] = {"p50": round(pct(hits, 0.5), 4), "p95": round(pct(hits, 0.95), 4), "max": round(max(hits), 4)}
+    return report
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    import openai
+
+    from fcdistill.data.bfcl import load_category
+
+    port = _free_port()
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = start_server(args.model, port, out_dir / "serve_bench.server.log")
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
+        records, _ = load_category("simple_python")
+        items = records[: args.decode_items]
+        decode = await decode_speed(client, args.model, items, args.max_tokens)
+        prompt = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+        batching = await concurrency_gain(client, args.model, prompt, args.max_tokens)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    compile_report = compile_times(args.model, args.compile_categories.split(","), args.compile_limit)
+    return {
+        "benchmark": "serve_bench", "engine": "hf", "model": args.model, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "load_average_at_end": os.getloadavg(),
+        "decode_constrained_vs_unconstrained": decode,
+        "aggregate_throughput": batching,
+        "grammar_compile": compile_report,
+        "server_peak_rss_mb": round(rss, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--decode-items", type=int, default=8)
+    parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple")
+    parser.add_argument("--compile-limit", type=int, default=None, help="tool sets per category (default: all)")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
