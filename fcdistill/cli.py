@@ -93,8 +93,29 @@ def data_export(
     typer.echo(f"wrote {n} records to {path}" + (f" ({skipped} without a target skipped)" if skipped else ""))
 
 
+@app.command("quickstart")
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Run directory; a rerun resumes where a killed one stopped.")] = Path("runs/quickstart"),
+    full: Annotated[bool, typer.Option(help="Train on the whole train split and evaluate every held-out item.")] = False,
+    eval_per_category: Annotated[int, typer.Option(help="Eval items per category (default run).")] = 5,
+    train_examples: Annotated[int, typer.Option(help="Train examples sampled from the split (default run).")] = 96,
+    train_steps: Annotated[int, typer.Option(help="Training steps (default run).")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed of the split and samples.")] = 42,
+) -> None:
+    """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU)."""
+    from fcdistill.pipeline import QuickstartOptions, run_quickstart
+
+    if min(eval_per_category, train_examples, train_steps) <= 0:
+        fail("--eval-per-category, --train-examples and --train-steps must be positive")
+    table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
+                                             train_examples=train_examples, train_steps=train_steps, seed=seed),
+                           say=lambda m: typer.echo(m, err=True))
+    typer.echo(table)
+
+
 def _register_stages() -> None:
     """Stage modules add their own commands; each keeps heavy imports inside its commands."""
+    from fcdistill.eval.cli import register as register_eval
     from fcdistill.serve.cli import register as register_serve
     from fcdistill.teacher.cli import register as register_teacher
     from fcdistill.train.cli import register as register_train
@@ -102,6 +123,7 @@ def _register_stages() -> None:
     register_serve(app)
     register_train(app)
     register_teacher(app)
+    register_eval(app)
 
 
 _register_stages()

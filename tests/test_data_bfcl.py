@@ -37,8 +37,9 @@ def prepared(tmp_path_factory, smollm2_dir):
 def test_canonical_calls_take_first_value_and_omit_optional():
     gt = [{"f": {"a": [5, 6], "b": ["", "x"], "c": [{"k": ["v", "w"], "opt": [""]}], "d": [[1, 2]]}}]
     assert canonical_calls(gt) == [ToolCall(name="f", arguments={"a": 5, "c": {"k": "v"}, "d": [1, 2]})]
-    assert canonical_calls([{"X.y": {"flag": [True], "n": [3]}}], "java") == [
-        ToolCall(name="X.y", arguments={"flag": "true", "n": "3"})]
+    docs = [{"name": "X.y", "parameters": {"properties": {"n": {"type": "int"}, "big": {"type": "long"}}}}]
+    assert canonical_calls([{"X.y": {"flag": [True], "n": [3], "big": [1500]}}], "java", docs) == [
+        ToolCall(name="X.y", arguments={"flag": "true", "n": "3", "big": "1500L"})]
 
 
 def test_same_seed_gives_byte_identical_outputs(prepared):

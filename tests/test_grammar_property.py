@@ -172,3 +172,27 @@ def test_json_response_format_uses_the_same_machinery(rig):
             import json
 
             jsonschema.validate(json.loads(text.removesuffix(rig[3].eos_token)), schema)
+
+
+def test_non_ascii_enums_compile_and_generate(smollm2_tokenizer):
+    """Pieces of multi-byte characters are in the vocabulary: a Korean enum (BFCL live) compiles and is produced."""
+    import torch
+
+    vocab = token_vocabulary(smollm2_tokenizer, "<tool_call>")
+    values = ["거실, 에어컨, 실행", "다용도실, 통돌이, 중지"]
+    tools = [ToolSpec(name="ControlAppliance.execute", parameters={
+        "type": "object", "properties": {"command": {"type": "string", "enum": values}}, "required": ["command"]})]
+    grammar, _ = compile_grammar(vocab, tools, "required", False)
+    c = SequenceConstraint(grammar)
+    out: list[int] = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        logits = torch.randn(vocab.size, generator=gen)
+        c.mask_(logits)
+        token = int(torch.argmax(logits))
+        if token == vocab.eot_id:
+            break
+        c.advance(token)
+        out.append(token)
+    parsed = ChatFormat(smollm2_tokenizer).parse(smollm2_tokenizer.decode(out) + smollm2_tokenizer.eos_token)
+    assert parsed.tool_calls and parsed.tool_calls[0].arguments["command"] in values

@@ -106,23 +106,32 @@ def canonical_value(value: Any) -> Any:
     return value
 
 
-def _source_string(value: Any) -> Any:
+_JAVA_LITERAL_SUFFIX = {"long": "L", "float": "f"}  # BFCL's Java checker reads `1500L`, `2.5f`
+
+
+def _source_string(value: Any, java_type: str | None = None) -> Any:
     """A Java/JavaScript argument as BFCL's checker reads it: source text in a string."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return str(value)
+        return f"{value}{_JAVA_LITERAL_SUFFIX.get(java_type or '', '')}"
     return value
 
 
-def canonical_calls(ground_truth: list[dict[str, Any]], language: str = "python") -> list[ToolCall]:
-    """BFCL ground truth (`[{fn: {param: [acceptable...]}}]`) -> canonical ToolCalls."""
+def canonical_calls(ground_truth: list[dict[str, Any]], language: str = "python",
+                    functions: list[dict[str, Any]] | None = None) -> list[ToolCall]:
+    """BFCL ground truth (`[{fn: {param: [acceptable...]}}]`) -> canonical ToolCalls.
+
+    `functions` (BFCL's own docs) give Java parameter types, which decide literal suffixes."""
+    types = {f["name"]: {k: v.get("type") for k, v in (f.get("parameters") or {}).get("properties", {}).items()}
+             for f in functions or []}
     calls = []
     for entry in ground_truth:
         for name, params in entry.items():
             args = canonical_value(params)
             if language != "python":
-                args = {k: _source_string(v) for k, v in args.items()}
+                java = types.get(name, {}) if language == "java" else {}
+                args = {k: _source_string(v, java.get(k)) for k, v in args.items()}
             calls.append(ToolCall(name=name, arguments=args))
     return calls
 
@@ -160,7 +169,7 @@ def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
             rec.label_source = "ground_truth"
         elif item["id"] in answers:
             rec.possible_answer = answers[item["id"]]
-            rec.ground_truth = canonical_calls(rec.possible_answer, language)
+            rec.ground_truth = canonical_calls(rec.possible_answer, language, item.get("function"))
             rec.label_errors = [e for c in rec.ground_truth for e in call_errors(c, tools)]
         records.append(rec)
     return records, hashes

@@ -2,12 +2,15 @@
 
 `outlines_core.Vocabulary.from_pretrained` asks the hub even for a local directory, so the vocabulary
 is built from the loaded transformers tokenizer through outlines' own adapter (byte-level tokens
-such as `Ġ` become the text they stand for). Special tokens are left out: inside a JSON string the
+such as `Ġ` become the text they stand for), keyed by bytes so that pieces of multi-byte
+characters take part too. Special tokens are left out: inside a JSON string the
 model must not be able to emit `<|im_start|>` or the FC token as one token.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,22 +37,50 @@ def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | No
     with _lock:
         if key in _cache:
             return _cache[key]
-    from outlines.backends.outlines_core import OutlinesCoreBackend
     from outlines.models.transformers import TransformerTokenizer
-    from outlines_core import Vocabulary  # noqa: F401  (the type built below)
+    from outlines_core import Vocabulary
 
     adapter = TransformerTokenizer(tokenizer)
     eot_id = tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids) | {i for t, i in vocab.items() if t in tokenizer.get_added_vocab()}
     fc_id = vocab.get(fc_token) if fc_token else None
-    plain = {t: i for t, i in vocab.items() if i not in special and i != fc_id}
-    plain[tokenizer.eos_token] = eot_id  # popped again by the builder; marks EOS
-    built = OutlinesCoreBackend.create_outlines_core_vocabulary(plain, eot_id, tokenizer.eos_token,
-                                                                adapter.convert_token_to_string)
+    by_bytes: dict[bytes, list[int]] = {}
+    for token, token_id in vocab.items():
+        if token_id in special or token_id == fc_id:
+            continue
+        raw = token_bytes(token, adapter.convert_token_to_string)
+        if raw:
+            by_bytes.setdefault(raw, []).append(token_id)
     size = max(logits_size or 0, max(vocab.values()) + 1)
-    result = TokenVocabulary(key=key, vocabulary=built, size=size, eot_id=eot_id, fc_id=fc_id,
-                             special_ids=frozenset(special))
+    result = TokenVocabulary(key=key, vocabulary=Vocabulary(eot_id, by_bytes), size=size, eot_id=eot_id,
+                             fc_id=fc_id, special_ids=frozenset(special))
     with _lock:
         _cache[key] = result
     return result
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(token: str, to_text: Any) -> bytes | None:
+    """The bytes a token stands for. Byte-level BPE pieces of a multi-byte character (and
+    sentencepiece's `<0xNN>` tokens) decode to U+FFFD as text, so they are mapped through the byte
+    alphabet instead: without them no regex with non-ASCII text (a Korean enum) could be matched."""
+    text = to_text(token)
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    m = _BYTE_TOKEN.fullmatch(token)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    unicode_to_byte = _byte_alphabet()
+    if all(ch in unicode_to_byte for ch in token):
+        return bytes(unicode_to_byte[ch] for ch in token)
+    return None
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 byte alphabet
+
+    return {u: b for b, u in bytes_to_unicode().items()}

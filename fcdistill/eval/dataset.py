@@ -1,0 +1,161 @@
+"""The eval set: eval-split records of a data dir, checked against the installed bfcl-eval.
+
+Scoring must see what BFCL's own evaluator sees: the function docs exactly as in bfcl_eval's data
+files (its checker reads types and required parameters from them) and the raw possible answers.
+The model, in turn, is shown the docs with BFCL's language hint, as `bfcl generate` shows them.
+A manifest written under another bfcl-eval version (or over other data files) is refused: its ids
+and answers need not match what the checker would compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fcdistill.data.bfcl import (
+    NO_CALL_CATEGORIES,
+    RELEVANCE_CATEGORIES,
+    SINGLE_TURN_CATEGORIES,
+    DataError,
+    Record,
+    category_language,
+    read_manifest,
+    read_records,
+)
+
+# A model name registered in bfcl_eval whose config keeps dots in function names: ast_checker
+# looks the name up, and dotted BFCL names (`math.factorial`) are then compared as they are.
+CHECKER_MODEL = "gorilla-openfunctions-v2"
+
+
+class EvalError(ValueError):
+    """Bad eval input (manifest, categories, endpoint, run dir); the CLI prints one line and exits 2."""
+
+
+def category_kind(category: str) -> str:
+    """`irrelevance` (correct: no call), `relevance` (correct: any call) or `ast` (BFCL's checker)."""
+    if category in NO_CALL_CATEGORIES:
+        return "irrelevance"
+    if category in RELEVANCE_CATEGORIES:
+        return "relevance"
+    return "ast"
+
+
+@dataclass
+class EvalItem:
+    """One question with everything needed to ask it and to score the answer."""
+
+    record: Record
+    functions: list[dict[str, Any]]  # BFCL's docs as in its data file: what its checker gets
+    shown_functions: list[dict[str, Any]]  # with BFCL's language hint: what `bfcl generate` shows
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def category(self) -> str:
+        return self.record.category
+
+    @property
+    def language(self) -> str:
+        return category_language(self.record.category)
+
+
+def resolve_data_dir(manifest: str | Path) -> Path:
+    """--manifest may name manifest.json itself or the data directory holding it."""
+    path = Path(manifest)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    raise EvalError(f"manifest {path} not found: give the data dir written by `fcd data bfcl` or its manifest.json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_manifest(data_dir: Path, categories: list[str]) -> dict[str, Any]:
+    """The manifest, after refusing one written under another bfcl-eval version or other data files."""
+    from fcdistill.bfcl_env import BfclMissingError, bfcl_data_dir, bfcl_version
+
+    try:
+        manifest = read_manifest(data_dir)
+        here = bfcl_version()
+    except (DataError, BfclMissingError) as exc:
+        raise EvalError(str(exc)) from None
+    theirs = manifest.get("bfcl_eval_version")
+    if theirs != here:
+        raise EvalError(f"{data_dir / 'manifest.json'} was written with bfcl-eval {theirs}, but this environment "
+                        f"has bfcl-eval {here}: ids and answers may differ; re-run `fcd data bfcl` here "
+                        f"(or install bfcl-eval=={theirs})")
+    sources = manifest.get("source_files") or {}
+    for category in categories:
+        for rel in (f"BFCL_v4_{category}.json", f"possible_answer/BFCL_v4_{category}.json"):
+            want = sources.get(rel)
+            path = bfcl_data_dir() / rel
+            if want is not None and path.is_file() and _sha256(path) != want:
+                raise EvalError(f"bfcl_eval's {rel} differs from the file {data_dir / 'manifest.json'} was built "
+                                f"from (same version {here}, other contents); re-run `fcd data bfcl`")
+    return manifest
+
+
+def bfcl_functions(category: str, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """id -> the `function` list of that question, read from bfcl_eval's own data file."""
+    from fcdistill.bfcl_env import bfcl_data_dir
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    with (bfcl_data_dir() / f"BFCL_v4_{category}.json").open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                item = json.loads(line)
+                if item["id"] in ids:
+                    out[item["id"]] = item["function"]
+    return out
+
+
+def with_language_hint(item_id: str, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The docs as `bfcl generate` shows them: bfcl_eval's own language-hint preprocessing."""
+    from fcdistill.bfcl_env import bfcl_import
+
+    add_hint = bfcl_import("bfcl_eval.utils", "add_language_specific_hint_to_function_doc")
+    return add_hint([{"id": item_id, "function": copy.deepcopy(functions)}])[0]["function"]
+
+
+def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
+                  limit_per_category: int | None = None) -> tuple[Path, dict[str, Any], list[EvalItem]]:
+    """(data dir, manifest, items) for the chosen categories of the eval split, in file order."""
+    data_dir = resolve_data_dir(manifest)
+    try:
+        records = read_records(data_dir, "eval")
+    except DataError as exc:
+        raise EvalError(str(exc)) from None
+    present = list(dict.fromkeys(r.category for r in records))
+    wanted = list(dict.fromkeys(categories)) if categories else present
+    for c in wanted:
+        if c not in SINGLE_TURN_CATEGORIES:
+            raise EvalError(f"unknown BFCL category {c!r}; known: {', '.join(SINGLE_TURN_CATEGORIES)}")
+        if c not in present:
+            raise EvalError(f"category {c!r} has no eval items in {data_dir}; it has: {', '.join(present) or 'none'}")
+    manifest_data = check_manifest(data_dir, wanted)
+    eval_ids = set((manifest_data.get("splits") or {}).get("eval") or [])
+    stray = [r.id for r in records if r.id not in eval_ids]
+    if stray:
+        raise EvalError(f"{data_dir / 'eval.jsonl'} holds ids the manifest does not list as eval (e.g. {stray[0]}); "
+                        f"the data dir is inconsistent: re-run `fcd data bfcl`")
+    items: list[EvalItem] = []
+    for category in wanted:
+        recs = [r for r in records if r.category == category]
+        if limit_per_category is not None:
+            recs = recs[:limit_per_category]
+        docs = bfcl_functions(category, {r.id for r in recs})
+        for r in recs:
+            if r.id not in docs:
+                raise EvalError(f"{r.id} is not in bfcl_eval's BFCL_v4_{category}.json")
+            items.append(EvalItem(record=r, functions=docs[r.id], shown_functions=with_language_hint(r.id, docs[r.id])))
+    return data_dir, manifest_data, items

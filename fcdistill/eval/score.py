@@ -1,0 +1,152 @@
+"""Scoring: decode a model's answer, then judge it with bfcl_eval's own ast_checker.
+
+Rules, as BFCL's evaluator applies them to single-turn categories:
+- AST categories: the decoded calls `[{"fn": {"arg": value}}]` go to `ast_checker` with the BFCL
+  function docs and possible answer; a text answer (no call) or a malformed call is wrong.
+- irrelevance / live_irrelevance: correct when no call is made (text, or a call that does not decode).
+- live_relevance: correct when at least one call decodes.
+
+Decoding never raises: malformed output becomes an error type and a reason on the item.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fcdistill.eval.dataset import CHECKER_MODEL, EvalItem, category_kind
+from fcdistill.tools import ToolCall
+
+
+@dataclass
+class Decoded:
+    """Calls read from one answer, or why none could be read."""
+
+    calls: list[ToolCall] = field(default_factory=list)
+    text: str | None = None
+    malformed: str | None = None  # the answer tried to call but could not be decoded
+
+
+@dataclass
+class ItemScore:
+    """One scored answer: what came back, what it decoded to, and whether BFCL counts it correct."""
+
+    id: str
+    category: str
+    valid: bool
+    error_type: str | None = None
+    error: str | None = None
+    decoded: list[dict[str, Any]] | None = None  # BFCL's shape; None when nothing decoded
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_fc(output: dict[str, Any]) -> Decoded:
+    """Calls from an OpenAI tool_calls reply; names the endpoint needed changed are mapped back."""
+    back = output.get("name_map") or {}
+    text = output.get("content")
+    tool_calls = output.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        return Decoded(text=text, malformed="tool_calls is not a list")
+    calls: list[ToolCall] = []
+    for i, tc in enumerate(tool_calls):
+        name = tc.get("name") if isinstance(tc, dict) else None
+        if not isinstance(name, str) or not name:
+            return Decoded(text=text, malformed=f"call {i} has no function name")
+        name = back.get(name, name)
+        raw = tc.get("arguments")
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as exc:
+            return Decoded(text=text, malformed=f"call {i} ({name}): arguments are not JSON ({exc.msg} at char {exc.pos})")
+        if not isinstance(args, dict):
+            return Decoded(text=text, malformed=f"call {i} ({name}): arguments are not a JSON object")
+        calls.append(ToolCall(name=name, arguments=args))
+    return Decoded(calls=calls, text=text)
+
+
+def decode_prompt(text: str | None, language: str) -> Decoded:
+    """Prompt mode: the reply text read by bfcl_eval's own python-syntax decoder."""
+    from fcdistill.chat_format import parse_python_calls
+
+    text = text or ""
+    try:
+        parsed = parse_python_calls(text, language)
+    except Exception as exc:  # e.g. a decoded call whose arguments are not a mapping
+        return Decoded(text=text, malformed=f"decoded calls have an unexpected shape: {type(exc).__name__}"[:300])
+    if parsed.error:
+        # Plain prose is what a no-call answer looks like in prompt mode: no call, not a malformed one.
+        return Decoded(text=text, malformed=parsed.error if text.lstrip().startswith("[") else None)
+    return Decoded(calls=list(parsed.tool_calls), text=None)
+
+
+def decode(output: dict[str, Any], language: str) -> Decoded:
+    if output.get("mode") == "prompt":
+        return decode_prompt(output.get("content"), language)
+    return decode_fc(output)
+
+
+def _snippet(text: str | None, n: int = 80) -> str:
+    s = " ".join((text or "").split())
+    return repr(s[:n] + ("..." if len(s) > n else ""))
+
+
+class Scorer:
+    """Judges answers with bfcl_eval's ast_checker (imported once; importing it takes seconds)."""
+
+    def __init__(self) -> None:
+        from fcdistill.bfcl_env import bfcl_import
+
+        self._checker = bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker", "ast_checker")
+        self._language = bfcl_import("bfcl_eval.constants.enums", "Language")
+
+    def score(self, item: EvalItem, output: dict[str, Any]) -> ItemScore:
+        base = dict(id=item.id, category=item.category, raw=output)
+        kind = category_kind(item.category)
+        if output.get("error"):
+            # The endpoint refused this one question (e.g. too long): no call was made. BFCL records
+            # such an answer as error text, so irrelevance counts it correct and the rest wrong.
+            if kind == "irrelevance":
+                return ItemScore(**base, valid=True, decoded=[])
+            return ItemScore(**base, valid=False, error_type="endpoint_error", error=str(output["error"])[:300])
+        dec = decode(output, item.language)
+        decoded = [c.to_bfcl() for c in dec.calls] if dec.calls or dec.malformed is None else None
+        base["decoded"] = decoded
+        cut = " (cut off at max_tokens)" if output.get("finish_reason") == "length" else ""
+        if kind == "irrelevance":
+            if dec.calls:
+                return ItemScore(**base, valid=False, error_type="irrelevance:made_call",
+                                 error=f"made {len(dec.calls)} call(s) where no function fits")
+            return ItemScore(**base, valid=True)
+        if kind == "relevance":
+            if dec.calls:
+                return ItemScore(**base, valid=True)
+            if dec.malformed:
+                return ItemScore(**base, valid=False, error_type="relevance:malformed", error=dec.malformed + cut)
+            return ItemScore(**base, valid=False, error_type="relevance:no_call",
+                             error=f"answered in text where a call was expected{cut}: {_snippet(dec.text)}")
+        if dec.malformed:
+            return ItemScore(**base, valid=False, error_type="decode:malformed", error=dec.malformed + cut)
+        if not dec.calls:
+            return ItemScore(**base, valid=False, error_type="ast:no_call",
+                             error=f"answered in text where a call was expected{cut}: {_snippet(dec.text)}")
+        if item.record.possible_answer is None:
+            return ItemScore(**base, valid=False, error_type="ast:no_possible_answer",
+                             error="the record has no possible answer to check against")
+        try:
+            result = self._checker(copy.deepcopy(item.functions), copy.deepcopy(decoded),
+                                   copy.deepcopy(item.record.possible_answer), self._language(item.language),
+                                   item.category, CHECKER_MODEL)
+        except Exception as exc:  # the checker asserts on shapes it does not expect: wrong, with why
+            return ItemScore(**base, valid=False, error_type="checker:exception",
+                             error=f"ast_checker raised {type(exc).__name__}: {exc}"[:300])
+        if result.get("valid"):
+            return ItemScore(**base, valid=True)
+        errors = result.get("error") or []
+        text = "; ".join(map(str, errors if isinstance(errors, list) else [errors]))
+        return ItemScore(**base, valid=False, error_type=str(result.get("error_type") or "ast:invalid"),
+                         error=text[:300] or None)

@@ -1,0 +1,207 @@
+"""`fcd eval` against the real `fcd serve` (SmolLM2) and the real bfcl_eval: runs, resume, names, cross-check.
+
+Kept small for a loaded CPU: two or three questions per category and short completions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
+from fcdistill.eval import compare_runs, official_check, run_eval
+from fcdistill.eval.runner import ITEMS, OUTPUTS, RUN_INFO
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+CATS = ["simple_python", "irrelevance", "live_relevance"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:] if log else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_dir):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", MODEL, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def strict_endpoint(server):
+    """A real proxy in front of our server that, like OpenAI's API, rejects tool names with dots."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    pattern = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+    seen: list[list[str]] = []
+
+    async def forward(request):
+        body = await request.body()
+        if request.method == "POST":
+            names = [t["function"]["name"] for t in json.loads(body).get("tools") or []]
+            seen.append(names)
+            bad = [n for n in names if not pattern.match(n)]
+            if bad:
+                return JSONResponse({"error": {"message": f"Invalid 'tools[0].function.name': string does not match "
+                                                          f"pattern. Expected ^[a-zA-Z0-9_-]{{1,64}}$, got {bad[0]!r}",
+                                               "type": "invalid_request_error"}}, status_code=400)
+        async with httpx.AsyncClient(timeout=300) as client:
+            r = await client.request(request.method, f"{server}{request.url.path}", content=body,
+                                     headers={"content-type": "application/json"})
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(routes=[Route("/health", health), Route("/v1/{path:path}", forward, methods=["GET", "POST"])])
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, None, None, timeout=30)
+    yield url, seen
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaldata")
+    prepare_bfcl(SplitOptions(categories=CATS, max_per_category={c: 4 for c in CATS}), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fc_run(server, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "base-fc"
+    run_eval(server, MODEL, data_dir, CATS, out, mode="fc", concurrency=2, max_tokens=24, limit_per_category=2,
+             progress=False, label="base-fc")
+    return out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_fc_run_scores_every_item_with_counts(fc_run):
+    summary = json.loads((fc_run / "summary.json").read_text())
+    assert summary["complete"] and summary["run"]["this_invocation"]["asked"] == 6
+    for c in CATS:
+        cat = summary["categories"][c]
+        assert cat["answered"] == cat["total"] == 2 and cat["correct"] <= 2 and cat["ci95"]
+    accs = [summary["categories"][c]["accuracy"] for c in CATS]
+    assert summary["overall"]["accuracy"] == pytest.approx(sum(accs) / 3)
+    items = _lines(fc_run / ITEMS)
+    assert [i["category"] for i in items] == [c for c in CATS for _ in range(2)]
+    for i in items:
+        assert i["raw"]["id"] == i["id"] and ("content" in i["raw"] or "error" in i["raw"])
+        assert i["valid"] or (i["error_type"] and i["error"])  # every wrong answer says why
+    assert (fc_run / "chart.png").stat().st_size > 1000
+    assert "| simple_python | " in (fc_run / "report.md").read_text()
+
+
+def test_rerun_resumes_and_asks_only_missing_ids(fc_run, server, data_dir):
+    from fcdistill.eval.cli import register
+
+    before = (fc_run / OUTPUTS).read_text()
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    args = ["eval", "run", "--endpoint", server, "--model", MODEL, "--manifest", str(data_dir / "manifest.json"),
+            "--categories", ",".join(CATS), "--limit", "2", "--max-tokens", "24", "--out", str(fc_run),
+            "--no-progress", "--concurrency", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "asked 0, kept 6 earlier answers" in r.output
+    assert (fc_run / OUTPUTS).read_text() == before
+    # A killed run: the last answer is lost and the one before it half-written.
+    lines = before.splitlines(keepends=True)
+    (fc_run / OUTPUTS).write_text("".join(lines[:-2]) + lines[-2][:25])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "asked 2, kept 4 earlier answers" in r.output
+    assert sorted(o["id"] for o in _lines(fc_run / OUTPUTS)) == sorted(o["id"] for o in map(json.loads, lines))
+    # Another model into the same dir would mix two runs: refused.
+    r = CliRunner().invoke(app, [*args[:5], "other-model", *args[6:]])
+    assert r.exit_code == 2 and "model='smollm2-135m'" in r.output
+
+
+def test_prompt_mode_uses_bfcl_prompt_and_decoder(server, data_dir, tmp_path):
+    summary = run_eval(server, MODEL, data_dir, ["simple_python"], tmp_path / "prompt", mode="prompt",
+                       max_tokens=24, limit_per_category=2, progress=False, label="base-prompt")
+    assert summary["categories"]["simple_python"]["answered"] == 2
+    rows = _lines(tmp_path / "prompt" / OUTPUTS)
+    assert all(r["mode"] == "prompt" and isinstance(r["content"], str) and not r["tool_calls"] for r in rows)
+    md = compare_runs([tmp_path / "prompt", tmp_path / "prompt"], tmp_path / "cmp")
+    assert "base-prompt (prompt)" in md and re.search(r"\| simple_python \| \d+\.\d% \(\d/2\)", md), md
+
+
+def test_endpoint_that_rejects_dotted_names_gets_safe_names_mapped_back(strict_endpoint, data_dir, tmp_path):
+    url, seen = strict_endpoint
+    out = tmp_path / "strict"
+    summary = run_eval(url, MODEL, data_dir, ["simple_python"], out, max_tokens=80, limit_per_category=1,
+                       tool_choice="required", progress=False)
+    assert summary["run"]["tool_names"] == "safe" and "rejected dotted tool names" in summary["run"]["this_invocation"]["notes"][0]
+    assert json.loads((out / RUN_INFO).read_text())["tool_names"] == "safe"
+    assert any("." in n for n in seen[0]) and all("." not in n for n in seen[-1])  # first as-is, then safe
+    row = _lines(out / OUTPUTS)[0]
+    dotted = next(iter(row["name_map"].values()))
+    assert "." in dotted and "." not in next(iter(row["name_map"]))
+    item = _lines(out / ITEMS)[0]
+    if row["tool_calls"]:  # a whole call came back (it can be cut at max_tokens): scored under BFCL's name
+        assert all("." not in c["name"] for c in row["tool_calls"])
+        assert [next(iter(d)) for d in item["decoded"]] == [dotted] * len(row["tool_calls"])
+
+
+def test_official_bfcl_generate_and_evaluate_equal_ours(server, data_dir, tmp_path):
+    report = official_check(server, MODEL, data_dir, "simple_python", tmp_path / "official", limit=2,
+                            max_tokens=64, tool_choice="required")
+    assert report["official"]["total"] == 2
+    assert report["same_accuracy"] and report["same_items"], json.dumps(report, indent=1)[:2000]
+    assert report["official"]["accuracy"] == report["ours"]["accuracy"]
+    results = list((tmp_path / "official" / "result").rglob("BFCL_v4_simple_python_result.json"))
+    assert results and len(_lines(results[0])) == 2
+    # Forced calls give the checker real calls to judge (not just text).
+    assert any(i["error_type"] != "ast:no_call" for i in report["items"])
