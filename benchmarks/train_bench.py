@@ -1,0 +1,256 @@
+"""Training throughput of the real training path (fcdistill.train.sft: TRL SFTTrainer + PEFT LoRA).
+
+CPU part (always): SmolLM2-135M-Instruct, fp32, LoRA r=16 all-linear plus the FC token row, on
+prompt-completion pairs rendered by the wire format from BFCL's own questions (simple_python,
+multiple, parallel, parallel_multiple, irrelevance: the non-live categories we train on), so the
+sequence lengths follow BFCL's distribution. Variants, measured side by side in one invocation,
+each in its own process so that peak RSS is its own:
+  - unpacked: padded batches of `--batch` examples;
+  - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step
+    (about the same tokens per step), attention kept apart per example through position_ids
+    (SDPA on CPU: a block-diagonal mask, no padding-free kernel).
+Reported: train tokens/s (real, non-padding tokens, steady state: from the end of step 1 to the
+end of the last step), peak RSS of the process (VmHWM), steps, tokens, seconds.
+
+GPU part (`--gpu`, skipped without CUDA): a randomly initialised model of Qwen2.5-0.5B's
+architecture (no hub access is needed), bf16, LoRA r=16, the same data; tokens/s and MFU (model
+FLOPs per token from TRL's `compute_flops_per_token`, i.e. 6N-style training FLOPs, over the GPU's
+dense bf16 peak; LoRA skips weight gradients, so the useful work is lower than that convention).
+
+Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps 8] [--gpu]
+Writes benchmarks/results/train_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+QWEN05_ARCH = dict(  # Qwen2.5-0.5B's config.json, so no download is needed for a random init
+    architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    attention_dropout=0.0, initializer_range=0.02, use_sliding_window=False,
+)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+# -- data ------------------------------------------------------------------------------------------
+def bfcl_pairs(work: Path, n: int, seed: int) -> Path:
+    """`n` prompt-completion pairs sampled (seeded) from BFCL's trainable categories, ground-truth targets."""
+    from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
+    from fcdistill.data.export import export_split
+
+    data = work / "data"
+    prepare_bfcl(SplitOptions(categories=CATEGORIES, eval_fraction=0.5, mix_in_fraction=0.5, seed=seed), data)
+    path, _, _ = export_split(data, "train", "trl", None, labels="ground-truth")
+    rows = path.read_text(encoding="utf-8").splitlines()
+    random.Random(seed).shuffle(rows)
+    out = work / "bench.trl.jsonl"
+    out.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
+    return out
+
+
+def length_stats(tokenizer: Any, path: Path, max_length: int | None = None) -> dict[str, Any]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lengths = sorted(len(ids) for ids in tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"])
+    completions = [len(ids) for ids in tokenizer([r["completion"] for r in rows])["input_ids"]]
+
+    def pct(p: float) -> int:
+        return lengths[min(len(lengths) - 1, int(p * len(lengths)))]
+
+    return {"examples": len(rows), "mean_tokens": round(sum(lengths) / len(rows), 1), "p50": pct(0.5),
+            "p90": pct(0.9), "max": lengths[-1], "mean_completion_tokens": round(sum(completions) / len(rows), 1),
+            "dropped_over_max_length": sum(n > max_length for n in lengths) if max_length else 0}
+
+
+# -- one variant, in its own process ---------------------------------------------------------------
+def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train `spec` for a few steps through fcdistill.train.sft and time it from inside."""
+    import resource
+
+    from transformers import TrainerCallback
+
+    from fcdistill.train.config import TrainConfig
+    from fcdistill.train.sft import train
+
+    marks: list[tuple[float, float, int]] = []
+
+    class Timer(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+            if logs and "num_tokens" in logs and "loss" in logs:
+                marks.append((time.perf_counter(), float(logs["num_tokens"]), state.global_step))
+
+    cfg = TrainConfig.model_validate(spec["config"])
+    if spec.get("device") == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(cfg, callbacks=[Timer()])
+    wall = time.perf_counter() - t0
+    if len(marks) < 2:
+        raise RuntimeError("too few logged steps to time")
+    (t_a, tok_a, step_a), (t_b, tok_b, step_b) = marks[0], marks[-1]
+    result = {
+        "name": spec["name"], "steps_timed": step_b - step_a, "tokens_timed": int(tok_b - tok_a),
+        "seconds_timed": round(t_b - t_a, 2), "train_tokens_per_second": round((tok_b - tok_a) / (t_b - t_a), 1),
+        "tokens_per_step": round((tok_b - tok_a) / (step_b - step_a), 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "wall_seconds_with_load": round(wall, 1), "loadavg_1min_after": round(os.getloadavg()[0], 2),
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing,
+        "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
+    }
+    if spec.get("device") == "cuda":
+        import torch
+        from transformers import AutoConfig
+        from trl.trainer.utils import compute_flops_per_token
+
+        model_cfg = AutoConfig.from_pretrained(spec["config"]["student"])
+        flops = compute_flops_per_token(model_cfg, spec["seq_len"])  # attention is per example, packed or not
+        name = torch.cuda.get_device_name()
+        peak = spec.get("peak_tflops") or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        result.update({"gpu": name, "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+                       "flops_per_token": flops, "peak_bf16_tflops": peak,
+                       "mfu": round(result["train_tokens_per_second"] * flops / (peak * 1e12), 4) if peak else None})
+    return result
+
+
+def child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    print("RESULT " + json.dumps(run_variant(spec)), flush=True)
+
+
+def launch(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    path = work / f"{spec['name']}.spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--child", str(path)], cwd=ROOT, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"variant {spec['name']} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def base_config(student: str, data: Path, out: Path, steps: int, *, batch: int, max_length: int, packing: bool,
+                precision: str, attn: str, threads: int | None) -> dict[str, Any]:
+    return {"student": student, "data": {"train": str(data), "drop_overlength": True},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+            "optim": {"learning_rate": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
+            "max_steps": steps, "max_length": max_length, "batch_size": batch, "grad_accum": 1, "packing": packing,
+            "precision": precision, "attn_implementation": attn, "num_threads": threads, "seed": 0,
+            "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
+
+
+# -- parts -----------------------------------------------------------------------------------------
+def cpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from fcdistill.models import ensure_fc_token, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    ensure_fc_token(tok, "<tool_call>")
+    threads = args.threads or os.cpu_count()
+    loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
+    variants = []
+    for name, batch, length, packing in (("unpacked", args.batch, args.max_length, False),
+                                         ("packed", 1, args.pack_length, True)):
+        cfg = base_config("smollm2-135m", data, work / name, args.steps, batch=batch, max_length=length,
+                          packing=packing, precision="fp32", attn="sdpa", threads=threads)
+        print(f"cpu: {name} ...", file=sys.stderr, flush=True)
+        variants.append(launch({"name": name, "config": cfg, "threads": threads}, work))
+        print(f"  {variants[-1]}", file=sys.stderr, flush=True)
+    un, pk = variants
+    return {"model": "SmolLM2-135M-Instruct", "threads": threads, "loadavg_1min_before": loadavg_before, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "data": length_stats(tok, data, args.max_length), "variants": variants,
+            "packed_vs_unpacked_tokens_per_second": round(pk["train_tokens_per_second"] / un["train_tokens_per_second"], 3),
+            "packed_vs_unpacked_peak_rss": round(pk["peak_rss_gb"] / un["peak_rss_gb"], 3)}
+
+
+def gpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device, skipped", file=sys.stderr)
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from fcdistill.models import resolve_model
+
+    model_dir = work / "qwen2.5-0.5b-random"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN05_ARCH), dtype=torch.bfloat16)
+    model.save_pretrained(str(model_dir))
+    # The data was rendered with SmolLM2's tokenizer; its ids all fall inside Qwen's 151936 rows.
+    AutoTokenizer.from_pretrained(args.tokenizer or resolve_model("smollm2-135m")).save_pretrained(str(model_dir))
+    seq_len = round(length_stats(AutoTokenizer.from_pretrained(str(model_dir)), data)["mean_tokens"])
+    variants = []
+    for name, batch, length, packing in (("unpacked", args.gpu_batch, 2048, False),
+                                         ("packed", 1, args.gpu_pack_length, True)):
+        cfg = base_config(str(model_dir), data, work / f"gpu-{name}", args.gpu_steps, batch=batch, max_length=length,
+                          packing=packing, precision="bf16", attn=args.attn, threads=None)
+        variants.append(launch({"name": f"{name}-{args.attn}", "config": cfg, "device": "cuda", "seq_len": seq_len,
+                                "peak_tflops": args.peak_tflops}, work))
+        print(f"  {variants[-1]}", file=sys.stderr, flush=True)
+    return {"model": "Qwen2.5-0.5B architecture, random init", "variants": variants}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, default=64, help="BFCL pairs sampled for the run")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per CPU variant")
+    parser.add_argument("--batch", type=int, default=4, help="unpacked batch size (CPU)")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU part (needs CUDA)")
+    parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--gpu-batch", type=int, default=16, help="unpacked GPU batch size")
+    parser.add_argument("--gpu-pack-length", type=int, default=4096, help="tokens per packed GPU row (batch 1)")
+    parser.add_argument("--attn", default="sdpa", help="GPU attention implementation (flash_attention_2 packs)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak, if not in the table")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for the GPU part (default SmolLM2's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_bench.json")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="fcd-train-bench-") as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("BFCL_PROJECT_ROOT", str(work / "bfcl"))
+        data = bfcl_pairs(work, args.examples, args.seed)
+        result: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "command": " ".join(["benchmarks/train_bench.py", *sys.argv[1:]]),
+                                  "versions": __import__("fcdistill.train.sft", fromlist=["_versions"])._versions(),
+                                  "cpu": cpu_part(args, work, data)}
+        result["gpu"] = gpu_part(args, work, data) if args.gpu else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result["cpu"], indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The training config: one YAML file, validated by pydantic before anything heavy is imported.
+
+Everything that can be checked without the model is checked here or in `check_data` (which needs
+only the tokenizer): unknown fields, missing data files, impossible LoRA or schedule values, and
+examples longer than `max_length`. A bad config therefore fails in about a second with one line
+naming the problem, instead of after a model load.
+
+Relative paths in the YAML are taken relative to the current directory, like every other `fcd`
+path option.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fcdistill.chat_format import DEFAULT_FC_TOKEN
+
+
+class ConfigError(ValueError):
+    """A bad training config or its data; the CLI prints it as one line and exits 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} is not a file: {path}")
+    return path
+
+
+class DataSettings(_Strict):
+    """Prompt-completion JSONL files (`fcd data export --format trl`) and how eval is split off."""
+
+    train: Path
+    eval: Path | None = None
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # held out of `train` when `eval` is not given
+    drop_overlength: bool = False  # False: an example longer than max_length is an error
+
+    @field_validator("train")
+    @classmethod
+    def _train_exists(cls, v: Path) -> Path:
+        return _existing_file(v, "data.train file")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_exists(cls, v: Path | None) -> Path | None:
+        return None if v is None else _existing_file(v, "data.eval file")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSettings:
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("data: give either eval (a file) or eval_fraction, not both")
+        return self
+
+
+class LoraSettings(_Strict):
+    """LoRA on the linear layers; the FC token's embedding row is trained separately (trainable tokens)."""
+
+    r: Annotated[int, Field(ge=1)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"lora.target_modules: 'all-linear' or a list of module names, got {v!r}")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("lora.target_modules: give module names or 'all-linear', not an empty list")
+            if "lm_head" in v:
+                # TRL computes log-probs from lm_head.weight directly, so a LoRA on it would never train.
+                raise ValueError("lora.target_modules: lm_head cannot be a LoRA target (TRL's fused LM head "
+                                 "reads its weight directly); the FC token's output row is trained anyway")
+        return v
+
+
+class OptimSettings(_Strict):
+    """Optimizer and learning-rate schedule, passed to transformers' Trainer by name."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    optimizer: str = "adamw_torch"
+    scheduler: str = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+
+    def check_names(self) -> None:
+        """Optimizer and scheduler names against transformers' own lists (after the cheap checks: it imports torch)."""
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        optimizers = [o.value for o in OptimizerNames]
+        if self.optimizer not in optimizers:
+            raise ConfigError(f"optim.optimizer: unknown optimizer {self.optimizer!r}; e.g. adamw_torch, adamw_torch_fused, sgd")
+        schedulers = [s.value for s in SchedulerType]
+        if self.scheduler not in schedulers:
+            raise ConfigError(f"optim.scheduler: unknown scheduler {self.scheduler!r}; choose one of {', '.join(schedulers)}")
+
+
+class TrainConfig(_Strict):
+    """One training run of one student: what `fcd train --config` and `accelerate launch` both read."""
+
+    student: str = "smollm2-135m"
+    fc_token: str = DEFAULT_FC_TOKEN
+    data: DataSettings
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None  # overrides epochs when set
+    max_length: Annotated[int, Field(ge=8)] = 1024
+    batch_size: Annotated[int, Field(ge=1)] = 4  # per device
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    packing: bool | Literal["auto"] = "auto"  # auto: only with a padding-free attention kernel
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
+    attn_implementation: str = "sdpa"
+    num_threads: Annotated[int, Field(ge=1)] | None = None  # CPU torch threads per process (None: torch's default)
+    seed: int = 42
+
+    output_dir: Path = Path("runs/train")
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    eval_steps: Annotated[int, Field(ge=1)] | None = None  # None: evaluate once per epoch (when there is eval data)
+    save_steps: Annotated[int, Field(ge=1)] = 100
+    save_total_limit: Annotated[int, Field(ge=1)] | None = 2
+    tensorboard: bool | Literal["auto"] = "auto"  # auto: log to TensorBoard when it is installed
+
+    @field_validator("packing", "tensorboard", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, v: Any, info: Any) -> Any:
+        if v is True or v is False or v == "auto":
+            return v
+        raise ValueError(f"{info.field_name}: expected true, false or auto, got {v!r}")
+
+    @field_validator("fc_token")
+    @classmethod
+    def _fc_token(cls, v: str) -> str:
+        if not v or v.strip() != v or any(c.isspace() for c in v):
+            raise ValueError(f"fc_token must be non-empty text without spaces, got {v!r}")
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("student: give a model alias, local directory or hub id")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_needs_data(self) -> TrainConfig:
+        if self.eval_steps is not None and self.data.eval is None and self.data.eval_fraction == 0:
+            raise ValueError("eval_steps is set but there is no eval data (set data.eval or data.eval_fraction)")
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.eval is not None or self.data.eval_fraction > 0
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the final adapter (PEFT format + tokenizer + chat template) is written."""
+        return self.output_dir / "adapter"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key.sub=value` pairs (value parsed as YAML) applied on top of the file's mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. max_steps=20), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line for the first problem: its location and message (our own text where we raised it)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    inner = (err.get("ctx") or {}).get("error")
+    msg = str(inner) if inner is not None else err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (check the spelling; see configs/ for the known fields)"
+    elif err.get("type") == "missing":
+        msg = "required field is missing"
+    if loc and not msg.startswith(loc.split(".")[0]):
+        return f"{loc}: {msg}"
+    return msg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate a YAML config; every failure is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        cfg = TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    try:
+        cfg.optim.check_names()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written into the run directory next to its outputs)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
