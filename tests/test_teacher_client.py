@@ -46,7 +46,7 @@ def test_retries_429_with_retry_after_then_500_then_succeeds():
         took = time.perf_counter() - t0
         assert reply.error is None and reply.content == "done" and reply.attempts == 3
         assert stats.retries == 2 and stats.status_counts == {"429": 1, "503": 1, "200": 1}
-        assert took >= 0.3  # Retry-After was honoured, not our 10 ms backoff
+        assert took >= 0.28  # Retry-After (0.3 s) was honoured, not our 10 ms backoff; asyncio may wake ~ms early
         assert srv.stats()["statuses"] == {429: 1, 503: 1, 200: 1}
 
 
