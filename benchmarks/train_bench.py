@@ -5,19 +5,21 @@ prompt-completion pairs rendered by the wire format from BFCL's own questions (s
 multiple, parallel, parallel_multiple, irrelevance: the non-live categories we train on), so the
 sequence lengths follow BFCL's distribution. Variants, measured side by side in one invocation,
 each in its own process so that peak RSS is its own:
-  - unpacked: padded batches of `--batch` examples;
+  - unpacked: padded batches of `--batch` examples, shuffled;
+  - unpacked-grouped-by-length: the same, batches drawn from examples of similar length (less padding);
   - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step
     (about the same tokens per step), attention kept apart per example through position_ids
     (SDPA on CPU: a block-diagonal mask, no padding-free kernel).
-Reported: train tokens/s (real, non-padding tokens, steady state: from the end of step 1 to the
-end of the last step), peak RSS of the process (VmHWM), steps, tokens, seconds.
+Every variant trains one epoch over the same examples, so each sees the same tokens. Reported: train
+tokens/s (real, non-padding tokens, steady state: from the end of step 1 to the end of the last
+step), peak RSS of the process (ru_maxrss), steps, tokens, seconds.
 
 GPU part (`--gpu`, skipped without CUDA): a randomly initialised model of Qwen2.5-0.5B's
 architecture (no hub access is needed), bf16, LoRA r=16, the same data; tokens/s and MFU (model
 FLOPs per token from TRL's `compute_flops_per_token`, i.e. 6N-style training FLOPs, over the GPU's
 dense bf16 peak; LoRA skips weight gradients, so the useful work is lower than that convention).
 
-Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps 8] [--gpu]
+Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps N] [--gpu]
 Writes benchmarks/results/train_bench.json.
 """
 
@@ -109,12 +111,13 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("too few logged steps to time")
     (t_a, tok_a, step_a), (t_b, tok_b, step_b) = marks[0], marks[-1]
     result = {
-        "name": spec["name"], "steps_timed": step_b - step_a, "tokens_timed": int(tok_b - tok_a),
+        "name": spec["name"], "steps": step_b, "tokens": int(tok_b),
+        "steps_timed": step_b - step_a, "tokens_timed": int(tok_b - tok_a),
         "seconds_timed": round(t_b - t_a, 2), "train_tokens_per_second": round((tok_b - tok_a) / (t_b - t_a), 1),
         "tokens_per_step": round((tok_b - tok_a) / (step_b - step_a), 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         "wall_seconds_with_load": round(wall, 1), "loadavg_1min_after": round(os.getloadavg()[0], 2),
-        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing,
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
     }
     if spec.get("device") == "cuda":
@@ -151,13 +154,13 @@ def launch(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     raise RuntimeError(f"variant {spec['name']} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def base_config(student: str, data: Path, out: Path, steps: int, *, batch: int, max_length: int, packing: bool,
-                precision: str, attn: str, threads: int | None) -> dict[str, Any]:
+def base_config(student: str, data: Path, out: Path, steps: int | None, *, batch: int, max_length: int, packing: bool,
+                precision: str, attn: str, threads: int | None, sampling: str = "random") -> dict[str, Any]:
     return {"student": student, "data": {"train": str(data), "drop_overlength": True},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "optim": {"learning_rate": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
-            "max_steps": steps, "max_length": max_length, "batch_size": batch, "grad_accum": 1, "packing": packing,
-            "precision": precision, "attn_implementation": attn, "num_threads": threads, "seed": 0,
+            "epochs": 1, "max_steps": steps, "max_length": max_length, "batch_size": batch, "grad_accum": 1, "packing": packing,
+            "precision": precision, "attn_implementation": attn, "num_threads": threads, "seed": 0, "sampling": sampling,
             "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
 
 
@@ -172,18 +175,23 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]
     threads = args.threads or os.cpu_count()
     loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
     variants = []
-    for name, batch, length, packing in (("unpacked", args.batch, args.max_length, False),
-                                         ("packed", 1, args.pack_length, True)):
+    for name, batch, length, packing, sampling in (
+            ("unpacked", args.batch, args.max_length, False, "random"),
+            ("unpacked-grouped-by-length", args.batch, args.max_length, False, "group_by_length"),
+            ("packed", 1, args.pack_length, True, "random")):
         cfg = base_config("smollm2-135m", data, work / name, args.steps, batch=batch, max_length=length,
-                          packing=packing, precision="fp32", attn="sdpa", threads=threads)
+                          packing=packing, precision="fp32", attn="sdpa", threads=threads, sampling=sampling)
         print(f"cpu: {name} ...", file=sys.stderr, flush=True)
         variants.append(launch({"name": name, "config": cfg, "threads": threads}, work))
         print(f"  {variants[-1]}", file=sys.stderr, flush=True)
-    un, pk = variants
+    un, grouped, pk = variants
     return {"model": "SmolLM2-135M-Instruct", "threads": threads, "loadavg_1min_before": loadavg_before, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "data": length_stats(tok, data, args.max_length), "variants": variants,
             "packed_vs_unpacked_tokens_per_second": round(pk["train_tokens_per_second"] / un["train_tokens_per_second"], 3),
-            "packed_vs_unpacked_peak_rss": round(pk["peak_rss_gb"] / un["peak_rss_gb"], 3)}
+            "packed_vs_unpacked_peak_rss": round(pk["peak_rss_gb"] / un["peak_rss_gb"], 3),
+            "grouped_vs_unpacked_tokens_per_second": round(grouped["train_tokens_per_second"]
+                                                           / un["train_tokens_per_second"], 3),
+            "grouped_vs_unpacked_peak_rss": round(grouped["peak_rss_gb"] / un["peak_rss_gb"], 3)}
 
 
 def gpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any] | None:
@@ -218,7 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, default=64, help="BFCL pairs sampled for the run")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per CPU variant")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="cap on optimizer steps per CPU variant (default: one epoch over the same examples)")
     parser.add_argument("--batch", type=int, default=4, help="unpacked batch size (CPU)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")

@@ -41,7 +41,7 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path, smollm2_tokenizer, smollm2_d
     config.write_text(yaml.safe_dump({
         "student": "smollm2-135m", "data": {"train": str(data)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "optim": {"learning_rate": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "max_steps": steps, "max_length": 512, "batch_size": batch, "num_threads": 1, "seed": 0,
+        "max_steps": steps, "max_length": 512, "batch_size": batch, "packing": False, "num_threads": 1, "seed": 0,
         "output_dir": str(out), "logging_steps": 1, "save_steps": 100, "tensorboard": False}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}

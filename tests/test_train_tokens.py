@@ -44,8 +44,8 @@ def _config(model_dir: Path, data: Path, out: Path, **extra):
     return TrainConfig.model_validate({
         "student": str(model_dir), "data": {"train": str(data)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "optim": {"learning_rate": 5e-2, "warmup_ratio": 0.0, "scheduler": "constant"}, "max_steps": 4,
-        "max_length": 512, "batch_size": 4, "logging_steps": 1, "save_steps": 100, "output_dir": str(out),
-        "tensorboard": False, "seed": 0, **extra})
+        "max_length": 512, "batch_size": 4, "packing": False, "logging_steps": 1, "save_steps": 100,
+        "output_dir": str(out), "tensorboard": False, "seed": 0, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,24 @@ def test_trl_fused_lm_head_still_needs_the_bias_fix(untied_dir, data, tmp_path):
     assert type(head).__name__ == "TrainableTokensWrapper" and vars(head).pop("bias", "missing") is None
     with pytest.raises(AttributeError, match="object has no attribute 'bias'"):
         trainer.train()
+
+
+def test_packed_rows_keep_examples_apart(untied_dir, data, tmp_path):
+    """Packing (TRL best-fit decreasing) with SDPA: several examples share a row without attending
+    to each other; position_ids restart per example and transformers masks block-diagonally."""
+    from fcdistill.train.sft import build_trainer, prepare
+
+    cfg = _config(untied_dir, data, tmp_path / "packed", packing=True, batch_size=1, max_length=1024)
+    trainer, info = build_trainer(cfg, prepare(cfg))
+    assert info["packing"] is True and info["attn_implementation"] == "sdpa"
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    pos = batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3, starts  # ~270-token examples, 1024-token rows
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for s, e in zip(starts, [*starts[1:], len(pos)]):
+            alone = model(input_ids=batch["input_ids"][:, s:e], use_cache=False).logits
+            assert torch.allclose(packed[:, s:e], alone, atol=1e-4), (s, e)

@@ -1,9 +1,9 @@
 """The training config: one YAML file, validated by pydantic before anything heavy is imported.
 
-Everything that can be checked without the model is checked here or in `check_data` (which needs
+Everything that can be checked without the model is checked here or in `sft.prepare` (which needs
 only the tokenizer): unknown fields, missing data files, impossible LoRA or schedule values, and
-examples longer than `max_length`. A bad config therefore fails in about a second with one line
-naming the problem, instead of after a model load.
+examples longer than `max_length`. A bad config therefore fails in seconds (field errors in well
+under one) with one line naming the problem, instead of after a model load.
 
 Relative paths in the YAML are taken relative to the current directory, like every other `fcd`
 path option.
@@ -122,7 +122,12 @@ class TrainConfig(_Strict):
     max_length: Annotated[int, Field(ge=8)] = 1024
     batch_size: Annotated[int, Field(ge=1)] = 4  # per device
     grad_accum: Annotated[int, Field(ge=1)] = 1
-    packing: bool | Literal["auto"] = "auto"  # auto: only with a padding-free attention kernel
+    # packing: batch_size rows of max_length tokens, several examples a row (TRL best-fit decreasing);
+    # auto: on when the attention implementation keeps packed examples apart (sdpa, eager, flash)
+    packing: bool | Literal["auto"] = "auto"
+    # group_by_length: batches of similar lengths (less padding; on CPU, attention memory grows with the
+    # square of the padded length); random: plain shuffling
+    sampling: Literal["random", "group_by_length"] = "random"
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
     attn_implementation: str = "sdpa"

@@ -3,8 +3,9 @@
 An adapter directory (written by `fcd train`) holds PEFT's files (adapter_config.json with the
 FC token as `trainable_token_indices`, adapter_model.safetensors), the tokenizer with the FC token,
 its chat template, and `fcdistill.json` naming the base student. When the FC token was added and
-the vocabulary grew, PEFT also stores the resized embedding matrices, so the base model must be
-resized to the adapter's tokenizer before the adapter is attached; `load_trained` does this.
+the vocabulary grew, the base model must be resized to the adapter's tokenizer before the adapter
+is attached: the adapter holds the FC token's trained row(s) as trainable-token values, not the
+whole matrix (sft.prune_embedding_copies). `load_trained` does this; so does the hf serve engine.
 
 The merged export is a plain transformers directory (no PEFT, no quantization_config) that
 transformers, vLLM and `fcd serve --model` load like any other model; the FC token is then part of

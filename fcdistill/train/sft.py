@@ -343,11 +343,21 @@ def tensorboard_available() -> bool:
     return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
 
 
+_PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
 def _resolve_packing(cfg: TrainConfig) -> bool:
-    """Packing pays off only with a padding-free (varlen) attention kernel; SDPA/eager on CPU get slower."""
+    """auto: pack when the attention implementation keeps packed examples apart.
+
+    TRL's padding-free packing passes position_ids that restart per example and no attention mask;
+    flash attention reads them as variable-length sequences, and transformers builds a
+    block-diagonal mask from them for SDPA and eager (tests/test_train_tokens.py checks that a
+    packed row gives each example the logits it has alone). Other implementations are not trusted.
+    """
     if cfg.packing != "auto":
         return bool(cfg.packing)
-    return "flash" in cfg.attn_implementation
+    impl = cfg.attn_implementation
+    return impl in _PACKING_ATTENTION or "flash" in impl
 
 
 @dataclass
@@ -389,6 +399,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         lr_scheduler_type=cfg.optim.scheduler, warmup_steps=cfg.optim.warmup_ratio,
         max_grad_norm=cfg.optim.max_grad_norm,
         max_length=cfg.max_length, packing=packing, packing_strategy="bfd", completion_only_loss=True,
+        train_sampling_strategy=cfg.sampling,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=precision.name == "bf16", fp16=precision.name == "fp16", use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed, data_seed=cfg.seed,
