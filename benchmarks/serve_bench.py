@@ -6,6 +6,13 @@ Everything is measured side by side in one run and written as JSON.
 
     .venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results/serve_bench.json]
         [--compile-limit N]   # tool sets per category (default: all unique sets)
+
+With `--engine vllm` it compares serving stacks instead, in one run on the same model and prompts:
+our server on the hf engine, our server on the vllm engine, and vLLM's own OpenAI server
+(`vllm serve`, from the vllm environment), each at 1 and 8 concurrent requests, constrained
+(tool_choice required) and unconstrained (tool_choice none). Writes serve_bench_vllm.json.
+
+    .venv/bin/python benchmarks/serve_bench.py --engine vllm [--model DIR] [--requests 16]
 """
 
 from __future__ import annotations
@@ -15,9 +22,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,27 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_ours(model: str, log: Path, engine: str = "hf"):
+    from fcdistill.serve.process import start_server
 
-
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", model, "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
+    return start_server(["--model", model], log, engine=engine, timeout=900)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -154,12 +142,12 @@ async def main_async(args: argparse.Namespace) -> dict:
 
     from fcdistill.data.bfcl import load_category
 
-    port = _free_port()
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = start_server(args.model, port, out_dir / "serve_bench.server.log")
+    server = start_ours(args.model, out_dir / "serve_bench.server.log")
+    proc = server.proc
     try:
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=600, max_retries=0)
         records, _ = load_category("simple_python")
         items = records[: args.decode_items]
         decode = await decode_speed(client, args.model, items, args.max_tokens)
@@ -167,8 +155,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         batching = await concurrency_gain(client, args.model, prompt, args.max_tokens)
         rss = peak_rss_mb(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
     compile_report = compile_times(args.model, args.compile_categories.split(","), args.compile_limit)
     return {
         "benchmark": "serve_bench", "engine": "hf", "model": args.model, "machine": platform.machine(),
@@ -180,16 +167,109 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
+async def stack_speed(client, model: str, items, max_tokens: int, requests: int) -> dict:
+    """Aggregate completion tokens/s over `requests` answers, at 1 and 8 in flight, grammar on and off."""
+    result: dict = {}
+    work = [items[i % len(items)] for i in range(requests)]
+    for choice, label in (("none", "unconstrained"), ("required", "constrained")):
+        for conc in (1, 8):
+            sem = asyncio.Semaphore(conc)
+
+            async def one(rec) -> int:
+                async with sem:
+                    r = await client.chat.completions.create(
+                        model=model, messages=rec.messages, tools=[t.to_openai() for t in rec.tools],
+                        tool_choice=choice, max_tokens=max_tokens, temperature=0)
+                    return r.usage.completion_tokens
+
+            await one(work[0])  # warm: compiles this tool set's grammar, fills the prefix cache
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(rec) for rec in work))
+            secs = time.perf_counter() - start
+            result[f"{label}_c{conc}"] = {"requests": len(work), "completion_tokens": sum(counts),
+                                          "seconds": round(secs, 2), "tokens_per_s": round(sum(counts) / secs, 2)}
+    for label in ("unconstrained", "constrained"):
+        result[f"{label}_ratio_8_vs_1"] = round(result[f"{label}_c8"]["tokens_per_s"] / result[f"{label}_c1"]["tokens_per_s"], 2)
+    for conc in (1, 8):
+        u, c = result[f"unconstrained_c{conc}"]["tokens_per_s"], result[f"constrained_c{conc}"]["tokens_per_s"]
+        result[f"constrained_vs_unconstrained_c{conc}"] = round(c / u, 3)
+    return result
+
+
+def start_vllm_native(model_dir: str, served: str, log: Path):
+    """vLLM's own OpenAI server from the vllm environment, configured as a new user would."""
+    import subprocess
+
+    from fcdistill.serve.process import ServerProcess, free_port, python_for, wait_healthy
+
+    port = free_port()
+    vllm_bin = str(Path(python_for("vllm")).with_name("vllm"))
+    proc = subprocess.Popen([vllm_bin, "serve", model_dir, "--served-model-name", served, "--port", str(port),
+                             "--host", "127.0.0.1", "--dtype", "float32", "--gpu-memory-utilization", "0.3",
+                             "--enable-prefix-caching", "--max-num-seqs", "16"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_healthy(server.url, proc, log, timeout=900)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+async def stacks_async(args: argparse.Namespace) -> dict:
+    import openai
+
+    from fcdistill.data.bfcl import load_category
+
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, _ = load_category("simple_python")
+    items = records[: args.decode_items]
+    stacks: dict[str, dict] = {}
+    for name in ("fcd-hf", "fcd-vllm", "vllm-openai"):
+        log = out_dir / f"serve_bench_vllm.{name}.log"
+        print(f"{name}: starting", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        if name == "vllm-openai":
+            # the model our vllm engine serves: SmolLM2 with the FC token, as written to the cache
+            from fcdistill.models import cache_dir
+            candidates = sorted((cache_dir() / "vllm-models").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            model_dir = str(candidates[-1].parent) if candidates and args.model == "smollm2-135m" else args.model
+            server = start_vllm_native(model_dir, args.model, log)
+        else:
+            server = start_ours(args.model, log, engine=name.split("-")[1])
+        start_s = time.perf_counter() - t0
+        try:
+            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=900, max_retries=0)
+            stacks[name] = {"startup_seconds": round(start_s, 1),
+                            **await stack_speed(client, args.model, items, args.max_tokens, args.requests)}
+            stacks[name]["server_peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1)
+        except Exception as exc:  # one stack failing (vLLM's server rejecting a request) is a finding too
+            stacks[name] = {"startup_seconds": round(start_s, 1), "error": f"{type(exc).__name__}: {exc}"[:500]}
+        finally:
+            server.stop()
+        print(f"{name}: {json.dumps(stacks[name])}", file=sys.stderr, flush=True)
+    return {"benchmark": "serve_bench --engine vllm", "model": args.model, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "requests": args.requests,
+            "prompts": f"BFCL simple_python, first {len(items)}", "load_average_at_end": os.getloadavg(),
+            "note": "rss of vLLM servers is the API process only; the engine core runs in a child process",
+            "stacks": stacks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/serve_bench[_vllm].json")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--decode-items", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16, help="--engine vllm: answers per measurement")
     parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple")
     parser.add_argument("--compile-limit", type=int, default=None, help="tool sets per category (default: all)")
     args = parser.parse_args()
-    result = asyncio.run(main_async(args))
+    args.out = args.out or f"benchmarks/results/serve_bench{'_vllm' if args.engine == 'vllm' else ''}.json"
+    result = asyncio.run(stacks_async(args) if args.engine == "vllm" else main_async(args))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

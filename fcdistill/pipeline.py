@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,12 +39,6 @@ class QuickstartOptions(BaseModel):
         return self
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sample_train(src: Path, dst: Path, n: int, seed: int) -> int:
     """A seeded sample of `n` prompt-completion rows, stratified by BFCL category (from the id)."""
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
@@ -65,27 +56,12 @@ def _sample_train(src: Path, dst: Path, n: int, seed: int) -> int:
     return len(picked)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited during start-up; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server did not become healthy within {timeout:.0f}s; see {log}")
-
-
 def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) -> str:
     """Run every stage; returns the comparison table (Markdown)."""
     from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
     from fcdistill.data.export import export_split
     from fcdistill.eval import compare_runs, run_eval
+    from fcdistill.serve.process import start_server
     from fcdistill.train.sft import run as train_run
 
     opts = opts.resolved()
@@ -123,29 +99,17 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
         train_run(CPU_CONFIG, resume=has_checkpoint, overrides=overrides)
 
     stage("3/5 serve: base and adapter from one server")
-    port = opts.port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = out / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", "smollm2-135m",
-                             "--adapter", f"tuned={adapter}", "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(url, proc, log)
+    with start_server(["--model", "smollm2-135m", "--adapter", f"tuned={adapter}"], out / "serve.log",
+                      port=opts.port, timeout=300) as server:
         limit = None if opts.full else opts.eval_per_category
         categories = TRAIN_CATEGORIES + LIVE_CATEGORIES
         runs = []
         for i, model in enumerate(("smollm2-135m", "tuned")):
             stage(f"{4 + i}/5 eval: {model} on held-out BFCL ({'all items' if limit is None else f'{limit} per category'})")
             run_dir = out / "eval" / ("base" if model == "smollm2-135m" else "tuned")
-            run_eval(f"{url}/v1", model, data_dir, categories, run_dir, mode="fc", concurrency=opts.concurrency,
+            run_eval(f"{server.url}/v1", model, data_dir, categories, run_dir, mode="fc", concurrency=opts.concurrency,
                      max_tokens=256, limit_per_category=limit, label="base" if i == 0 else "tuned")
             runs.append(run_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     table = compare_runs(runs, out / "eval" / "compare")
     stage(f"done in {(time.time() - started) / 60:.1f} min; report in {out / 'eval' / 'compare'}")
     return table

@@ -8,11 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,46 +19,18 @@ from typer.testing import CliRunner
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
 from fcdistill.eval import compare_runs, official_check, run_eval
 from fcdistill.eval.runner import ITEMS, OUTPUTS, RUN_INFO
+from fcdistill.serve.process import free_port, start_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
 CATS = ["simple_python", "irrelevance", "live_relevance"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:] if log else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", MODEL, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log_path)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with start_server(["--model", MODEL], tmp_path_factory.mktemp("serve") / "serve.log",
+                      env={**os.environ, "HF_HUB_OFFLINE": "1"}) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +63,12 @@ def strict_endpoint(server):
         return JSONResponse({"status": "ok"})
 
     app = Starlette(routes=[Route("/health", health), Route("/v1/{path:path}", forward, methods=["GET", "POST"])])
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, None, None, timeout=30)
+    wait_healthy(url, None, None, timeout=30)
     yield url, seen
     srv.should_exit = True
     thread.join(timeout=10)
@@ -204,4 +172,20 @@ def test_official_bfcl_generate_and_evaluate_equal_ours(server, data_dir, tmp_pa
     results = list((tmp_path / "official" / "result").rglob("BFCL_v4_simple_python_result.json"))
     assert results and len(_lines(results[0])) == 2
     # Forced calls give the checker real calls to judge (not just text).
+    assert any(i["error_type"] != "ast:no_call" for i in report["items"])
+
+
+def test_eval_and_official_bfcl_against_the_vllm_engine(data_dir, tmp_path, smollm2_dir):
+    """`fcd eval run` and bfcl-eval's own generate + evaluate work against `fcd serve --engine vllm`."""
+    with start_server(["--model", MODEL], tmp_path / "serve-vllm.log", engine="vllm",
+                      env={**os.environ, "HF_HUB_OFFLINE": "1"}) as srv:
+        out = tmp_path / "vllm-fc"
+        run_eval(srv.url, MODEL, data_dir, CATS, out, mode="fc", concurrency=2, max_tokens=24, limit_per_category=2,
+                 progress=False, label="vllm-fc")
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["complete"] and all(summary["categories"][c]["answered"] == 2 for c in CATS)
+        report = official_check(srv.url, MODEL, data_dir, "simple_python", tmp_path / "official", limit=2,
+                                max_tokens=64, tool_choice="required")
+    assert report["official"]["total"] == 2 and report["same_accuracy"] and report["same_items"], \
+        json.dumps(report, indent=1)[:2000]
     assert any(i["error_type"] != "ast:no_call" for i in report["items"])

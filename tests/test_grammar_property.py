@@ -90,14 +90,18 @@ def _obj(children):
 
 schemas = st.recursive(leaf, lambda children: st.one_of(
     children.map(lambda c: {"type": "array", "items": c}), _obj(children)), max_leaves=3)
-tool_sets = st.lists(
-    st.builds(lambda n, props_req: ToolSpec(name=n, description="", parameters={
-        "type": "object", "properties": props_req[0], "required": props_req[1]}),
-        names,
-        st.dictionaries(prop_names, schemas, max_size=3).flatmap(
-            lambda props: st.lists(st.sampled_from(sorted(props)) if props else st.nothing(), unique=True).map(
-                lambda req: (props, req)))),
-    min_size=1, max_size=40, unique_by=lambda t: t.name)
+def tool_set_strategy(max_size: int) -> st.SearchStrategy[list[ToolSpec]]:
+    return st.lists(
+        st.builds(lambda n, props_req: ToolSpec(name=n, description="", parameters={
+            "type": "object", "properties": props_req[0], "required": props_req[1]}),
+            names,
+            st.dictionaries(prop_names, schemas, max_size=3).flatmap(
+                lambda props: st.lists(st.sampled_from(sorted(props)) if props else st.nothing(), unique=True).map(
+                    lambda req: (props, req)))),
+        min_size=1, max_size=max_size, unique_by=lambda t: t.name)
+
+
+tool_sets = tool_set_strategy(40)
 
 
 def _check_calls(rig, tools, text, at_least_one: bool, at_most_one: bool, only: str | None = None) -> None:

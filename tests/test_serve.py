@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from fcdistill.tools import closed_schema
 
@@ -30,50 +28,41 @@ TOOLS = [WEATHER, STOCK]
 ASK = [{"role": "user", "content": "What's the weather in Paris and in London?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A real PEFT LoRA adapter with non-zero weights, so selecting it changes the output."""
+    """A real PEFT LoRA adapter with non-zero weights, so selecting it changes the output. It also
+    trains a reused token's row (`<jupyter_code>`, id 13) the way `fcd train` trains a reused FC
+    token: the vllm engine must serve it through vLLM's LoRA, without that row."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, trainable_token_indices=[13]))
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     return out
 
 
+ENGINES = ["hf", "vllm"]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(adapter_dir):
-    port = _free_port()
-    log = open(adapter_dir.parent / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.cli", "serve", "--model", "smollm2-135m",
-                             "--adapter", f"noisy={adapter_dir}", "--port", str(port), "--api-key", API_KEY],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(adapter_dir.parent / 'serve.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(engine, adapter_dir):
+    """`fcd serve` on each engine with the same model, adapter and key: both must pass every test."""
+    from fcdistill.serve.process import start_server
+
+    with start_server(["--model", "smollm2-135m", "--adapter", f"noisy={adapter_dir}", "--api-key", API_KEY],
+                      adapter_dir.parent / f"serve-{engine}.log", engine=engine,
+                      env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +222,53 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(server, client):
     assert "fcd_completion_tokens_total" in text and "fcd_grammar_compile_seconds_count" in text
     hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("fcd_grammar_cache_hits_total")))
     assert hits >= 1
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(tools=st.deferred(lambda: _server_tool_sets()), mode=st.sampled_from(["required", "named", "none"]),
+       parallel=st.booleans(), seed=st.integers(0, 2**31))
+def test_grammar_guarantee_through_the_server(client, tools, mode, parallel, seed):
+    """The property test's guarantee, end to end on each engine: random tool sets, sampling at
+    temperature 1 (a near-random walk through what the grammar allows); every finished answer under
+    `required` or a named tool is at least one schema-valid call, `none` never calls."""
+    payload = [{"type": "function", "function": {"name": t.name, "parameters": t.parameters}} for t in tools]
+    choice: object = {"required": "required", "none": "none"}.get(mode) or {"type": "function", "function": {"name": tools[0].name}}
+    r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Call a tool."}],
+                                       tools=payload, tool_choice=choice, parallel_tool_calls=parallel,
+                                       temperature=1.0, seed=seed, max_tokens=300)
+    c = r.choices[0]
+    assume(c.finish_reason != "length")  # a cut-off walk proves nothing; too many and hypothesis fails the test
+    calls = c.message.tool_calls or []
+    if mode == "none":
+        assert not calls and "<tool_call>" not in (c.message.content or "")
+        return
+    assert c.finish_reason == "tool_calls" and calls, c.message.content
+    assert parallel or len(calls) == 1
+    by_name = {t.name: t for t in tools}
+    for call in calls:
+        assert call.function.name in by_name and (mode != "named" or call.function.name == tools[0].name)
+        jsonschema.validate(json.loads(call.function.arguments), closed_schema(by_name[call.function.name].parameters))
+
+
+def _server_tool_sets():
+    from test_grammar_property import tool_set_strategy
+
+    return tool_set_strategy(6)
+
+
+def test_vllm_engine_refuses_an_adapter_that_added_the_fc_token(adapter_dir, tmp_path):
+    """vLLM's LoRA cannot grow the vocabulary: start-up fails at once and says how to merge."""
+    import shutil
+    import subprocess
+
+    from fcdistill.serve.process import free_port, python_for
+
+    added = tmp_path / "added"
+    shutil.copytree(adapter_dir, added)
+    (added / "fcdistill.json").write_text(json.dumps({"format": "adapter", "student": "smollm2-135m",
+                                                      "fc_token": "<tool_call>", "fc_token_added": True}))
+    r = subprocess.run([python_for("vllm"), "-m", "fcdistill.cli", "serve", "--engine", "vllm", "--model", "smollm2-135m",
+                        "--adapter", f"tuned={added}", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "added the FC token" in r.stderr and f"fcd export --adapter {added}" in r.stderr and "--merge" in r.stderr

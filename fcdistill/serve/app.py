@@ -8,6 +8,7 @@ code, and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any, AsyncIterator
@@ -35,7 +36,12 @@ class APIError(Exception):
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     """The app around an engine; `api_key` (when set) is required as a Bearer token on /v1/*."""
-    app = FastAPI(title="fcdistill", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.shutdown()  # the vllm engine's core runs in a child process: stop it with the server
+
+    app = FastAPI(title="fcdistill", docs_url=None, redoc_url=None, lifespan=lifespan)
     chat = ChatFormat(engine.tokenizer, fc_token=engine.fc_token)
     vocab = token_vocabulary(engine.tokenizer, engine.fc_token, engine.logits_size)
     metrics = Metrics()

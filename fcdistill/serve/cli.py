@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Annotated
 
@@ -20,6 +21,9 @@ def register(app: typer.Typer) -> None:
         served_model_name: Annotated[str | None, typer.Option(help="Name clients use for the base model (default: --model).")] = None,
         fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
         max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+        gpu_memory_utilization: Annotated[float | None, typer.Option(
+            help="vllm: fraction of GPU memory (on CPU: of RAM) for weights and KV cache [GPU 0.9, CPU 0.3].")] = None,
+        max_model_len: Annotated[int | None, typer.Option(help="vllm: context length (default: the model's).")] = None,
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
         from fcdistill.cli import fail
@@ -32,16 +36,27 @@ def register(app: typer.Typer) -> None:
             if not os.path.isdir(path):
                 fail(f"--adapter {name}: {path} is not a directory")
             adapters[name] = path
-        if engine != "hf":
-            fail(f"unknown --engine {engine!r}; this build has: hf")
+        if engine not in ("hf", "vllm"):
+            fail(f"unknown --engine {engine!r}; choose hf or vllm")
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            fail("--engine vllm needs vLLM in this environment: on GPU `pip install vllm`; on CPU run "
+                 "scripts/setup_vllm.sh and use .venv-vllm/bin/fcd")
         import uvicorn
 
         from fcdistill.models import ModelResolveError
         from fcdistill.serve.app import create_app
-        from fcdistill.serve.engines.hf import HFEngine
 
         try:
-            eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch)
+            if engine == "vllm":
+                from fcdistill.serve.engines.vllm import VLLMEngine
+
+                eng = VLLMEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model,
+                                 max_batch=max_batch, gpu_memory_utilization=gpu_memory_utilization,
+                                 max_model_len=max_model_len)
+            else:
+                from fcdistill.serve.engines.hf import HFEngine
+
+                eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch)
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         key = api_key or os.environ.get("FCD_API_KEY") or None

@@ -1,8 +1,9 @@
 """The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
-One scheduler thread owns the model. Requests waiting when a batch starts are decoded together
-(left-padded prefill, one shared KV cache, finished or cancelled rows dropped from the cache as they
-end); requests that arrive meanwhile form the next batch. A batch holds one adapter (or the base),
+One scheduler thread owns the model. Requests waiting when a batch starts, and those arriving
+within a short window after the first (20 ms), are decoded together (left-padded prefill, one shared
+KV cache, finished or cancelled rows dropped from the cache as they end); requests that arrive later
+form the next batch (no mid-batch admission: the vllm engine does continuous batching). A batch holds one adapter (or the base),
 because PEFT trainable-token layers do not take mixed-adapter batches.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -41,7 +43,8 @@ class HFEngine:
     """transformers + PEFT, batched decoding with per-sequence grammar constraints."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
-                 served_name: str | None = None, device: str | None = None, max_batch: int = 16):
+                 served_name: str | None = None, device: str | None = None, max_batch: int = 16,
+                 batch_window_ms: float = 20.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +57,7 @@ class HFEngine:
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
         self.max_batch = max_batch
+        self.batch_window_s = batch_window_ms / 1000
         # An adapter trained with an added FC token ships the tokenizer that has it; else the base's.
         with_tokenizer = [p for p in self.adapters.values() if os.path.isfile(os.path.join(p, "tokenizer_config.json"))]
         tokenizer = AutoTokenizer.from_pretrained(with_tokenizer[0] if with_tokenizer else path)
@@ -124,6 +128,17 @@ class HFEngine:
                 if first is None:
                     return
                 backlog.append(first)
+                # Requests sent together reach the queue a few ms apart: wait briefly for the rest so
+                # they share this batch instead of waiting for it to finish (as TGI/Triton batch windows)
+                deadline = time.monotonic() + self.batch_window_s
+                while len(backlog) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        nxt = self._pending.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        return
+                    backlog.append(nxt)
             while True:
                 try:
                     nxt = self._pending.get_nowait()
