@@ -97,20 +97,25 @@ def data_export(
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run directory; a rerun resumes where a killed one stopped.")] = Path("runs/quickstart"),
     full: Annotated[bool, typer.Option(help="Train on the whole train split and evaluate every held-out item.")] = False,
-    eval_per_category: Annotated[int, typer.Option(help="Eval items per category (default run).")] = 5,
+    eval_per_category: Annotated[int | None, typer.Option(
+        help="Eval items per category (default run: 5; --full: every held-out item).")] = None,
     train_examples: Annotated[int, typer.Option(help="Train examples sampled from the split (default run).")] = 96,
     train_steps: Annotated[int, typer.Option(help="Training steps, one packed 1024-token row each (default run).")] = 32,
     concurrency: Annotated[int, typer.Option(help="Eval requests in flight (the server batches them).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the split and samples.")] = 42,
+    engine: Annotated[str, typer.Option(help="Serving engine for the evaluation: hf (embedded) or vllm "
+                                             "(needs vLLM; on CPU scripts/setup_vllm.sh).")] = "hf",
 ) -> None:
     """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU)."""
     from fcdistill.pipeline import QuickstartOptions, run_quickstart
 
-    if min(eval_per_category, train_examples, train_steps, concurrency) <= 0:
+    if engine not in ("hf", "vllm"):
+        fail(f"unknown --engine {engine!r}; choose hf or vllm")
+    if min(1 if eval_per_category is None else eval_per_category, train_examples, train_steps, concurrency) <= 0:
         fail("--eval-per-category, --train-examples, --train-steps and --concurrency must be positive")
     table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
                                              train_examples=train_examples, train_steps=train_steps, seed=seed,
-                                             concurrency=concurrency),
+                                             concurrency=concurrency, engine=engine),
                            say=lambda m: typer.echo(m, err=True))
     typer.echo(table)
 

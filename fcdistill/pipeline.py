@@ -13,7 +13,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from pydantic import BaseModel
 
@@ -28,10 +28,11 @@ class QuickstartOptions(BaseModel):
     seed: int = 42
     train_examples: int = 96  # default run: a stratified sample of the train split
     train_steps: int = 32  # packed 1024-token rows: about one epoch of the sample
-    eval_per_category: int = 5
+    eval_per_category: int | None = None  # None: 5 in the default run, every held-out item with --full
     live_sample: int = 50  # live items drawn into the eval split (never trained on)
     concurrency: int = 8
     port: int | None = None
+    engine: Literal["hf", "vllm"] = "hf"
 
     def resolved(self) -> "QuickstartOptions":
         if self.full:
@@ -98,18 +99,41 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
         has_checkpoint = any(train_dir.glob("checkpoint-*"))
         train_run(CPU_CONFIG, resume=has_checkpoint, overrides=overrides)
 
-    stage("3/5 serve: base and adapter from one server")
-    with start_server(["--model", "smollm2-135m", "--adapter", f"tuned={adapter}"], out / "serve.log",
-                      port=opts.port, timeout=300) as server:
-        limit = None if opts.full else opts.eval_per_category
-        categories = TRAIN_CATEGORIES + LIVE_CATEGORIES
-        runs = []
-        for i, model in enumerate(("smollm2-135m", "tuned")):
-            stage(f"{4 + i}/5 eval: {model} on held-out BFCL ({'all items' if limit is None else f'{limit} per category'})")
-            run_dir = out / "eval" / ("base" if model == "smollm2-135m" else "tuned")
-            run_eval(f"{server.url}/v1", model, data_dir, categories, run_dir, mode="fc", concurrency=opts.concurrency,
-                     max_tokens=256, limit_per_category=limit, label="base" if i == 0 else "tuned")
-            runs.append(run_dir)
+    limit = opts.eval_per_category if opts.eval_per_category is not None else (None if opts.full else 5)
+    categories = TRAIN_CATEGORIES + LIVE_CATEGORIES
+    runs = []
+
+    def evaluate(url: str, model: str, label: str) -> None:
+        stage(f"{4 + len(runs)}/5 eval: {label} on held-out BFCL "
+              f"({'all items' if limit is None else f'up to {limit} per category'})")
+        run_dir = out / "eval" / label
+        run_eval(f"{url}/v1", model, data_dir, categories, run_dir, mode="fc", concurrency=opts.concurrency,
+                 max_tokens=256, limit_per_category=limit, label=label)
+        runs.append(run_dir)
+
+    if opts.engine == "hf":
+        stage("3/5 serve: base and adapter from one server (hf engine)")
+        with start_server(["--model", "smollm2-135m", "--adapter", f"tuned={adapter}"], out / "serve.log",
+                          port=opts.port, timeout=300) as server:
+            evaluate(server.url, "smollm2-135m", "base")
+            evaluate(server.url, "tuned", "tuned")
+    else:
+        # vLLM's LoRA cannot add the FC token: the tuned student is served merged, after the base
+        from fcdistill.train.export import merge_adapter
+
+        merged = train_dir / "merged"
+        if not (merged / "config.json").is_file():
+            stage("3/5 serve: merging the adapter for the vllm engine")
+            merge_adapter(adapter, merged, overwrite=True)
+        for model, label, args in (("smollm2-135m", "base", ["--model", "smollm2-135m"]),
+                                   ("tuned", "tuned", ["--model", str(merged), "--served-model-name", "tuned"])):
+            if (out / "eval" / label / "summary.json").is_file() and \
+                    json.loads((out / "eval" / label / "summary.json").read_text()).get("complete"):
+                runs.append(out / "eval" / label)
+                continue
+            stage(f"3/5 serve: {label} on the vllm engine")
+            with start_server(args, out / f"serve-{label}.log", engine="vllm", port=opts.port, timeout=900) as server:
+                evaluate(server.url, model, label)
     table = compare_runs(runs, out / "eval" / "compare")
     stage(f"done in {(time.time() - started) / 60:.1f} min; report in {out / 'eval' / 'compare'}")
     return table

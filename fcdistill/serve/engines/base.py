@@ -55,6 +55,26 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def check_fits(request: GenerationRequest, context_length: int) -> None:
+    """Prompt plus completion budget must fit the context; OpenAI's message and code when not."""
+    n, budget = len(request.prompt_ids), request.sampling.max_tokens
+    if n + budget > context_length:
+        raise EngineRequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{n + budget} tokens ({n} in the messages, {budget} in the completion).", code="context_length_exceeded")
+
+
+def cut_at_stop(sent: str, delta: str, stops: list[str]) -> str | None:
+    """The part of `delta` before the first stop string in `sent + delta`, or None when none occurs.
+
+    Only the tail of `sent` that could start a stop string is searched again, so streaming stays linear.
+    """
+    text = sent + delta
+    start = max(0, len(sent) - max(len(x) for x in stops))
+    hits = [p for p in (text.find(x, start) for x in stops) if p >= 0]
+    return text[len(sent):min(hits)] if hits else None
+
+
 async def drain(stream: AsyncIterator[GenerationEvent]) -> tuple[str, list[int], str]:
     """Collect a whole generation: text, token ids, finish reason."""
     text, ids, reason = [], [], "stop"

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest
+from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest, check_fits, cut_at_stop
 
 log = logging.getLogger("fcdistill.serve")
 
@@ -95,11 +95,7 @@ class HFEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if request.adapter is not None and request.adapter not in self.adapters:
             raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
-        if len(request.prompt_ids) + request.sampling.max_tokens > self.context_length:
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{len(request.prompt_ids) + request.sampling.max_tokens} tokens ({len(request.prompt_ids)} in the "
-                f"messages, {request.sampling.max_tokens} in the completion).", code="context_length_exceeded")
+        check_fits(request, self.context_length)
         seq = _Seq(req=request, loop=asyncio.get_running_loop(), events=asyncio.Queue())
         self._pending.put(seq)
         try:
@@ -250,11 +246,9 @@ class HFEngine:
         s.out_ids.append(token)
         delta = self._detokenize(s)
         if sp.stop and (c is None or not c.in_grammar):
-            text = s.sent_text + delta
-            start = max(0, len(s.sent_text) - max(len(x) for x in sp.stop))
-            hits = [p for p in (text.find(x, start) for x in sp.stop) if p >= 0]
-            if hits:
-                s.emit(GenerationEvent(text=text[len(s.sent_text):min(hits)], token_ids=[token], finish_reason="stop"))
+            head = cut_at_stop(s.sent_text, delta, sp.stop)
+            if head is not None:
+                s.emit(GenerationEvent(text=head, token_ids=[token], finish_reason="stop"))
                 return True
         s.sent_text += delta
         if len(s.out_ids) >= sp.max_tokens:

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest
+from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest, check_fits, cut_at_stop
 
 log = logging.getLogger("fcdistill.serve")
 _PICKLE_CACHE_SIZE = 256
@@ -180,12 +180,8 @@ class VLLMEngine:
 
         if request.adapter is not None and request.adapter not in self.adapters:
             raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
+        check_fits(request, self.context_length)
         sp = request.sampling
-        if len(request.prompt_ids) + sp.max_tokens > self.context_length:
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{len(request.prompt_ids) + sp.max_tokens} tokens ({len(request.prompt_ids)} in the "
-                f"messages, {sp.max_tokens} in the completion).", code="context_length_exceeded")
         c = request.constraint
         params = SamplingParams(
             max_tokens=sp.max_tokens, seed=sp.seed,
@@ -207,11 +203,9 @@ class VLLMEngine:
                         if t != self.tokenizer.eos_token_id:
                             c.advance(t)
                 if sp.stop and (c is None or not c.in_grammar) and delta:
-                    text = sent + delta
-                    start = max(0, len(sent) - max(len(x) for x in sp.stop))
-                    hits = [p for p in (text.find(x, start) for x in sp.stop) if p >= 0]
-                    if hits:
-                        yield GenerationEvent(text=text[len(sent):min(hits)], token_ids=ids, finish_reason="stop")
+                    head = cut_at_stop(sent, delta, sp.stop)
+                    if head is not None:
+                        yield GenerationEvent(text=head, token_ids=ids, finish_reason="stop")
                         return
                 sent += delta
                 reason = piece.finish_reason if out.finished else None
