@@ -216,7 +216,10 @@ def start_vllm_native(model_dir: str, served: str, log: Path):
     proc = subprocess.Popen([python_for("vllm"), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                              "--served-model-name", served, "--port", str(port),
                              "--host", "127.0.0.1", "--dtype", "float32", "--gpu-memory-utilization", "0.3",
-                             "--enable-prefix-caching", "--max-num-seqs", "16"],
+                             "--enable-prefix-caching", "--max-num-seqs", "16",
+                             # tool_choice required is refused without a parser; hermes is the
+                             # <tool_call> format vLLM's docs point to
+                             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
     try:
@@ -237,7 +240,7 @@ async def stacks_async(args: argparse.Namespace) -> dict:
     records, _ = load_category("simple_python")
     items = records[: args.decode_items]
     stacks: dict[str, dict] = {}
-    for name in ("fcd-hf", "fcd-vllm", "vllm-openai"):
+    for name in args.stacks.split(","):
         log = out_dir / f"serve_bench_vllm.{name}.log"
         print(f"{name}: starting", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--decode-items", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="--engine vllm: answers per measurement")
+    parser.add_argument("--stacks", default="fcd-hf,fcd-vllm,vllm-openai", help="--engine vllm: which servers")
     parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple")
     parser.add_argument("--compile-limit", type=int, default=None, help="tool sets per category (default: all)")
     parser.add_argument("--compile-only", action="store_true", help="only the grammar compile times (no server)")

@@ -200,3 +200,18 @@ def test_non_ascii_enums_compile_and_generate(smollm2_tokenizer):
         out.append(token)
     parsed = ChatFormat(smollm2_tokenizer).parse(smollm2_tokenizer.decode(out) + smollm2_tokenizer.eos_token)
     assert parsed.tool_calls and parsed.tool_calls[0].arguments["command"] in values
+
+
+def test_any_typed_parameters_compile_and_accept_any_value(rig):
+    """BFCL `any` parameters arrive as `{"description": ...}` only (seen on simple_python_109,
+    multiple_181, live_simple_122): outlines-core refused them, and the server answered 400. They now
+    compile to "a scalar or a flat list of scalars" (nested `{}` makes an Index of minutes and GBs)."""
+    tools = [ToolSpec(name="train_model", description="", parameters={
+        "type": "object", "properties": {"data": {"description": "The training data for the model."},
+                                         "epochs": {"type": "integer", "description": "How many passes."}},
+        "required": ["data"]})]
+    grammar, _ = compile_grammar(rig[0], tools, "required", True)
+    for seed in range(3):
+        text, finished = _walk(rig, grammar, seed)
+        if finished:
+            _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)

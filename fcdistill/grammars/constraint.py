@@ -99,14 +99,47 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
     return compiled, False
 
 
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"})
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
+
+
+# What the grammar lets an unconstrained value (`{}`) be: a scalar or a flat list of scalars. outlines-core
+# compiles `{}` into arbitrarily nested JSON, whose Index over a real vocabulary takes minutes and GBs.
+_ANY_VALUE = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+                        {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}}]}
+
+
+def without_annotations(schema: Any) -> Any:
+    """The schema minus keywords that do not constrain values; an empty schema becomes `_ANY_VALUE`.
+
+    outlines-core rejects a schema node that holds only annotations (BFCL's `any` parameters become
+    `{"description": ...}`).
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    if not out:
+        return _ANY_VALUE
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: without_annotations(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [without_annotations(sub) for sub in out[key]]
+    for key in _SUBSCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = without_annotations(out[key])
+    return out
+
+
 def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
     from outlines_core import Index
-    from outlines_core.json_schema import build_regex_from_schema
-
-    from outlines_core.json_schema import NUMBER
+    from outlines_core.json_schema import NUMBER, build_regex_from_schema
 
     try:
-        regex = build_regex_from_schema(json.dumps(schema), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
+        regex = build_regex_from_schema(json.dumps(without_annotations(schema)), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
         return Index(regex, vocab.vocabulary)
     except Exception as exc:  # outlines-core raises ValueError/RuntimeError subclasses from Rust
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
