@@ -42,12 +42,23 @@ def test_retries_429_with_retry_after_then_500_then_succeeds():
                          "faults": [{"status": 429, "retry_after": 0.3}, {"status": 503}]}]}
     with ReplayServer(script) as srv:
         t0 = time.perf_counter()
-        reply, stats = run(_chat(cfg(srv.url)))
+        # backoff_max_s caps every wait, Retry-After included: set it above the 0.3 s asked for here
+        reply, stats = run(_chat(cfg(srv.url, backoff_max_s=1.0)))
         took = time.perf_counter() - t0
         assert reply.error is None and reply.content == "done" and reply.attempts == 3
         assert stats.retries == 2 and stats.status_counts == {"429": 1, "503": 1, "200": 1}
-        assert took >= 0.28  # Retry-After (0.3 s) was honoured, not our 10 ms backoff; asyncio may wake ~ms early
+        assert took >= 0.29  # Retry-After (0.3 s) was honoured, not our 10 ms backoff; asyncio may wake ~ms early
         assert srv.stats()["statuses"] == {429: 1, 503: 1, 200: 1}
+
+
+def test_retry_after_is_capped_by_backoff_max():
+    script = {"rules": [{"match": ["add two"], "replies": [{"content": "done"}],
+                         "faults": [{"status": 429, "retry_after": 30}]}]}
+    with ReplayServer(script) as srv:
+        t0 = time.perf_counter()
+        reply, _ = run(_chat(cfg(srv.url, backoff_max_s=0.05)))
+        assert reply.content == "done" and reply.attempts == 2
+        assert time.perf_counter() - t0 < 5  # not the 30 s the server asked for
 
 
 def test_timeout_is_retried_and_exhaustion_reports_the_reason():

@@ -37,7 +37,7 @@ class TeacherConfig(BaseModel):
     timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
     backoff_initial_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0, description="longest wait between tries, a server's Retry-After included")
     seed: int | None = Field(None, description="sent as `seed` (+ sample index when sampling several)")
     price_input_per_mtok: float | None = Field(None, ge=0, description="USD per million prompt tokens")
     price_output_per_mtok: float | None = Field(None, ge=0, description="USD per million completion tokens")
