@@ -99,6 +99,7 @@ async def concurrency_gain(client, model: str, prompt: str, max_tokens: int) -> 
 
 def compile_times(model: str, categories: list[str], limit: int | None) -> dict:
     """Grammar compile time (cache miss) per unique BFCL tool set, and the cache-hit time."""
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from fcdistill.data.bfcl import load_category
@@ -119,23 +120,28 @@ def compile_times(model: str, categories: list[str], limit: int | None) -> dict:
         sets = list(unique.values())[: limit or None]
         times: list[float] = []
         cpu_times: list[float] = []  # the compiling thread's CPU time: what an idle machine would take
-        failures = 0
-        for tools in sets:
+        slowest: list[dict] = []
+        failures: list[str] = []
+        for tools in tqdm(sets, desc=f"compile {category}", unit="set"):
             cpu0 = time.thread_time()
             try:
                 grammar, hit = compile_grammar(vocab, tools, "auto", True)
-            except ValueError:
-                failures += 1
+            except ValueError as exc:
+                failures.append(f"{[t.name for t in tools]}: {exc}"[:300])
                 continue
             if not hit:
                 times.append(grammar.compile_ms)
                 cpu_times.append((time.thread_time() - cpu0) * 1000)
+                slowest.append({"ms": round(grammar.compile_ms, 1), "tools": len(tools),
+                                "parameters": sum(len(t.parameters.get("properties", {})) for t in tools),
+                                "names": [t.name for t in tools][:8]})
+                slowest = sorted(slowest, key=lambda x: -x["ms"])[:5]
             start = time.perf_counter()
             compile_grammar(vocab, tools, "auto", True)
             hits.append((time.perf_counter() - start) * 1000)
             _constraint._cache.clear()  # a benchmark over every tool set: keep memory flat
         report[category] = {"tool_sets": len(sets), "unique_in_category": len(unique), "compiled": len(times),
-                            "failed": failures, "p50_ms": round(pct(times, 0.5), 1) if times else None,
+                            "failed": len(failures), "failures": failures, "slowest": slowest, "p50_ms": round(pct(times, 0.5), 1) if times else None,
                             "p95_ms": round(pct(times, 0.95), 1) if times else None,
                             "max_ms": round(max(times), 1) if times else None,
                             "cpu_p50_ms": round(pct(cpu_times, 0.5), 1) if cpu_times else None,

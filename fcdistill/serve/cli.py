@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         served_model_name: Annotated[str | None, typer.Option(help="Name clients use for the base model (default: --model).")] = None,
         fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
         max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+        batching: Annotated[str, typer.Option(
+            help="hf: continuous (requests join a running batch) or static (each batch runs to the end first).")] = "continuous",
         gpu_memory_utilization: Annotated[float | None, typer.Option(
             help="vllm: fraction of GPU memory (on CPU: of RAM) for weights and KV cache [GPU 0.9, CPU 0.3].")] = None,
         max_model_len: Annotated[int | None, typer.Option(help="vllm: context length (default: the model's).")] = None,
@@ -36,6 +38,8 @@ def register(app: typer.Typer) -> None:
             if not os.path.isdir(path):
                 fail(f"--adapter {name}: {path} is not a directory")
             adapters[name] = path
+        if batching not in ("continuous", "static"):
+            fail(f"unknown --batching {batching!r}; choose continuous or static")
         if engine not in ("hf", "vllm"):
             fail(f"unknown --engine {engine!r}; choose hf or vllm")
         if engine == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -56,7 +60,8 @@ def register(app: typer.Typer) -> None:
             else:
                 from fcdistill.serve.engines.hf import HFEngine
 
-                eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch)
+                eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
+                               continuous=batching == "continuous")
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         key = api_key or os.environ.get("FCD_API_KEY") or None

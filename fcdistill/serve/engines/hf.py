@@ -1,10 +1,13 @@
 """The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
 One scheduler thread owns the model. Requests waiting when a batch starts, and those arriving
-within a short window after the first (20 ms), are decoded together (left-padded prefill, one shared
-KV cache, finished or cancelled rows dropped from the cache as they end); requests that arrive later
-form the next batch (no mid-batch admission: the vllm engine does continuous batching). A batch holds one adapter (or the base),
-because PEFT trainable-token layers do not take mixed-adapter batches.
+within a short window after the first (20 ms), share one left-padded prefill and one KV cache;
+finished or cancelled rows leave the cache as they end. Continuous batching (the default): a request
+that arrives while a batch decodes is prefilled between two decode steps and joins it, its cache
+left-padded to the batch's width, so it does not wait for the batch to finish. `continuous=False`
+(`--batching static`) runs each batch to the end first. A batch holds one adapter (or the base),
+because PEFT trainable-token layers do not take mixed-adapter batches; other adapters' requests
+wait for the next batch.
 """
 
 from __future__ import annotations
@@ -39,12 +42,65 @@ class _Seq:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
 
+@dataclass
+class _Rows:
+    """The running batch: its sequences, their shared KV cache, attention mask, last positions and the
+    logits each row samples its next token from."""
+
+    seqs: list[_Seq]
+    cache: Any  # transformers DynamicCache, [rows, heads, width, dim] per layer
+    mask: Any  # [rows, width], 0 on left padding
+    last_pos: Any  # [rows]
+    logits: Any  # [rows, vocab]
+
+    def select(self, keep: list[int]) -> None:
+        """Drop the rows not in `keep`, then the leading columns no remaining row uses."""
+        import torch
+
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep)
+        self.cache.batch_select_indices(idx.to(self.cache.layers[0].keys.device))
+        self.mask, self.last_pos, self.logits = self.mask[idx], self.last_pos[idx], self.logits[idx]
+        unused = int((self.mask.sum(0) > 0).int().argmax())  # first column some row attends to
+        if unused:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.mask = self.mask[:, unused:]
+
+    def mergeable(self) -> bool:
+        """Plain full-attention layers only: sliding-window or static caches cannot be re-padded."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def merge(self, new: _Rows) -> None:
+        """Append new rows, left-padding whichever cache is narrower."""
+        import torch
+        import torch.nn.functional as F
+
+        if not self.seqs:
+            self.seqs, self.cache, self.mask, self.last_pos, self.logits = new.seqs, new.cache, new.mask, new.last_pos, new.logits
+            return
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, new.cache.layers):
+            a, b = width - mine.keys.shape[-2], width - theirs.keys.shape[-2]
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, a, 0)), F.pad(theirs.keys, (0, 0, b, 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, a, 0)), F.pad(theirs.values, (0, 0, b, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                               F.pad(new.mask, (width - new.mask.shape[1], 0))])
+        self.seqs = self.seqs + new.seqs
+        self.last_pos = torch.cat([self.last_pos, new.last_pos])
+        self.logits = torch.cat([self.logits, new.logits])
+
+
 class HFEngine:
     """transformers + PEFT, batched decoding with per-sequence grammar constraints."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
-                 batch_window_ms: float = 20.0):
+                 batch_window_ms: float = 20.0, continuous: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +114,7 @@ class HFEngine:
         self.fc_token = fc_token
         self.max_batch = max_batch
         self.batch_window_s = batch_window_ms / 1000
+        self.continuous = continuous
         # An adapter trained with an added FC token ships the tokenizer that has it; else the base's.
         with_tokenizer = [p for p in self.adapters.values() if os.path.isfile(os.path.join(p, "tokenizer_config.json"))]
         tokenizer = AutoTokenizer.from_pretrained(with_tokenizer[0] if with_tokenizer else path)
@@ -125,7 +182,7 @@ class HFEngine:
                     return
                 backlog.append(first)
                 # Requests sent together reach the queue a few ms apart: wait briefly for the rest so
-                # they share this batch instead of waiting for it to finish (as TGI/Triton batch windows)
+                # they share one prefill (as TGI/Triton batch windows); later ones join mid-batch
                 deadline = time.monotonic() + self.batch_window_s
                 while len(backlog) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     try:
@@ -135,26 +192,38 @@ class HFEngine:
                     if nxt is None:
                         return
                     backlog.append(nxt)
-            while True:
-                try:
-                    nxt = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    return
-                backlog.append(nxt)
-            backlog = [s for s in backlog if not s.cancelled.is_set()]
+            if not self._drain(backlog):
+                return
+            backlog[:] = [s for s in backlog if not s.cancelled.is_set()]
             if not backlog:
                 continue
             adapter = backlog[0].req.adapter
-            batch = [s for s in backlog if s.req.adapter == adapter][: self.max_batch]
-            backlog = [s for s in backlog if s not in batch]
+            batch = self._take(backlog, adapter, self.max_batch)
             try:
-                self._run_batch(batch, adapter)
+                self._run_batch(batch, adapter, backlog)
             except Exception as exc:  # never let one batch take the server down
                 log.exception("generation failed")
                 for s in batch:
                     s.emit(GenerationEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+
+    def _drain(self, backlog: list[_Seq]) -> bool:
+        """Move every queued request into the backlog; False when shutdown was asked for."""
+        while True:
+            try:
+                nxt = self._pending.get_nowait()
+            except queue.Empty:
+                return True
+            if nxt is None:
+                self._stop.set()
+                return False
+            backlog.append(nxt)
+
+    @staticmethod
+    def _take(backlog: list[_Seq], adapter: str | None, n: int) -> list[_Seq]:
+        """Remove and return up to n live requests for one adapter, oldest first."""
+        taken = [s for s in backlog if s.req.adapter == adapter and not s.cancelled.is_set()][:n]
+        backlog[:] = [s for s in backlog if s not in taken and not s.cancelled.is_set()]
+        return taken
 
     def _forward(self, adapter: str | None, **kwargs: Any) -> Any:
         if adapter is None and self.adapters:
@@ -164,7 +233,8 @@ class HFEngine:
             self.model.set_adapter(adapter)
         return self.model(**kwargs)
 
-    def _run_batch(self, seqs: list[_Seq], adapter: str | None) -> None:
+    def _prefill(self, seqs: list[_Seq], adapter: str | None) -> _Rows:
+        """Left-padded prompt pass for new sequences: their KV cache and first next-token logits."""
         import torch
         from transformers import DynamicCache
 
@@ -184,37 +254,43 @@ class HFEngine:
         out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                             logits_to_keep=1)
-        logits = out.logits[:, -1, :].float().cpu()
-        active = list(range(len(seqs)))
-        last_pos = positions[:, -1].clone()
-        while active:
-            next_tokens: list[int] = []
+        return _Rows(list(seqs), cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
+
+    def _run_batch(self, seqs: list[_Seq], adapter: str | None, backlog: list[_Seq]) -> None:
+        """Decode until every row ends; with continuous batching, requests for the same adapter that
+        arrive meanwhile are prefilled and join the running batch (their cache left-padded to its width)."""
+        import torch
+
+        rows = self._prefill(seqs, adapter)
+        while rows.seqs:
             keep: list[int] = []
-            for row, i in enumerate(active):
-                s = seqs[i]
+            next_tokens: list[int] = []
+            for i, s in enumerate(rows.seqs):
                 if s.cancelled.is_set():
+                    s.emit(GenerationEvent(finish_reason="cancelled"))
                     continue
-                token = self._sample(s, logits[row])
-                done = self._accept(s, token)
-                if not done:
-                    keep.append(row)
+                token = self._sample(s, rows.logits[i])
+                if not self._accept(s, token):
+                    keep.append(i)
                     next_tokens.append(token)
-            if not keep:
+            if len(keep) < len(rows.seqs):
+                rows.select(keep)
+            if rows.seqs:
+                rows.mask = torch.cat([rows.mask, torch.ones((len(rows.seqs), 1), dtype=torch.long)], dim=1)
+                rows.last_pos = rows.last_pos + 1
+                out = self._forward(adapter, input_ids=torch.tensor(next_tokens).unsqueeze(1).to(self.device),
+                                    attention_mask=rows.mask.to(self.device),
+                                    position_ids=rows.last_pos.unsqueeze(1).to(self.device),
+                                    past_key_values=rows.cache, use_cache=True)
+                rows.logits = out.logits[:, -1, :].float().cpu()
+            if not self.continuous or not rows.mergeable():
+                continue
+            if not self._drain(backlog):
                 break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep)
-                cache.batch_select_indices(idx.to(self.device))
-                mask, last_pos = mask[idx], last_pos[idx]
-                active = [active[r] for r in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-            last_pos = last_pos + 1
-            out = self._forward(adapter, input_ids=torch.tensor(next_tokens).unsqueeze(1).to(self.device),
-                                attention_mask=mask.to(self.device), position_ids=last_pos.unsqueeze(1).to(self.device),
-                                past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1, :].float().cpu()
-        for i in range(len(seqs)):
-            if seqs[i].cancelled.is_set():
-                seqs[i].emit(GenerationEvent(finish_reason="cancelled"))
+            joining = self._take(backlog, adapter, self.max_batch - len(rows.seqs))
+            if joining:
+                seqs.extend(joining)  # the caller's list: an error reaches every row that ever joined
+                rows.merge(self._prefill(joining, adapter))
 
     def _sample(self, s: _Seq, logits: Any) -> int:
         import torch

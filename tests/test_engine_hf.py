@@ -1,0 +1,107 @@
+"""The embedded engine's scheduler, in process with the real SmolLM2-135M: a request that arrives while
+a batch decodes joins it (continuous batching) instead of waiting for it, decodes as it would alone,
+keeps its grammar, and leaving rows (finished, cancelled) do not disturb the others."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jsonschema
+import pytest
+
+from fcdistill.chat_format import ChatFormat
+from fcdistill.grammars import SequenceConstraint, compile_grammar, token_vocabulary
+from fcdistill.serve.engines.base import GenerationRequest, SamplingParams
+from fcdistill.tools import normalize_tools
+
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his dog."}]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]
+TOOLS = normalize_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"]}}}])
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def engine(request):
+    from fcdistill.serve.engines.hf import HFEngine
+
+    eng = HFEngine("smollm2-135m", continuous=request.param == "continuous")
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+def _request(eng, messages, max_tokens, tools=None, choice="required") -> GenerationRequest:
+    chat = ChatFormat(eng.tokenizer, fc_token=eng.fc_token)
+    ids = eng.tokenizer.encode(chat.render_prompt(messages, tools), add_special_tokens=False)
+    constraint = None
+    if tools:
+        vocab = token_vocabulary(eng.tokenizer, eng.fc_token, eng.logits_size)
+        constraint = SequenceConstraint(compile_grammar(vocab, tools, choice, True)[0])
+    return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_tokens=max_tokens, temperature=0), constraint=constraint)
+
+
+async def _collect(eng, req, log: list, name: str, started: asyncio.Event | None = None, after: int = 0):
+    ids: list[int] = []
+    reason = None
+    async for ev in eng.generate(req):
+        ids += ev.token_ids
+        if ev.finish_reason:
+            reason = ev.finish_reason
+        if started is not None and (len(ids) >= after or reason):
+            started.set()
+    log.append(name)
+    return ids, reason
+
+
+async def _long_then_short(eng, long: GenerationRequest, short: GenerationRequest):
+    """The long request runs; once it has decoded 4 tokens, the short one arrives."""
+    order: list[str] = []
+    started = asyncio.Event()
+    long_task = asyncio.create_task(_collect(eng, long, order, "long", started, 4))
+    await started.wait()
+    short_ids, short_reason = await _collect(eng, short, order, "short")
+    long_ids, long_reason = await long_task
+    return order, (long_ids, long_reason), (short_ids, short_reason)
+
+
+def test_a_request_arriving_mid_batch_joins_it(engine):
+    order, (long_ids, long_reason), (short_ids, _) = asyncio.run(
+        _long_then_short(engine, _request(engine, STORY, 64), _request(engine, WEATHER, 6)))
+    assert long_reason == "length" and len(long_ids) == 64 and len(short_ids) == 6
+    # continuous: the short request decodes alongside and ends first; static: it waits for the batch
+    assert order == (["short", "long"] if engine.continuous else ["long", "short"])
+
+
+@pytest.mark.parametrize("joiner", ["wider", "narrower"])
+def test_joined_rows_decode_as_alone_and_keep_their_grammar(engine, joiner):
+    """Either cache gets left-padded: the joiner's prompt is wider, or the running batch is."""
+    if not engine.continuous:
+        pytest.skip("joining is the continuous scheduler's")
+
+    def requests():
+        story = _request(engine, STORY, 40)
+        call = _request(engine, WEATHER, 40, TOOLS)
+        return (story, call) if joiner == "wider" else (call, story)
+
+    long_alone = asyncio.run(_collect(engine, requests()[0], [], "long"))[0]
+    short_alone = asyncio.run(_collect(engine, requests()[1], [], "short"))[0]
+    _, (long_ids, _), (short_ids, _) = asyncio.run(_long_then_short(engine, *requests()))
+    assert long_ids == long_alone and short_ids == short_alone  # padding changed nothing for either row
+    call_ids = short_ids if joiner == "wider" else long_ids
+    parsed = ChatFormat(engine.tokenizer, fc_token=engine.fc_token).parse(engine.tokenizer.decode(call_ids))
+    assert parsed.error is None and [c.name for c in parsed.tool_calls] == ["get_weather"]
+    jsonschema.validate(parsed.tool_calls[0].arguments, TOOLS[0].parameters)
+
+
+def test_cancelled_and_finished_rows_leave_without_disturbing_the_rest(engine):
+    async def go():
+        alone = (await _collect(engine, _request(engine, STORY, 30), [], "x"))[0]
+        keeper = asyncio.create_task(_collect(engine, _request(engine, STORY, 30), [], "keeper"))
+        quitter = engine.generate(_request(engine, WEATHER, 30))
+        await quitter.__anext__()
+        await quitter.aclose()  # the client went away after one token
+        short = await _collect(engine, _request(engine, WEATHER, 3), [], "short")
+        return alone, (await keeper)[0], short[0]
+
+    alone, kept, short = asyncio.run(go())
+    assert kept == alone and len(short) == 3
