@@ -1,11 +1,15 @@
 """Serving benchmark: constrained vs free decode speed, grammar compile times, batching gain, RSS.
 
+Batching is measured twice: 1 vs 8 requests sent at once, and 8 requests arriving 0.5 s apart on a
+continuous-batching server and then on a `--batching static` one (the latency a late arrival sees).
+
 Starts a real `fcd serve` process (SmolLM2-135M by default) and drives it with the official openai
 client; grammar compile times are measured in-process over BFCL tool sets with the same tokenizer.
 Everything is measured side by side in one run and written as JSON.
 
     .venv/bin/python benchmarks/serve_bench.py [--out benchmarks/results/serve_bench.json]
         [--compile-limit N]   # tool sets per category (default: all unique sets)
+        [--compile-categories ""]   # skip compile times (`--compile-only` measures only them)
 
 With `--engine vllm` it compares serving stacks instead, in one run on the same model and prompts:
 our server on the hf engine, our server on the vllm engine, and vLLM's own OpenAI server
@@ -31,10 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def start_ours(model: str, log: Path, engine: str = "hf"):
+def start_ours(model: str, log: Path, engine: str = "hf", extra: list[str] | None = None):
     from fcdistill.serve.process import start_server
 
-    return start_server(["--model", model], log, engine=engine, timeout=900)
+    return start_server(["--model", model, *(extra or [])], log, engine=engine, timeout=900)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -95,6 +99,29 @@ async def concurrency_gain(client, model: str, prompt: str, max_tokens: int) -> 
                                       "tokens_per_s": round(sum(counts) / secs, 2)}
     result["ratio_8_vs_1"] = round(result["concurrency_8"]["tokens_per_s"] / result["concurrency_1"]["tokens_per_s"], 2)
     return result
+
+
+async def staggered_arrivals(client, model: str, prompt: str, max_tokens: int, n: int = 8, gap_s: float = 0.5) -> dict:
+    """n requests arriving gap_s apart (as users do): latency each sees, and aggregate tokens/s.
+
+    With static batching a request that arrives while a batch decodes waits for all of it; with
+    continuous batching it joins the running batch.
+    """
+    async def one(delay: float) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        t = time.perf_counter()
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.7, seed=1)
+        return r.usage.completion_tokens, time.perf_counter() - t
+
+    await one(0)  # warm
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(i * gap_s) for i in range(n)))
+    makespan = time.perf_counter() - start
+    latencies = [secs for _, secs in done]
+    tokens = sum(k for k, _ in done)
+    return {"requests": n, "gap_s": gap_s, "tokens": tokens, "makespan_s": round(makespan, 3),
+            "tokens_per_s": round(tokens / makespan, 2), "latency_mean_s": round(statistics.mean(latencies), 3),
+            "latency_max_s": round(max(latencies), 3)}
 
 
 def compile_times(model: str, categories: list[str], limit: int | None) -> dict:
@@ -167,15 +194,25 @@ async def main_async(args: argparse.Namespace) -> dict:
         decode = await decode_speed(client, args.model, items, args.max_tokens)
         prompt = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
         batching = await concurrency_gain(client, args.model, prompt, args.max_tokens)
+        staggered = {"continuous": await staggered_arrivals(client, args.model, prompt, args.max_tokens)}
         rss = peak_rss_mb(proc.pid)
     finally:
         server.stop()
-    compile_report = compile_times(args.model, args.compile_categories.split(","), args.compile_limit)
+    static = start_ours(args.model, out_dir / "serve_bench.static.log", extra=["--batching", "static"])
+    try:
+        client = openai.AsyncOpenAI(base_url=f"{static.url}/v1", api_key="x", timeout=600, max_retries=0)
+        staggered["static"] = await staggered_arrivals(client, args.model, prompt, args.max_tokens)
+    finally:
+        static.stop()
+    staggered["latency_mean_static_vs_continuous"] = round(
+        staggered["static"]["latency_mean_s"] / staggered["continuous"]["latency_mean_s"], 2)
+    compile_report = compile_times(args.model, args.compile_categories.split(","), args.compile_limit) if args.compile_categories else {}
     return {
         "benchmark": "serve_bench", "engine": "hf", "model": args.model, "machine": platform.machine(),
         "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "load_average_at_end": os.getloadavg(),
         "decode_constrained_vs_unconstrained": decode,
         "aggregate_throughput": batching,
+        "staggered_arrivals": staggered,
         "grammar_compile": compile_report,
         "server_peak_rss_mb": round(rss, 1),
     }
@@ -285,7 +322,8 @@ def main() -> None:
     parser.add_argument("--decode-items", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="--engine vllm: answers per measurement")
     parser.add_argument("--stacks", default="fcd-hf,fcd-vllm,vllm-openai", help="--engine vllm: which servers")
-    parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple")
+    parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple",
+                        help="comma-separated; empty: skip the compile measurement")
     parser.add_argument("--compile-limit", type=int, default=None, help="tool sets per category (default: all)")
     parser.add_argument("--compile-only", action="store_true", help="only the grammar compile times (no server)")
     args = parser.parse_args()

@@ -215,3 +215,37 @@ def test_any_typed_parameters_compile_and_accept_any_value(rig):
         text, finished = _walk(rig, grammar, seed)
         if finished:
             _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
+
+
+def _allowed_after(rig, grammar, text: str) -> list[str]:
+    """Walk the grammar's Index along `text` one character token at a time (each must be allowed; no
+    spaces, so each character is its own byte-level token); the tokens allowed next."""
+    from outlines_core import Guide
+
+    tok = rig[3]
+    guide = Guide(grammar.index)
+    for tid in tok.convert_tokens_to_ids(list(text)):
+        assert tid in guide.get_tokens(), (text, tok.decode([tid]))
+        guide.advance(tid)
+    return [tok.decode([t]) for t in guide.get_tokens()]
+
+
+def test_free_form_objects_and_arrays_get_flat_values(rig):
+    """BFCL `dict` parameters without properties (simple_python's poker_game_winner `cards`, live_multiple's
+    `items: {"type": "object"}`) and arrays without items: outlines-core allows nested JSON to depth 3
+    there (13 kB of regex, 6-30 s to compile); their values are bounded to scalars or flat lists, like `any`."""
+    tools = [ToolSpec(name="poker_game_winner", description="", parameters={
+        "type": "object", "properties": {"cards": {"type": "object", "description": "name -> cards"},
+                                         "boxes": {"type": "array", "items": {"type": "object"}},
+                                         "tags": {"type": "array"}},
+        "required": ["cards", "boxes", "tags"]})]
+    grammar, _ = compile_grammar(rig[0], tools, "required", True)
+    head = '[{"name":"poker_game_winner","arguments":{"cards":{"alice":'
+    assert not any(t.lstrip().startswith("{") for t in _allowed_after(rig, grammar, head))
+    assert not any(t.lstrip().startswith(("{", "[")) for t in _allowed_after(rig, grammar, head + "["))
+    assert not any(t.lstrip().startswith("{") for t in _allowed_after(rig, grammar, head + '1},"boxes":[{"x":'))
+    assert not any(t.lstrip().startswith(("{", "[")) for t in _allowed_after(rig, grammar, head + '1},"boxes":[],"tags":['))
+    for seed in range(3):
+        text, finished = _walk(rig, grammar, seed)
+        if finished:
+            _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)

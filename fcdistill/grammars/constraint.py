@@ -112,7 +112,8 @@ _ANY_VALUE = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolea
 
 
 def without_annotations(schema: Any) -> Any:
-    """The schema minus keywords that do not constrain values; an empty schema becomes `_ANY_VALUE`.
+    """The schema minus keywords that do not constrain values; an empty schema becomes `_ANY_VALUE`,
+    and a free-form object's values or array's items are bounded the same way.
 
     outlines-core rejects a schema node that holds only annotations (BFCL's `any` parameters become
     `{"description": ...}`).
@@ -122,6 +123,13 @@ def without_annotations(schema: Any) -> Any:
     out = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
     if not out:
         return _ANY_VALUE
+    # A free-form object or array (BFCL's `dict` with no properties, `array` with no items) gets the same
+    # bound: outlines-core would allow nested JSON to depth 3 (`{"type": "object"}`: 13 kB of regex,
+    # ~6 s to compile against SmolLM's vocabulary, vs ~1 s with flat values).
+    if out.get("type") == "object" and not any(k in out for k in ("properties", "additionalProperties", "patternProperties")):
+        out["additionalProperties"] = _ANY_VALUE
+    if out.get("type") == "array" and not any(k in out for k in ("items", "prefixItems")):
+        out["items"] = _ANY_VALUE["anyOf"][-1]["items"]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {name: without_annotations(sub) for name, sub in out[key].items()}
@@ -171,6 +179,7 @@ class SequenceConstraint:
 
     def mask_(self, logits: Any) -> None:
         """Set the logits of disallowed tokens to -inf, in place (a 1-D row)."""
+        import numpy as np
         import torch
 
         if self.phase == "text":
@@ -192,10 +201,11 @@ class SequenceConstraint:
         if self._bitmask is None:
             self._bitmask = torch.zeros((1, (self.vocab.size + 31) // 32), dtype=torch.int32)
         fill_next_token_bitmask(self.guide, self._bitmask)
-        bits = ((self._bitmask.unsqueeze(-1) >> _shifts()) & 1).bool().view(-1)
+        # bit j of little-endian word i is token 32*i + j; unpacking bytes is ~25x faster than torch shifts
+        banned = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little") == 0
         width = logits.shape[-1]
-        allowed = bits[:width] if bits.numel() >= width else torch.nn.functional.pad(bits, (0, width - bits.numel()))
-        logits.masked_fill_(~allowed, -torch.inf)
+        banned = banned[:width] if banned.size >= width else np.pad(banned, (0, width - banned.size), constant_values=True)
+        logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
 
     def advance(self, token_id: int) -> None:
         """Move the state machine past a sampled token."""
@@ -213,15 +223,3 @@ class SequenceConstraint:
             self.guide.advance(token_id)
             if self.guide.is_finished():
                 self.phase = "done"
-
-
-_SHIFTS: Any = None
-
-
-def _shifts() -> Any:
-    global _SHIFTS
-    if _SHIFTS is None:
-        import torch
-
-        _SHIFTS = torch.arange(32, dtype=torch.int32)
-    return _SHIFTS
