@@ -1,8 +1,9 @@
-"""Shared fixtures: offline hub, the real SmolLM2 student, its tokenizer."""
+"""Shared fixtures: offline hub, the real SmolLM2 student, its tokenizer, a real LoRA adapter."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,3 +28,21 @@ def smollm2_tokenizer(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     ensure_fc_token(tok, "<tool_call>")
     return tok
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A real PEFT LoRA adapter with non-zero weights, so selecting it changes the output. It also
+    trains a reused token's row (`<jupyter_code>`, id 13) the way `fcd train` trains a reused FC
+    token: the vllm engine must serve it through vLLM's LoRA, without that row."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, trainable_token_indices=[13]))
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out

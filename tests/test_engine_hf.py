@@ -105,3 +105,29 @@ def test_cancelled_and_finished_rows_leave_without_disturbing_the_rest(engine):
 
     alone, kept, short = asyncio.run(go())
     assert kept == alone and len(short) == 3
+
+
+def test_a_waiting_adapter_request_is_not_starved_by_joiners(adapter_dir):
+    """Base request running; an adapter request arrives, then another base one. The second base request
+    must not join the running batch ahead of the adapter request, which gets the next batch."""
+    from fcdistill.serve.engines.hf import HFEngine
+
+    eng = HFEngine("smollm2-135m", adapters={"noisy": str(adapter_dir)})
+
+    async def go():
+        order: list[str] = []
+        started = asyncio.Event()
+        long = asyncio.create_task(_collect(eng, _request(eng, STORY, 48), order, "long", started, 4))
+        await started.wait()
+        tuned = _request(eng, WEATHER, 4)
+        tuned.adapter = "noisy"
+        tuned_task = asyncio.create_task(_collect(eng, tuned, order, "adapter"))
+        await asyncio.sleep(0.3)  # the adapter request is queued first
+        await _collect(eng, _request(eng, WEATHER, 4), order, "base2")
+        await asyncio.gather(long, tuned_task)
+        return order
+
+    try:
+        assert asyncio.run(go()) == ["long", "adapter", "base2"]
+    finally:
+        asyncio.run(eng.shutdown())

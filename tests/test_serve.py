@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -26,24 +25,6 @@ STOCK = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"ticker": {"type": "string"}}, "required": ["ticker"]}}}
 TOOLS = [WEATHER, STOCK]
 ASK = [{"role": "user", "content": "What's the weather in Paris and in London?"}]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A real PEFT LoRA adapter with non-zero weights, so selecting it changes the output. It also
-    trains a reused token's row (`<jupyter_code>`, id 13) the way `fcd train` trains a reused FC
-    token: the vllm engine must serve it through vLLM's LoRA, without that row."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False, trainable_token_indices=[13]))
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
 
 
 ENGINES = ["hf", "vllm"]

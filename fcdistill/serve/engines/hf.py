@@ -6,8 +6,8 @@ finished or cancelled rows leave the cache as they end. Continuous batching (the
 that arrives while a batch decodes is prefilled between two decode steps and joins it, its cache
 left-padded to the batch's width, so it does not wait for the batch to finish. `continuous=False`
 (`--batching static`) runs each batch to the end first. A batch holds one adapter (or the base),
-because PEFT trainable-token layers do not take mixed-adapter batches; other adapters' requests
-wait for the next batch.
+because PEFT trainable-token layers do not take mixed-adapter batches; while another adapter's
+request waits, the running batch admits no one and drains, so a busy adapter cannot starve the rest.
 """
 
 from __future__ import annotations
@@ -287,6 +287,8 @@ class HFEngine:
                 continue
             if not self._drain(backlog):
                 break
+            if any(s.req.adapter != adapter and not s.cancelled.is_set() for s in backlog):
+                continue  # another adapter is waiting: let this batch drain, or a busy base would starve it
             joining = self._take(backlog, adapter, self.max_batch - len(rows.seqs))
             if joining:
                 seqs.extend(joining)  # the caller's list: an error reaches every row that ever joined
