@@ -1,6 +1,7 @@
 """The embedded engine's scheduler, in process with the real SmolLM2-135M: a request that arrives while
 a batch decodes joins it (continuous batching) instead of waiting for it, decodes as it would alone,
-keeps its grammar, and leaving rows (finished, cancelled) do not disturb the others."""
+keeps its grammar; leaving rows (finished, cancelled) do not disturb the others; and a waiting request for
+another adapter is not starved by joiners."""
 
 from __future__ import annotations
 
