@@ -107,11 +107,11 @@ _SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
 
 # What the grammar lets an unconstrained value (`{}`) be: a scalar or a flat list of scalars. outlines-core
 # compiles `{}` into arbitrarily nested JSON, whose Index over a real vocabulary takes minutes and GBs.
-_ANY_VALUE = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
-                        {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}}]}
+_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+_ANY_VALUE = {"anyOf": [*_SCALAR["anyOf"], {"type": "null"}, {"type": "array", "items": _SCALAR}]}
 
 
-def without_annotations(schema: Any) -> Any:
+def compilable_schema(schema: Any) -> Any:
     """The schema minus keywords that do not constrain values; an empty schema becomes `_ANY_VALUE`,
     and a free-form object's values or array's items are bounded the same way.
 
@@ -129,16 +129,16 @@ def without_annotations(schema: Any) -> Any:
     if out.get("type") == "object" and not any(k in out for k in ("properties", "additionalProperties", "patternProperties")):
         out["additionalProperties"] = _ANY_VALUE
     if out.get("type") == "array" and not any(k in out for k in ("items", "prefixItems")):
-        out["items"] = _ANY_VALUE["anyOf"][-1]["items"]
+        out["items"] = _SCALAR
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: without_annotations(sub) for name, sub in out[key].items()}
+            out[key] = {name: compilable_schema(sub) for name, sub in out[key].items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [without_annotations(sub) for sub in out[key]]
+            out[key] = [compilable_schema(sub) for sub in out[key]]
     for key in _SUBSCHEMA_ONE:
         if isinstance(out.get(key), dict):
-            out[key] = without_annotations(out[key])
+            out[key] = compilable_schema(out[key])
     return out
 
 
@@ -147,7 +147,7 @@ def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
     from outlines_core.json_schema import NUMBER, build_regex_from_schema
 
     try:
-        regex = build_regex_from_schema(json.dumps(without_annotations(schema)), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
+        regex = build_regex_from_schema(json.dumps(compilable_schema(schema)), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
         return Index(regex, vocab.vocabulary)
     except Exception as exc:  # outlines-core raises ValueError/RuntimeError subclasses from Rust
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
