@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -218,33 +219,73 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
-async def stack_speed(client, model: str, items, max_tokens: int, requests: int) -> dict:
-    """Aggregate completion tokens/s over `requests` answers, at 1 and 8 in flight, grammar on and off."""
+async def stack_speed(client, model: str, items, max_tokens: int, requests: int | dict[int, int],
+                      concurrency: tuple[int, ...] = (1, 8)) -> dict:
+    """Aggregate completion tokens/s at each concurrency, grammar on (required) and off (none).
+
+    `requests`: answers per measurement, or a count per concurrency. Every constrained answer is
+    checked: finish_reason `tool_calls` and at least one call whose arguments are valid JSON that
+    passes its tool's schema (the grammar's guarantee; random weights test it hardest).
+    """
+    import jsonschema
+
     result: dict = {}
-    work = [items[i % len(items)] for i in range(requests)]
     for choice, label in (("none", "unconstrained"), ("required", "constrained")):
-        for conc in (1, 8):
+        checks = {"answers": 0, "valid_calls": 0, "finish_reasons": {}, "invalid_examples": []}
+
+        async def one(rec, sem: asyncio.Semaphore | None, record: bool = True) -> int:
+            async with sem or contextlib.nullcontext():
+                r = await client.chat.completions.create(
+                    model=model, messages=rec.messages, tools=[t.to_openai() for t in rec.tools],
+                    tool_choice=choice, max_tokens=max_tokens, temperature=0)
+            if choice == "required" and record:
+                first = r.choices[0]
+                checks["answers"] += 1
+                checks["finish_reasons"][first.finish_reason] = checks["finish_reasons"].get(first.finish_reason, 0) + 1
+                problem = call_problem(first, {t.name: t.parameters for t in rec.tools}, jsonschema)
+                if problem is None:
+                    checks["valid_calls"] += 1
+                elif len(checks["invalid_examples"]) < 3:
+                    checks["invalid_examples"].append(problem[:300])
+            return r.usage.completion_tokens
+
+        most = max(requests.values()) if isinstance(requests, dict) else requests
+        # warm, all at once: compiles each tool set's grammar (and fills a prefix cache) before timing
+        await asyncio.gather(*(one(items[i], None, record=False) for i in range(min(most, len(items)))))
+        for conc in concurrency:
+            n = requests[conc] if isinstance(requests, dict) else requests
+            work = [items[i % len(items)] for i in range(n)]
             sem = asyncio.Semaphore(conc)
-
-            async def one(rec) -> int:
-                async with sem:
-                    r = await client.chat.completions.create(
-                        model=model, messages=rec.messages, tools=[t.to_openai() for t in rec.tools],
-                        tool_choice=choice, max_tokens=max_tokens, temperature=0)
-                    return r.usage.completion_tokens
-
-            await one(work[0])  # warm: compiles this tool set's grammar, fills the prefix cache
             start = time.perf_counter()
-            counts = await asyncio.gather(*(one(rec) for rec in work))
+            counts = await asyncio.gather(*(one(rec, sem) for rec in work))
             secs = time.perf_counter() - start
             result[f"{label}_c{conc}"] = {"requests": len(work), "completion_tokens": sum(counts),
                                           "seconds": round(secs, 2), "tokens_per_s": round(sum(counts) / secs, 2)}
+        if choice == "required":
+            result["constrained_answers"] = checks
+    low, high = min(concurrency), max(concurrency)
     for label in ("unconstrained", "constrained"):
-        result[f"{label}_ratio_8_vs_1"] = round(result[f"{label}_c8"]["tokens_per_s"] / result[f"{label}_c1"]["tokens_per_s"], 2)
-    for conc in (1, 8):
+        result[f"{label}_ratio_{high}_vs_{low}"] = round(result[f"{label}_c{high}"]["tokens_per_s"]
+                                                         / result[f"{label}_c{low}"]["tokens_per_s"], 2)
+    for conc in concurrency:
         u, c = result[f"unconstrained_c{conc}"]["tokens_per_s"], result[f"constrained_c{conc}"]["tokens_per_s"]
         result[f"constrained_vs_unconstrained_c{conc}"] = round(c / u, 3)
     return result
+
+
+def call_problem(choice, schemas: dict, jsonschema) -> str | None:
+    """Why a `required` answer is not a complete, schema-valid call; None when it is."""
+    calls = choice.message.tool_calls or []
+    if choice.finish_reason != "tool_calls" or not calls:
+        return f"finish_reason {choice.finish_reason}, {len(calls)} calls, content {choice.message.content!r}"
+    for call in calls:
+        if call.function.name not in schemas:
+            return f"unknown function {call.function.name!r}"
+        try:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        except (ValueError, jsonschema.ValidationError) as exc:
+            return f"{call.function.name}: {str(exc).splitlines()[0]}"
+    return None
 
 
 def start_vllm_native(model_dir: str, served: str, log: Path):

@@ -14,12 +14,9 @@ Every variant trains one epoch over the same examples, so each sees the same tok
 tokens/s (real, non-padding tokens, steady state: from the end of step 1 to the end of the last
 step), peak RSS of the process (ru_maxrss), steps, tokens, seconds.
 
-GPU part (`--gpu`, skipped without CUDA): a randomly initialised model of Qwen2.5-0.5B's
-architecture (no hub access is needed), bf16, LoRA r=16, the same data; tokens/s and MFU (model
-FLOPs per token from TRL's `compute_flops_per_token`, i.e. 6N-style training FLOPs, over the GPU's
-dense bf16 peak; LoRA skips weight gradients, so the useful work is lower than that convention).
+GPU throughput and MFU: benchmarks/gpu_check.py (scripts/gpu/check.sh), run on a GPU box.
 
-Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps N] [--gpu]
+Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps N]
 Writes benchmarks/results/train_bench.json.
 """
 
@@ -44,13 +41,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance"]
-QWEN05_ARCH = dict(  # Qwen2.5-0.5B's config.json, so no download is needed for a random init
-    architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
-    attention_dropout=0.0, initializer_range=0.02, use_sliding_window=False,
-)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -100,10 +90,6 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
                 marks.append((time.perf_counter(), float(logs["num_tokens"]), state.global_step))
 
     cfg = TrainConfig.model_validate(spec["config"])
-    if spec.get("device") == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train(cfg, callbacks=[Timer()])
     wall = time.perf_counter() - t0
@@ -120,18 +106,6 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
     }
-    if spec.get("device") == "cuda":
-        import torch
-        from transformers import AutoConfig
-        from trl.trainer.utils import compute_flops_per_token
-
-        model_cfg = AutoConfig.from_pretrained(spec["config"]["student"])
-        flops = compute_flops_per_token(model_cfg, spec["seq_len"])  # attention is per example, packed or not
-        name = torch.cuda.get_device_name()
-        peak = spec.get("peak_tflops") or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        result.update({"gpu": name, "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
-                       "flops_per_token": flops, "peak_bf16_tflops": peak,
-                       "mfu": round(result["train_tokens_per_second"] * flops / (peak * 1e12), 4) if peak else None})
     return result
 
 
@@ -194,34 +168,6 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]
             "grouped_vs_unpacked_peak_rss": round(grouped["peak_rss_gb"] / un["peak_rss_gb"], 3)}
 
 
-def gpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any] | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu: no CUDA device, skipped", file=sys.stderr)
-        return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    from fcdistill.models import resolve_model
-
-    model_dir = work / "qwen2.5-0.5b-random"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN05_ARCH), dtype=torch.bfloat16)
-    model.save_pretrained(str(model_dir))
-    # The data was rendered with SmolLM2's tokenizer; its ids all fall inside Qwen's 151936 rows.
-    AutoTokenizer.from_pretrained(args.tokenizer or resolve_model("smollm2-135m")).save_pretrained(str(model_dir))
-    seq_len = round(length_stats(AutoTokenizer.from_pretrained(str(model_dir)), data)["mean_tokens"])
-    variants = []
-    for name, batch, length, packing in (("unpacked", args.gpu_batch, 2048, False),
-                                         ("packed", 1, args.gpu_pack_length, True)):
-        cfg = base_config(str(model_dir), data, work / f"gpu-{name}", args.gpu_steps, batch=batch, max_length=length,
-                          packing=packing, precision="bf16", attn=args.attn, threads=None)
-        variants.append(launch({"name": f"{name}-{args.attn}", "config": cfg, "device": "cuda", "seq_len": seq_len,
-                                "peak_tflops": args.peak_tflops}, work))
-        print(f"  {variants[-1]}", file=sys.stderr, flush=True)
-    return {"model": "Qwen2.5-0.5B architecture, random init", "variants": variants}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -232,13 +178,6 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--gpu", action="store_true", help="also run the GPU part (needs CUDA)")
-    parser.add_argument("--gpu-steps", type=int, default=30)
-    parser.add_argument("--gpu-batch", type=int, default=16, help="unpacked GPU batch size")
-    parser.add_argument("--gpu-pack-length", type=int, default=4096, help="tokens per packed GPU row (batch 1)")
-    parser.add_argument("--attn", default="sdpa", help="GPU attention implementation (flash_attention_2 packs)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak, if not in the table")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for the GPU part (default SmolLM2's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_bench.json")
     args = parser.parse_args()
@@ -254,7 +193,6 @@ def main() -> None:
                                   "command": " ".join(["benchmarks/train_bench.py", *sys.argv[1:]]),
                                   "versions": __import__("fcdistill.train.sft", fromlist=["_versions"])._versions(),
                                   "cpu": cpu_part(args, work, data)}
-        result["gpu"] = gpu_part(args, work, data) if args.gpu else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result["cpu"], indent=2))

@@ -281,6 +281,10 @@ def _trainer_callback_cls() -> type:
                 if self._last is not None and now > self._last[0] and tokens > self._last[1]:
                     rec["train_tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 2)
                 self._last = (now, float(tokens))
+            import torch
+
+            if torch.cuda.is_available():  # what a batch-size choice costs on the device
+                rec["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
