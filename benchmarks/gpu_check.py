@@ -378,8 +378,7 @@ def run(carry: Path, out: Path, *, dry: bool, budget_s: float) -> dict[str, Any]
     unpacked = [f"batch_size={batch}", "grad_accum=1", "packing=false", "sampling=group_by_length",
                 f"max_length={length}"]
     variants = [("qwen2.5-0.5b-arch", f"unpacked-b{batch}", unpacked), ("smollm2-135m-arch", f"unpacked-b{batch}", unpacked)]
-    if not dry:
-        variants.append(("qwen2.5-0.5b-arch", "shipped-packed", []))
+    variants.append(("qwen2.5-0.5b-arch", "shipped-packed", ["batch_size=1"] if dry else []))
     for model, variant, sets in variants:
         res.step(f"train {model} {variant}", train_variant, carry, work, out, model, variant, sets, dry, steps,
                  train_timeout, need_s=60 if dry else 75)
