@@ -93,6 +93,35 @@ def data_export(
     typer.echo(f"wrote {n} records to {path}" + (f" ({skipped} without a target skipped)" if skipped else ""))
 
 
+@data_app.command("augment")
+def data_augment(
+    data: Annotated[Path, typer.Option(help="Directory written by `fcd data bfcl`; its train split is augmented.")] = Path("runs/data"),
+    out: Annotated[Path, typer.Option(help="Output directory, in the same layout (originals + augmented records).")] = Path("runs/data-aug"),
+    seed: Annotated[int, typer.Option(help="Seed of every transform; the same seed gives byte-identical files.")] = 42,
+    multiplier: Annotated[int, typer.Option(help="Augmented records tried per source record.")] = 2,
+    transforms: Annotated[str, typer.Option(help="Comma-separated: mask, shuffle, distract, compose, delete, substitute.")] = "mask,shuffle,distract,compose,delete,substitute",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Label-preserving transforms of the train split (name masking, tool shuffles and distractors,
+    parallel composition, irrelevance by deletion, value substitution), verified and deduplicated."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from fcdistill.data.augment import STATS_FILE, AugmentOptions, run_augment, stats_table
+    from fcdistill.data.bfcl import DataError
+
+    try:
+        opts = AugmentOptions(data=data, out=out, seed=seed, multiplier=multiplier, transforms=_csv(transforms))
+        result = run_augment(opts, progress=progress)
+    except ValidationError as exc:
+        fail(validation_message(exc))
+    except DataError as exc:
+        fail(str(exc))
+    Console().print(stats_table(result.stats))
+    typer.echo(f"wrote {result.written} train records to {out}/train.jsonl in {result.seconds:.1f}s "
+               f"(stats: {out}/{STATS_FILE})")
+
+
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run directory; a rerun resumes where a killed one stopped.")] = Path("runs/quickstart"),

@@ -81,6 +81,10 @@ class Record(BaseModel):
     label_source: str | None = None  # ground_truth (mix-in) | teacher (awaits labels) | teacher_labeled | synthetic | None
     possible_answer: list[dict[str, Any]] | None = None  # BFCL's raw possible answer, for scoring
     label_errors: list[str] = Field(default_factory=list)  # ground truth that fails its own schema
+    # `fcd data augment`: the train records this one was made from, and the transforms applied in order
+    # (None on BFCL's own records, so files written before augmentation read and write unchanged)
+    source_ids: list[str] | None = None
+    transforms: list[str] | None = None
 
     @property
     def has_target(self) -> bool:
