@@ -184,9 +184,10 @@ class PrepareResult(BaseModel):
     counts: dict[str, dict[str, int]]
 
     def summary(self) -> str:
-        lines = [f"{'category':<24}{'train':>7}{'mix-in':>8}{'eval':>7}"]
+        lines = [f"{'category':<24}{'train':>7}{'mix-in':>8}{'eval':>7}{'dropped':>9}"]
         for cat, c in self.counts.items():
-            lines.append(f"{cat:<24}{c['train']:>7}{c['mix_in']:>8}{c['eval']:>7}")
+            lines.append(f"{cat:<24}{c['train']:>7}{c['mix_in']:>8}{c['eval']:>7}{c['dropped_eval_overlap']:>9}")
+        lines.append("dropped: train questions that repeat an eval question (BFCL reuses questions across categories)")
         lines.append(f"wrote {self.out}/manifest.json, train.jsonl, eval.jsonl, test_case_ids_to_generate.json")
         return "\n".join(lines)
 
@@ -195,6 +196,26 @@ def _dump_jsonl(path: Path, rows: list[BaseModel]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _drop_eval_overlap(train: list[Record], evals: list[Record]) -> tuple[list[Record], list[Record]]:
+    """Train records whose question is an eval question or shares a 13-word span with one, left out.
+
+    BFCL repeats questions across categories (many `multiple` items ask a `simple_python` question
+    with more tools), so a per-category split would train on held-out questions. The rule is the
+    one every later stage applies to new data (teacher/dedup.py's contamination check).
+    """
+    from fcdistill.teacher.dedup import EvalIndex, normalize
+
+    def question(r: Record) -> str:
+        return "\n".join(str(m.get("content") or "") for m in r.messages if m.get("role") == "user")
+
+    index = EvalIndex({r.id for r in evals}, {r.id: question(r) for r in evals})
+    same = {normalize(question(r)) for r in evals}  # short questions too, which have no 13-word span
+    kept, dropped = [], []
+    for r in train:
+        (dropped if normalize(question(r)) in same or index.check([r.id], question(r)) else kept).append(r)
+    return kept, dropped
 
 
 def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
@@ -228,10 +249,14 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         for rec in cat_eval:
             rec.split = "eval"
             rec.label_source = None
-        mix = sum(1 for r in cat_train if r.label_source == "ground_truth")
-        counts[category] = {"train": len(cat_train), "mix_in": mix, "eval": len(cat_eval)}
+        counts[category] = {"train": len(cat_train), "eval": len(cat_eval)}
         train += sorted(cat_train, key=lambda r: r.id)
         evals += sorted(cat_eval, key=lambda r: r.id)
+    train, overlapping = _drop_eval_overlap(train, evals)
+    for category, c in counts.items():
+        c["dropped_eval_overlap"] = sum(1 for r in overlapping if r.category == category)
+        c["train"] -= c["dropped_eval_overlap"]
+        c["mix_in"] = sum(1 for r in train if r.category == category and r.label_source == "ground_truth")
 
     out.mkdir(parents=True, exist_ok=True)
     _dump_jsonl(out / "train.jsonl", train)
@@ -248,6 +273,7 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         "counts": counts,
         "splits": {"train": [r.id for r in train], "eval": [r.id for r in evals]},
         "mix_in": [r.id for r in train if r.label_source == "ground_truth"],
+        "dropped_eval_overlap": [r.id for r in overlapping],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return PrepareResult(out=out, counts=counts)
