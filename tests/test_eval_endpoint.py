@@ -101,6 +101,12 @@ def test_fc_run_scores_every_item_with_counts(fc_run):
         assert cat["answered"] == cat["total"] == 2 and cat["correct"] <= 2 and cat["ci95"]
     accs = [summary["categories"][c]["accuracy"] for c in CATS]
     assert summary["overall"]["accuracy"] == pytest.approx(sum(accs) / 3)
+    outputs = _lines(fc_run / OUTPUTS)
+    for c in CATS:  # answers cut at max_tokens, and those fcd serve's budget or loop guard closed, per category
+        mine = [o for o in outputs if o["category"] == c]
+        assert summary["categories"][c]["cut"] == sum(o.get("finish_reason") == "length" for o in mine)
+        assert sum(summary["categories"][c]["forced_close"].values()) == sum(bool(o.get("forced_close")) for o in mine)
+    assert "cut / force-closed" in (fc_run / "report.md").read_text()
     items = _lines(fc_run / ITEMS)
     assert [i["category"] for i in items] == [c for c in CATS for _ in range(2)]
     for i in items:

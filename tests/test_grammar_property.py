@@ -1,12 +1,16 @@
-"""The guarantee: whatever the logits, constrained output parses, names a tool, and validates.
+"""The guarantee: whatever the logits, constrained output parses, names a tool, and validates; and
+given its max_tokens, it is complete (FC, calls, end-of-turn) within them, looping or not.
 
 A random "model" drives the constraint: logits are Gaussian noise plus a fixed bias towards short
 tokens, so walks through long strings end within a bounded number of steps. The constraint must hold
-for any logits, so a biased random draw is as good a witness as an unbiased one.
+for any logits, so a biased random draw is as good a witness as an unbiased one. Adversarial
+"models" that always want one more character, item or call check the loop guard.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import string
 
 import jsonschema
@@ -15,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcdistill.chat_format import ChatFormat
-from fcdistill.grammars import SequenceConstraint, compile_grammar, token_vocabulary
+from fcdistill.grammars import LoopGuard, SequenceConstraint, compile_grammar, token_vocabulary
 from fcdistill.tools import ToolSpec, closed_schema
 
 MAX_STEPS = 600
@@ -36,12 +40,16 @@ def rig(smollm2_tokenizer):
     special = set(tok.all_special_ids)
     fc_id = tok.convert_tokens_to_ids("<tool_call>")
     words: dict[str, list[int]] = {}
+    size = len(tok)
+    pieces = [b""] * size
     for t, i in tok.get_vocab().items():
         if i < SUB_VOCAB and i not in special:
-            words.setdefault(adapter.convert_token_to_string(t), []).append(i)
-    size = len(tok)
+            text = adapter.convert_token_to_string(t)
+            words.setdefault(text, []).append(i)
+            pieces[i] = text.encode()
     vocab = TokenVocabulary(key=("smollm2-sub", SUB_VOCAB, "<tool_call>"), vocabulary=Vocabulary(tok.eos_token_id, words),
-                            size=size, eot_id=tok.eos_token_id, fc_id=fc_id, special_ids=frozenset(special))
+                            size=size, eot_id=tok.eos_token_id, fc_id=fc_id, special_ids=frozenset(special),
+                            pieces=tuple(pieces))
     lengths = torch.full((size,), 99.0)
     for t, i in tok.get_vocab().items():
         lengths[i] = len(adapter.convert_token_to_string(t))
@@ -49,18 +57,23 @@ def rig(smollm2_tokenizer):
     return vocab, bias, ChatFormat(tok), tok
 
 
-def _walk(rig, grammar, seed: int, fc_boost_at: int | None = None) -> tuple[str, bool]:
-    """Sample until end-of-turn; `fc_boost_at`: from that step on, the FC token's logit is huge."""
+def _walk(rig, grammar, seed: int, fc_boost_at: int | None = None, max_tokens: int | None = None,
+          guard: LoopGuard | None = None, bonus=None, constraint: SequenceConstraint | None = None) -> tuple[str, bool]:
+    """Sample until end-of-turn, at most `max_tokens` tokens (end-of-turn included) or MAX_STEPS;
+    `fc_boost_at`: from that step on, the FC token's logit is huge; `bonus`: added to every step's
+    logits (a model with a habit); `constraint`: use this one (to look at it afterwards)."""
     import torch
 
     vocab, bias, _, tok = rig
     gen = torch.Generator().manual_seed(seed)
-    c = SequenceConstraint(grammar)
+    c = constraint or SequenceConstraint(grammar, max_tokens, guard)
     out: list[int] = []
-    for step in range(MAX_STEPS):
+    for step in range(max_tokens or MAX_STEPS):
         logits = torch.randn(vocab.size, generator=gen) * 2.0 + bias
         if fc_boost_at is not None and step >= fc_boost_at:
             logits[vocab.fc_id] = 1e4
+        if bonus is not None:
+            logits += bonus
         c.mask_(logits)
         assert torch.isfinite(logits).any(), "the constraint allowed no token at all"
         token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
@@ -249,3 +262,118 @@ def test_free_form_objects_and_arrays_get_flat_values(rig):
         text, finished = _walk(rig, grammar, seed)
         if finished:
             _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
+
+
+# -- the budget: every forced answer is complete within max_tokens ---------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(tool_set_strategy(6), st.sampled_from(["required", "named", "auto"]), st.booleans(), st.integers(0, 2**31),
+       st.integers(0, 30))
+def test_answers_close_within_max_tokens(rig, tools, mode, parallel, seed, extra):
+    """Any max_tokens from the shortest valid call up: a `required` or named answer is complete (calls
+    closed, end-of-turn) within it, and under `auto` a call the model opened is closed too."""
+    choice = tools[seed % len(tools)].name if mode == "named" else mode
+    grammar, _ = compile_grammar(rig[0], tools, choice, parallel)
+    max_tokens = grammar.min_tokens + extra
+    text, finished = _walk(rig, grammar, seed, fc_boost_at=seed % 7 if mode == "auto" else None,
+                           max_tokens=max_tokens, guard=LoopGuard())
+    if mode == "auto" and "<tool_call>" not in text:
+        return  # a text answer: nothing to close
+    assert finished, f"cut at max_tokens={max_tokens}: {text[-200:]}"
+    _check_calls(rig, tools, text, at_least_one=True, at_most_one=not parallel or mode == "named",
+                 only=choice if mode == "named" else None)
+
+
+def test_auto_offers_fc_only_while_a_call_fits(rig):
+    import torch
+
+    vocab = rig[0]
+    grammar, _ = compile_grammar(vocab, [ToolSpec(name="f", parameters={
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})], "auto", True)
+    for max_tokens, offered in ((grammar.min_tokens - 1, False), (grammar.min_tokens, True)):
+        logits = torch.zeros(vocab.size)
+        SequenceConstraint(grammar, max_tokens, LoopGuard()).mask_(logits)
+        assert bool(torch.isfinite(logits[vocab.fc_id])) is offered, max_tokens
+    text, finished = _walk(rig, grammar, 0, fc_boost_at=0, max_tokens=grammar.min_tokens)
+    assert finished and re.fullmatch(r'<tool_call>\[\{"name":"f","arguments":\{"x":\d\}\}\]<\|im_end\|>', text), text
+
+
+def test_json_response_format_closes_within_max_tokens(rig):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
+                                               "why": {"type": "string"}}, "required": ["tags", "why"]}
+    grammar, _ = compile_grammar(rig[0], [], "none", True, json_schema=schema)
+    for seed in range(6):
+        text, finished = _walk(rig, grammar, seed, max_tokens=grammar.min_tokens + seed * 3, guard=LoopGuard())
+        assert finished, text
+        jsonschema.validate(json.loads(text.removesuffix(rig[3].eos_token)), schema)
+
+
+# -- the loop guard: a model that always wants more still closes -----------------------------------------
+ROOMS = ToolSpec(name="book", parameters={"type": "object", "properties": {
+    "guest": {"type": "string"},
+    "rooms": {"type": "array", "items": {"type": "object", "properties": {
+        "kind": {"type": "string"}, "beds": {"type": "integer"}}, "required": ["kind", "beds"]}}},
+    "required": ["guest", "rooms"]})
+
+
+def _bonus(rig, texts: list[str], value: float = 1e4):
+    """A logit bonus for the tokens spelling `texts`, the first preferred most."""
+    import torch
+
+    vocab, _, _, tok = rig
+    bonus = torch.zeros(vocab.size)
+    for rank, text in enumerate(texts):
+        bonus[tok.convert_tokens_to_ids(text)] = value - 100 * rank
+    return bonus
+
+
+@pytest.mark.parametrize("habit", ["one more character", "one more item", "one more call", "never-repeating text"])
+def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit):
+    """Without the loop guard each of these runs to max_tokens (here far away): the same character, a new
+    array item, the same call again, varied letters past the value budget. With it, the looping value
+    (or the call list) is closed and the answer ends long before max_tokens, as a valid call. (One call
+    for the first three: different calls, each closed, may go on until the budget closes the list.)"""
+    import torch
+
+    vocab, _, _, tok = rig
+    guard = LoopGuard(value_tokens=48)
+    tools = [ROOMS, ToolSpec(name="ping", parameters={"type": "object", "properties": {}})]
+    only = {"one more call": "ping"}.get(habit, "book")
+    grammar, _ = compile_grammar(vocab, [t for t in tools if t.name == only], "required", only == "ping")
+    if habit == "never-repeating text":
+        letters = [i for i in range(SUB_VOCAB) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 2]
+        bonus = torch.zeros(vocab.size)
+        bonus[letters] = 12.0  # varied words, no fixed n-gram; the closing quote gets nothing
+    else:
+        bonus = _bonus(rig, {"one more character": ["a"], "one more item": [",", "{\"", "},"],
+                             "one more call": [","]}[habit])
+    c = SequenceConstraint(grammar, 1000, guard)
+    text, finished = _walk(rig, grammar, 1, max_tokens=1000, constraint=c, bonus=bonus)
+    assert finished and c.forced_close == "loop", text[-300:]
+    assert 1000 - c.left < 300, text  # tokens spent
+    _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
+    if habit == "one more call":
+        assert len(rig[2].parse(text).tool_calls) == guard.same_calls
+
+
+def test_different_parallel_calls_pass_untouched(smollm2_tokenizer):
+    """Two cities, then two identical calls (BFCL's canonical targets repeat a call up to 4 times): every
+    token is allowed, even at the tightest max_tokens that holds the answer; with room left, the guard
+    never narrowed anything."""
+    import torch
+
+    tok = smollm2_tokenizer
+    vocab = token_vocabulary(tok, "<tool_call>")
+    weather = ToolSpec(name="get_weather", parameters={"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "array", "items": {"type": "integer"}}}, "required": ["city"]})
+    grammar, _ = compile_grammar(vocab, [weather], "required", True)
+    call = '{"name":"get_weather","arguments":{"city":"%s","days":[1,1,1,2]}}'
+    for body in (f"[{call % 'Paris'},{call % 'London'}]", f"[{call % 'Paris'},{call % 'Paris'}]"):
+        ids = [vocab.fc_id, *tok.encode(body, add_special_tokens=False), vocab.eot_id]
+        for max_tokens in (len(ids), len(ids) + 100):
+            c = SequenceConstraint(grammar, max_tokens, LoopGuard())
+            for t in ids:
+                logits = torch.zeros(vocab.size)
+                c.mask_(logits)
+                assert torch.isfinite(logits[t]), (body, max_tokens, tok.decode([t]))
+                c.advance(t)
+            assert c.phase == "done" and (max_tokens == len(ids) or c.forced_close is None)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcdistill.tools import closed_schema
@@ -196,8 +197,8 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, client)
 
 
 def test_metrics_expose_requests_tokens_and_grammar_cache(server, client):
-    _chat(client, tool_choice="required", max_tokens=5)
-    _chat(client, tool_choice="required", max_tokens=5)
+    _chat(client, tool_choice="required", max_tokens=40)
+    _chat(client, tool_choice="required", max_tokens=40)
     text = httpx.get(f"{server}/metrics").text
     assert 'fcd_requests_total{path="/v1/chat/completions",status="200"}' in text
     assert "fcd_completion_tokens_total" in text and "fcd_grammar_compile_seconds_count" in text
@@ -210,15 +211,14 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(server, client):
        parallel=st.booleans(), seed=st.integers(0, 2**31))
 def test_grammar_guarantee_through_the_server(client, tools, mode, parallel, seed):
     """The property test's guarantee, end to end on each engine: random tool sets, sampling at
-    temperature 1 (a near-random walk through what the grammar allows); every finished answer under
-    `required` or a named tool is at least one schema-valid call, `none` never calls."""
+    temperature 1 (a near-random walk through what the grammar allows); every answer under `required`
+    or a named tool is at least one schema-valid call, closed within max_tokens; `none` never calls."""
     payload = [{"type": "function", "function": {"name": t.name, "parameters": t.parameters}} for t in tools]
     choice: object = {"required": "required", "none": "none"}.get(mode) or {"type": "function", "function": {"name": tools[0].name}}
     r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Call a tool."}],
                                        tools=payload, tool_choice=choice, parallel_tool_calls=parallel,
                                        temperature=1.0, seed=seed, max_tokens=300)
     c = r.choices[0]
-    assume(c.finish_reason != "length")  # a cut-off walk proves nothing; too many and hypothesis fails the test
     calls = c.message.tool_calls or []
     if mode == "none":
         assert not calls and "<tool_call>" not in (c.message.content or "")
@@ -229,6 +229,79 @@ def test_grammar_guarantee_through_the_server(client, tools, mode, parallel, see
     for call in calls:
         assert call.function.name in by_name and (mode != "named" or call.function.name == tools[0].name)
         jsonschema.validate(json.loads(call.function.arguments), closed_schema(by_name[call.function.name].parameters))
+
+
+BOOKING = {"type": "function", "function": {
+    "name": "book_rooms", "description": "Book hotel rooms for a guest.",
+    "parameters": {"type": "object", "properties": {
+        "guest": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
+                  "required": ["name"]},
+        "rooms": {"type": "array", "items": {"type": "object", "properties": {
+            "kind": {"type": "string"}, "beds": {"type": "integer"}}, "required": ["kind", "beds"]}}},
+        "required": ["guest", "rooms"]}}}
+BOOK = [{"role": "user", "content": "Book two double rooms and one single room for Ann Lee."}]
+
+
+def _minimum_from_400(server, body: dict) -> int:
+    """A forced answer that cannot fit max_tokens is refused with a 400 that names the minimum."""
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "smollm2-135m", **body},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and err["type"] == "invalid_request_error", err
+    return int(re.search(r"at least (\d+) completion tokens", err["message"]).group(1))
+
+
+def test_too_small_max_tokens_for_a_forced_answer_is_refused_with_the_minimum(server, client):
+    for extra in ({"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {"name": "book_rooms"}}}):
+        minimum = _minimum_from_400(server, {"messages": BOOK, "tools": [BOOKING], "max_tokens": 3, **extra})
+        assert 20 < minimum < 40  # FC, [{"name":"book_rooms","arguments":{"guest":{"name":""},"rooms":[]}}], end-of-turn
+        r = client.chat.completions.create(model="smollm2-135m", messages=BOOK, tools=[BOOKING], temperature=0,
+                                           max_tokens=minimum, **extra)
+        assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens <= minimum
+    schema = {"type": "object", "properties": {"rooms": {"type": "integer"}}, "required": ["rooms"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    assert _minimum_from_400(server, {"messages": BOOK, "max_tokens": 2, "response_format": fmt}) == 6  # {"rooms":0}, end
+    r = client.chat.completions.create(model="smollm2-135m", messages=BOOK, response_format=fmt, temperature=0, max_tokens=6)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_required_with_small_max_tokens_ends_in_a_complete_call(server, client):
+    """SmolLM2 loops inside this tool's arguments (an email of `.email.email...`); at any max_tokens from the
+    shortest call up, the answer is one complete call, closed by the budget, or by the loop guard when
+    max_tokens leaves room for the loop."""
+    minimum = _minimum_from_400(server, {"messages": BOOK, "tools": [BOOKING], "tool_choice": "required", "max_tokens": 1})
+    reasons = []
+    for max_tokens in (minimum + 4, minimum + 12, 200):
+        r = client.chat.completions.create(model="smollm2-135m", messages=BOOK, tools=[BOOKING], tool_choice="required",
+                                           temperature=0, max_tokens=max_tokens)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and r.usage.completion_tokens <= max_tokens, c.message.content
+        (call,) = c.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), closed_schema(BOOKING["function"]["parameters"]))
+        reasons.append((c.model_extra or {}).get("forced_close"))
+    assert reasons == ["budget", "budget", "loop"]
+    text = httpx.get(f"{server}/metrics").text
+    closed = {reason: float(line.split()[-1]) for line in text.splitlines() for reason in ("budget", "loop")
+              if line.startswith(f'fcd_forced_close_total{{reason="{reason}"}}')}
+    assert closed["budget"] >= 2 and closed["loop"] >= 1
+
+
+def test_different_parallel_calls_are_not_cut_by_the_loop_guard(client):
+    """Shown two calls for two cities, SmolLM2 answers the next question with two calls: both come back,
+    nothing forced."""
+    def call(i: int, city: str) -> dict:
+        return {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+    messages = [{"role": "user", "content": "What's the weather in Rome and in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call(1, "Rome"), call(2, "Oslo")]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+                {"role": "assistant", "content": "Rome is sunny and Oslo has rain."}, *ASK]
+    r = _chat(client, messages=messages, tool_choice="required", max_tokens=120)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and not (c.model_extra or {}).get("forced_close")
+    assert [json.loads(t.function.arguments)["city"] for t in _validate_calls(c.message)] == ["Paris", "London"]
 
 
 def _server_tool_sets():

@@ -51,17 +51,18 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     run = summary["run"]
     table = Table(title=f"{run['label']} — {run['mode']} mode, {run['model']}", title_justify="left")
     for col, justify in (("category", "left"), ("correct", "right"), ("n", "right"), ("accuracy", "right"),
-                         ("95% CI", "right"), ("most common error", "left")):
+                         ("95% CI", "right"), ("cut / closed", "right"), ("most common error", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for name, c in summary["categories"].items():
         acc = "—" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}%"
         ci = f"{100 * c['ci95'][0]:.0f}–{100 * c['ci95'][1]:.0f}%" if c["ci95"] else "—"
         top = next(iter(c["error_types"].items()), None)
+        closed = f"{c['cut']} / {sum(c['forced_close'].values())}"  # hit max_tokens / closed by fcd serve's guard
         table.add_row(name, str(c["correct"]), f"{c['answered']}/{c['total']}" if c["answered"] != c["total"]
-                      else str(c["answered"]), acc, ci, f"{top[0]} ({top[1]})" if top else "")
+                      else str(c["answered"]), acc, ci, closed, f"{top[0]} ({top[1]})" if top else "")
     o = summary["overall"]
     table.add_row("overall (mean)", str(o["correct"]), str(o["answered"]),
-                  "—" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%", "", "", style="bold")
+                  "—" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%", "", "", "", style="bold")
     console = Console(stderr=False)
     console.print(table)
     inv = run["this_invocation"]

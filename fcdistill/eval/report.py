@@ -52,6 +52,8 @@ def summarize(scores: list[Any], items: list[Any], run: dict[str, Any]) -> dict[
             "total": totals[category], "answered": len(mine), "correct": correct,
             "accuracy": correct / len(mine) if mine else None, "ci95": list(ci) if ci else None,
             "error_types": dict(Counter(s.error_type for s in mine if not s.valid).most_common()),
+            "cut": sum(s.raw.get("finish_reason") == "length" for s in mine),  # hit max_tokens
+            "forced_close": dict(Counter(s.raw["forced_close"] for s in mine if s.raw.get("forced_close"))),
         }
     accs = [c["accuracy"] for c in cats.values() if c["accuracy"] is not None]
     answered = sum(c["answered"] for c in cats.values())
@@ -72,16 +74,17 @@ def markdown_report(summary: dict[str, Any]) -> str:
              f"model `{run['model']}` at {run['endpoint']}, mode `{run['mode']}`, bfcl-eval {run['bfcl_eval_version']}, "
              f"max_tokens {run['max_tokens']}, temperature {run['temperature']}"
              + (f", tool_choice {run['tool_choice']}" if run.get("tool_choice") else ""), "",
-             "| category | correct / answered | accuracy | 95% CI | most common error |",
-             "|---|---:|---:|---:|---|"]
+             "| category | correct / answered | accuracy | 95% CI | cut / force-closed | most common error |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, c in cats.items():
         ci = f"{_pct(c['ci95'][0])}–{_pct(c['ci95'][1])}" if c["ci95"] else "—"
         top = next(iter(c["error_types"].items()), None)
         err = f"{top[0]} ({top[1]})" if top else ""
         shown = f"{c['correct']} / {c['answered']}" + (f" (of {c['total']})" if c["answered"] != c["total"] else "")
-        lines.append(f"| {name} | {shown} | {_pct(c['accuracy'])} | {ci} | {err} |")
+        closed = ", ".join(f"{n} {reason}" for reason, n in c["forced_close"].items()) or "0"
+        lines.append(f"| {name} | {shown} | {_pct(c['accuracy'])} | {ci} | {c['cut']} / {closed} | {err} |")
     lines.append(f"| **overall** (mean of {overall['categories']} categories) | {overall['correct']} / "
-                 f"{overall['answered']} | **{_pct(overall['accuracy'])}** | | |")
+                 f"{overall['answered']} | **{_pct(overall['accuracy'])}** | | | |")
     if not summary["complete"]:
         lines += ["", f"Incomplete: {overall['total'] - overall['answered']} items have no answer yet; "
                       "rerun the same command to resume."]

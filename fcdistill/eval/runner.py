@@ -239,6 +239,8 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
                                "content": reply.content, "tool_calls": reply.tool_calls,
                                "finish_reason": reply.finish_reason, "usage": reply.usage,
                                "latency_s": round(time.perf_counter() - t0, 3)}
+        if reply.forced_close:
+            row["forced_close"] = reply.forced_close  # fcd serve closed a looping or over-long answer
         if name_map:
             row["name_map"] = name_map
         if reply.error:

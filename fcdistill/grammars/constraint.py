@@ -4,6 +4,11 @@ The call grammar is one JSON Schema, an array of `{"name": const, "arguments": <
 alternatives, turned into a regex by outlines-core and compiled into an Index over the student's
 vocabulary. No whitespace between JSON tokens: the wire format renders calls compactly, a model
 gets no room to loop on whitespace, and the regex compiles about a quarter faster than with `[ ]?`.
+
+Every constrained answer closes within its token budget: the compiled grammar carries each state's
+distance to a complete answer (`closing.CloseTable`), and a sequence given its max_tokens allows only
+tokens after which the rest still fits (this token, the shortest way to close, end-of-turn). A value
+the model loops in (`guard.ValueTracker`) is narrowed to tokens that close it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fcdistill.grammars.closing import CloseTable, build_close_table
+from fcdistill.grammars.guard import STRICT, LoopGuard, ValueTracker
 from fcdistill.grammars.vocabulary import TokenVocabulary
 from fcdistill.tools import ToolSpec
 
@@ -38,6 +45,15 @@ class CompiledGrammar:
     index: Any  # outlines_core.Index for the calls (or JSON) part; None for none/free
     vocab: TokenVocabulary
     compile_ms: float
+    table: CloseTable | None = None  # distances to a complete answer; None for none/free
+
+    @property
+    def min_tokens(self) -> int:
+        """Completion tokens of the shortest complete constrained answer: FC (for calls), the shortest
+        call list or JSON value, end-of-turn. 0 when nothing is constrained."""
+        if self.table is None:
+            return 0
+        return self.table.start + (2 if self.mode in ("auto", "forced") else 1)
 
 
 _cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
@@ -90,7 +106,9 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
             return hit, True
     start = time.perf_counter()
     index = _compile_index(schema, vocab) if schema is not None else None
-    compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000)
+    table = build_close_table(index, vocab.eot_id) if index is not None else None
+    compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
+                               table=table)
     with _cache_lock:
         _stats["misses"] += 1
         _cache[key] = compiled
@@ -154,28 +172,69 @@ def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
 
 
 class SequenceConstraint:
-    """Per-sequence state: free text (maybe with FC masked), forced FC, inside the grammar, done."""
+    """Per-sequence state: free text (maybe with FC masked), forced FC, inside the grammar, done.
 
-    def __init__(self, grammar: CompiledGrammar):
+    `max_tokens` (the request's completion budget) turns on the budget: every token counts, FC
+    included, and inside the grammar only tokens after which the shortest completion and end-of-turn
+    still fit are allowed; under `auto`, FC is masked once even the shortest call no longer fits.
+    `guard` turns on the loop guard. `forced_close` says whether either narrowed the choice ("budget"
+    or "loop", the latter winning), computed in `advance` so that a copy fed the same tokens (the vllm
+    engine's API process) knows it too.
+    """
+
+    def __init__(self, grammar: CompiledGrammar, max_tokens: int | None = None, guard: LoopGuard | None = None):
         from outlines_core import Guide
 
         self._guide_cls = Guide
         self.grammar = grammar
         self.vocab = grammar.vocab
         self.guide: Any = None
+        self.max_tokens = max_tokens
+        self.left = max_tokens  # completion tokens left, this step's included; None: no budget
+        self.guard = guard if grammar.table is not None else None
+        if self.guard is not None and not self.vocab.pieces:
+            raise ValueError("the loop guard reads token bytes: build the vocabulary with token_pieces")
+        self.tracker: ValueTracker | None = None
+        self.forced_close: str | None = None
         self.phase = {"none": "text", "free": "text", "auto": "text", "forced": "fc", "json": "grammar"}[grammar.mode]
         if self.phase == "grammar":
-            self.guide = Guide(grammar.index)
+            self._enter_grammar()
         self._bitmask: Any = None
 
+    def _enter_grammar(self) -> None:
+        self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+        if self.guard is not None:
+            self.tracker = ValueTracker(self.guard, calls=self.grammar.mode != "json")
+
     @property
-    def active(self) -> bool:
-        """True when this step's logits need masking."""
-        return self.phase != "text" or self.grammar.mode == "none"
+    def _fc_masked(self) -> bool:
+        """FC is banned in free text: always under `none`; under `auto` once a call would not fit."""
+        mode = self.grammar.mode
+        return mode == "none" or (mode == "auto" and self.left is not None and self.left < self.grammar.min_tokens)
 
     @property
     def in_grammar(self) -> bool:
         return self.phase in ("grammar", "done")
+
+    def _narrowing(self) -> tuple[int | None, str | None]:
+        """This step's bound on the next state's distance to a complete answer, and what imposes it
+        (None, None: every token the grammar allows is fine). Only called in the grammar phase."""
+        table = self.grammar.table
+        if table is None or (self.left is None and self.tracker is None):
+            return None, None
+        state = self.guide.get_state()
+        farthest = table.farthest_next(state)
+        bound, reason = None, None
+        if self.left is not None and self.left - 2 < farthest:  # this token, then end-of-turn must fit
+            bound, reason = self.left - 2, "budget"
+        mode = self.tracker.narrowing if self.tracker is not None else None
+        if mode is not None:
+            closer = table.dist[state] - (1 if mode == STRICT else 0)
+            if closer < farthest:
+                bound, reason = closer if bound is None else min(bound, closer), "loop"
+        if bound is None:
+            return None, None
+        return max(bound, table.dist[state] - 1), reason  # a shortest way on always stays open
 
     def mask_(self, logits: Any) -> None:
         """Set the logits of disallowed tokens to -inf, in place (a 1-D row)."""
@@ -183,7 +242,7 @@ class SequenceConstraint:
         import torch
 
         if self.phase == "text":
-            if self.grammar.mode == "none" and self.vocab.fc_id is not None:
+            if self.vocab.fc_id is not None and self._fc_masked:
                 logits[self.vocab.fc_id] = -torch.inf
             return
         if self.phase == "fc":
@@ -196,6 +255,16 @@ class SequenceConstraint:
             logits.fill_(-torch.inf)
             logits[self.vocab.eot_id] = keep
             return
+        width = logits.shape[-1]
+        bound, _ = self._narrowing()
+        if bound is not None:
+            state = self.guide.get_state()
+            banned = np.ones(width, dtype=bool)
+            banned[self.grammar.table.within(state, bound)] = False
+            if self.grammar.table.dist[state] == 0:
+                banned[self.vocab.eot_id] = False
+            logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
+            return
         from outlines_core.kernels.torch import fill_next_token_bitmask
 
         if self._bitmask is None:
@@ -203,23 +272,31 @@ class SequenceConstraint:
         fill_next_token_bitmask(self.guide, self._bitmask)
         # bit j of little-endian word i is token 32*i + j; unpacking bytes is ~25x faster than torch shifts
         banned = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little") == 0
-        width = logits.shape[-1]
         banned = banned[:width] if banned.size >= width else np.pad(banned, (0, width - banned.size), constant_values=True)
         logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
 
     def advance(self, token_id: int) -> None:
         """Move the state machine past a sampled token."""
-        if self.phase == "text":
+        phase = self.phase
+        if phase == "grammar" and token_id != self.vocab.eot_id:
+            _, reason = self._narrowing()  # what this step's mask was, from the state before the token
+            if reason is not None and self.forced_close != "loop":
+                self.forced_close = reason
+        if self.left is not None:
+            self.left -= 1
+        if phase == "text":
             if token_id == self.vocab.fc_id and self.grammar.mode == "auto":
-                self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+                self._enter_grammar()
             return
-        if self.phase == "fc":
-            self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+        if phase == "fc":
+            self._enter_grammar()
             return
-        if self.phase == "grammar":
+        if phase == "grammar":
             if token_id == self.vocab.eot_id:
                 self.phase = "done"
                 return
             self.guide.advance(token_id)
+            if self.tracker is not None:
+                self.tracker.feed(token_id, self.vocab.pieces[token_id])
             if self.guide.is_finished():
                 self.phase = "done"

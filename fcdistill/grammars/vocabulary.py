@@ -4,7 +4,8 @@
 is built from the loaded transformers tokenizer through outlines' own adapter (byte-level tokens
 such as `Ġ` become the text they stand for), keyed by bytes so that pieces of multi-byte
 characters take part too. Special tokens are left out: inside a JSON string the
-model must not be able to emit `<|im_start|>` or the FC token as one token.
+model must not be able to emit `<|im_start|>` or the FC token as one token. The same bytes, by id,
+are what the loop guard reads the generated JSON from (`token_pieces`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TokenVocabulary:
     eot_id: int
     fc_id: int | None
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    pieces: tuple[bytes, ...] = ()  # bytes of each token id, b"" for special ones (see token_pieces)
 
 
 def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | None = None) -> TokenVocabulary:
@@ -37,27 +39,41 @@ def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | No
     with _lock:
         if key in _cache:
             return _cache[key]
-    from outlines.models.transformers import TransformerTokenizer
     from outlines_core import Vocabulary
 
-    adapter = TransformerTokenizer(tokenizer)
-    eot_id = tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
-    special = set(tokenizer.all_special_ids) | {i for t, i in vocab.items() if t in tokenizer.get_added_vocab()}
     fc_id = vocab.get(fc_token) if fc_token else None
-    by_bytes: dict[bytes, list[int]] = {}
-    for token, token_id in vocab.items():
-        if token_id in special or token_id == fc_id:
-            continue
-        raw = token_bytes(token, adapter.convert_token_to_string)
-        if raw:
-            by_bytes.setdefault(raw, []).append(token_id)
     size = max(logits_size or 0, max(vocab.values()) + 1)
-    result = TokenVocabulary(key=key, vocabulary=Vocabulary(eot_id, by_bytes), size=size, eot_id=eot_id,
-                             fc_id=fc_id, special_ids=frozenset(special))
+    pieces = token_pieces(tokenizer, size)
+    by_bytes: dict[bytes, list[int]] = {}
+    for token_id, raw in enumerate(pieces):
+        if raw and token_id != fc_id:
+            by_bytes.setdefault(raw, []).append(token_id)
+    result = TokenVocabulary(key=key, vocabulary=Vocabulary(tokenizer.eos_token_id, by_bytes), size=size,
+                             eot_id=tokenizer.eos_token_id, fc_id=fc_id, special_ids=frozenset(special_ids(tokenizer)),
+                             pieces=pieces)
     with _lock:
         _cache[key] = result
     return result
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Special and added tokens: never part of a constrained JSON value."""
+    added = tokenizer.get_added_vocab()
+    return set(tokenizer.all_special_ids) | set(added.values())
+
+
+def token_pieces(tokenizer: Any, size: int) -> tuple[bytes, ...]:
+    """The bytes each token id stands for, b"" for special tokens and ids the tokenizer does not have."""
+    from outlines.models.transformers import TransformerTokenizer
+
+    adapter = TransformerTokenizer(tokenizer)
+    skip = special_ids(tokenizer)
+    pieces = [b""] * size
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id not in skip and token_id < size:
+            pieces[token_id] = token_bytes(token, adapter.convert_token_to_string) or b""
+    return tuple(pieces)
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -3,6 +3,11 @@
 Prompts are rendered and completions parsed by chat_format; tool calls are constrained by grammars;
 the engine only turns prompt ids into tokens. Every error leaves as OpenAI's error object with a 4xx
 code, and the server keeps serving.
+
+Each constrained answer carries its max_tokens into the constraint, which then always closes the
+call (or JSON value) in time; `required`, a named tool and response_format json_schema are refused
+up front when max_tokens cannot hold even the shortest valid answer. A choice whose answer the budget
+or the loop guard had to close says so in a non-standard `forced_close` field ("budget" | "loop").
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fcdistill.chat_format import ChatFormat, as_messages
-from fcdistill.grammars import GrammarError, SequenceConstraint, compile_grammar, grammar_cache_info, token_vocabulary
+from fcdistill.grammars import (
+    CompiledGrammar,
+    GrammarError,
+    LoopGuard,
+    SequenceConstraint,
+    compile_grammar,
+    grammar_cache_info,
+    token_vocabulary,
+)
 from fcdistill.serve.engines.base import Engine, EngineRequestError, GenerationEvent, GenerationRequest, SamplingParams
 from fcdistill.serve.metrics import Metrics
 from fcdistill.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
@@ -34,8 +47,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    """The app around an engine; `api_key` (when set) is required as a Bearer token on /v1/*."""
+def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | None = LoopGuard()) -> FastAPI:
+    """The app around an engine; `api_key` (when set) is required as a Bearer token on /v1/*.
+
+    `guard` None turns off the budget and the loop guard (constrained answers may then be cut at
+    max_tokens, as before them): for measuring what they change."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -89,14 +105,30 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return model
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    async def constraint_for(tools: list[ToolSpec], choice: str, parallel: bool,
-                             json_schema: dict[str, Any] | None) -> SequenceConstraint:
+    async def grammar_for(tools: list[ToolSpec], choice: str, parallel: bool,
+                          json_schema: dict[str, Any] | None) -> CompiledGrammar:
         try:
             grammar, hit = await run_in_threadpool(compile_grammar, vocab, tools, choice, parallel, json_schema)
         except GrammarError as exc:
             raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools") from None
         metrics.grammar(grammar.compile_ms / 1000, hit)
-        return SequenceConstraint(grammar)
+        return grammar
+
+    def check_budget(grammar: CompiledGrammar, max_tokens: int, param: str, choice: str) -> None:
+        """A forced call or JSON answer that cannot fit max_tokens is refused, never returned cut.
+
+        `param` names what set the budget: max_tokens, max_completion_tokens, or messages (neither was
+        given, and the context left that much)."""
+        if grammar.mode not in ("forced", "json") or max_tokens >= grammar.min_tokens:
+            return
+        what = (("response_format json_schema", "JSON value") if grammar.mode == "json"
+                else (f"tool_choice {choice!r}" if choice == "required" else f"tool_choice function {choice!r}", "call"))
+        need = f"{what[0]} needs at least {grammar.min_tokens} completion tokens for the shortest valid {what[1]}"
+        if param == "messages":
+            raise APIError(400, f"The context leaves {max_tokens} tokens for the completion, but {need}: shorten the "
+                                f"messages.", param=param)
+        raise APIError(400, f"{param} is {max_tokens}, but {need}: set {param} to at least {grammar.min_tokens}.",
+                       param=param)
 
     def sampling(req: Any, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         if prompt_len >= engine.context_length:
@@ -144,6 +176,14 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             metrics.rejected_calls.inc()
             return parsed, []
         return parsed, parsed.tool_calls
+
+    def forced_close(gen: GenerationRequest) -> dict[str, str]:
+        """The choice's `forced_close` field (and the metric) when the budget or the loop guard closed it."""
+        reason = gen.constraint.forced_close if gen.constraint is not None else None
+        if reason is None:
+            return {}
+        metrics.forced_close.labels(reason).inc()
+        return {"forced_close": reason}
 
     def tool_call_objects(calls: list[Any]) -> list[dict[str, Any]]:
         return [{"id": f"call_{new_id('')[1:]}", "type": "function",
@@ -198,8 +238,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         sp = sampling(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens)
         if req.stream and req.n > 1:
             raise APIError(400, "n > 1 is not supported with stream", param="n")
+        grammar = await grammar_for(tools, choice_name, req.parallel_tool_calls, json_schema)
+        budget_param = ("max_completion_tokens" if req.max_completion_tokens else "max_tokens" if req.max_tokens
+                        else "messages")
+        check_budget(grammar, sp.max_tokens, budget_param, choice_name)
         gens = [GenerationRequest(prompt_ids=prompt_ids, sampling=sp, adapter=adapter,
-                                  constraint=await constraint_for(tools, choice_name, req.parallel_tool_calls, json_schema))
+                                  constraint=SequenceConstraint(grammar, sp.max_tokens if guard is not None else None, guard))
                 for _ in range(req.n)]
         if sp.seed is not None:
             for i, g in enumerate(gens):
@@ -218,7 +262,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             if calls:
                 message = {"role": "assistant", "content": parsed.content, "tool_calls": tool_call_objects(calls)}
                 reason = "tool_calls" if reason == "stop" else reason
-            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None,
+                            **forced_close(gens[i])})
         metrics.tokens(len(prompt_ids), completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
@@ -226,9 +271,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     async def stream_chat(gen: GenerationRequest, rid: str, created: int, model: str, prompt_len: int,
                           include_usage: bool, tools: list[ToolSpec]) -> AsyncIterator[str]:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: str) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -257,7 +302,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             reason = "tool_calls" if reason == "stop" else reason
         elif len(text) > streamed:
             yield chunk({"content": text[streamed:]})
-        yield chunk({}, reason)
+        yield chunk({}, reason, **forced_close(gen))
         metrics.tokens(prompt_len, n_tokens)
         if include_usage:
             usage = {"prompt_tokens": prompt_len, "completion_tokens": n_tokens, "total_tokens": prompt_len + n_tokens}

@@ -26,6 +26,12 @@ def register(app: typer.Typer) -> None:
         gpu_memory_utilization: Annotated[float | None, typer.Option(
             help="vllm: fraction of GPU memory (on CPU: of RAM) for weights and KV cache [GPU 0.9, CPU 0.3].")] = None,
         max_model_len: Annotated[int | None, typer.Option(help="vllm: context length (default: the model's).")] = None,
+        guard: Annotated[bool, typer.Option("--guard/--no-guard", help=(
+            "Close every constrained answer within max_tokens and steer looping values to close; --no-guard "
+            "only to measure what that changes."))] = True,
+        value_token_limit: Annotated[int | None, typer.Option(help=(
+            "Loop guard: tokens one string, array or object value inside a call may take before it is closed "
+            "[default 256: BFCL's longest is 92]."), min=1)] = None,
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
         from fcdistill.cli import fail
@@ -47,6 +53,7 @@ def register(app: typer.Typer) -> None:
                  "scripts/setup_vllm.sh and use .venv-vllm/bin/fcd")
         import uvicorn
 
+        from fcdistill.grammars import LoopGuard
         from fcdistill.models import ModelResolveError
         from fcdistill.serve.app import create_app
 
@@ -65,4 +72,5 @@ def register(app: typer.Typer) -> None:
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         key = api_key or os.environ.get("FCD_API_KEY") or None
-        uvicorn.run(create_app(eng, api_key=key), host=host, port=port, log_level="warning")
+        loop_guard = (LoopGuard(value_tokens=value_token_limit) if value_token_limit else LoopGuard()) if guard else None
+        uvicorn.run(create_app(eng, api_key=key, guard=loop_guard), host=host, port=port, log_level="warning")

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, tokens, latency, grammar compile time, cache hits."""
+"""Prometheus metrics of one server: requests, tokens, latency, grammar compile time, cache hits, forced closes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class Metrics:
         self.cache_misses = Counter("fcd_grammar_cache_misses", "Grammar cache misses", registry=r)
         self.rejected_calls = Counter("fcd_rejected_calls", "Completions whose calls failed a schema rule the grammar cannot express", registry=r)
         self.cache_size = Gauge("fcd_grammar_cache_entries", "Compiled grammars held", registry=r)
+        self.forced_close = Counter("fcd_forced_close", "Constrained answers the token budget or the loop guard closed",
+                                    ["reason"], registry=r)
+        for reason in ("budget", "loop"):
+            self.forced_close.labels(reason)  # exported at 0 before the first one
 
     def request(self, path: str, status: int, seconds: float) -> None:
         label = path if path.startswith(("/v1/", "/health", "/metrics")) else "other"

@@ -43,6 +43,7 @@ class ChatReply:
     tool_calls: list[dict[str, str]] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    forced_close: str | None = None  # fcd serve: "budget" | "loop" when its constraint had to close the answer
     cached: bool = False
     error: str | None = None  # transport failure after all retries; never cached
     attempts: int = 0
@@ -440,7 +441,7 @@ def _reply_from_json(data: Any) -> ChatReply:
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return ChatReply(content=content if isinstance(content, str) else None, tool_calls=calls,
-                         finish_reason=choice.get("finish_reason"),
+                         finish_reason=choice.get("finish_reason"), forced_close=choice.get("forced_close"),
                          usage={"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                                 "completion_tokens": int(usage.get("completion_tokens") or 0)})
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -448,12 +449,14 @@ def _reply_from_json(data: Any) -> ChatReply:
 
 
 def _reply_to_dict(r: ChatReply) -> dict[str, Any]:
-    return {"content": r.content, "tool_calls": r.tool_calls, "finish_reason": r.finish_reason, "usage": r.usage}
+    return {"content": r.content, "tool_calls": r.tool_calls, "finish_reason": r.finish_reason, "usage": r.usage,
+            "forced_close": r.forced_close}
 
 
 def _reply_from_dict(d: dict[str, Any], cached: bool) -> ChatReply:
     return ChatReply(content=d.get("content"), tool_calls=list(d.get("tool_calls") or []),
-                     finish_reason=d.get("finish_reason"), usage=dict(d.get("usage") or {}), cached=cached)
+                     finish_reason=d.get("finish_reason"), usage=dict(d.get("usage") or {}),
+                     forced_close=d.get("forced_close"), cached=cached)
 
 
 async def run_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int,

@@ -166,7 +166,7 @@ class VLLMEngine:
         with self._pickle_lock:
             hit = self._pickled.get(id(g))
             if hit is None:
-                hit = (g, uuid.uuid4().hex, pickle.dumps(g.index) if g.index is not None else None)
+                hit = (g, uuid.uuid4().hex, pickle.dumps((g.index, g.table)) if g.index is not None else None)
                 self._pickled[id(g)] = hit  # holding g keeps its id unique while the entry lives
                 while len(self._pickled) > _PICKLE_CACHE_SIZE:
                     self._pickled.popitem(last=False)

@@ -8,14 +8,17 @@ Running the very `SequenceConstraint` the hf engine runs (compiled once, in the 
 same cached `compile_grammar`) gives one implementation, tested once, on both engines. Measured on
 SmolLM2 in `benchmarks/serve_bench.py --engine vllm`: see benchmarks/results/serve_bench_vllm.json.
 
-The processor runs in vLLM's engine-core process. The compiled outlines-core Index travels with the
-request as pickled bytes in `SamplingParams.extra_args` (pickling a simple_python Index takes ~5 ms,
-unpickling ~1 ms, compiling it ~250 ms) and is cached there by its key, so a repeated tool set is
-unpickled once.
+The processor runs in vLLM's engine-core process. The compiled outlines-core Index and its
+closing-distance table travel with the request as pickled bytes in `SamplingParams.extra_args`
+(pickling a simple_python Index takes ~5 ms, unpickling ~1 ms, compiling it ~250 ms) and are cached
+there by their key, so a repeated tool set is unpickled once. The request's max_tokens and loop-guard
+limits travel as plain values; the loop guard reads token bytes, which the engine core builds from
+the model's tokenizer the first time a guarded request arrives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections import OrderedDict
 from typing import Any
@@ -24,17 +27,21 @@ import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from fcdistill.grammars.constraint import CompiledGrammar, SequenceConstraint
-from fcdistill.grammars.vocabulary import TokenVocabulary
+from fcdistill.grammars.guard import LoopGuard
+from fcdistill.grammars.vocabulary import TokenVocabulary, token_pieces
 
 EXTRA_KEY = "fcdistill_grammar"
 _INDEX_CACHE_SIZE = 256
 
 
 def grammar_args(constraint: SequenceConstraint, key: str, index_bytes: bytes | None) -> dict[str, Any]:
-    """What the engine core needs to rebuild the constraint: plain data, msgpack-serializable."""
+    """What the engine core needs to rebuild the constraint: plain data, msgpack-serializable.
+
+    `index_bytes` is the pickled (Index, CloseTable) pair of the compiled grammar."""
     v = constraint.vocab
     return {"mode": constraint.grammar.mode, "key": key, "index": index_bytes,
-            "size": v.size, "eot_id": v.eot_id, "fc_id": v.fc_id}
+            "size": v.size, "eot_id": v.eot_id, "fc_id": v.fc_id, "max_tokens": constraint.max_tokens,
+            "guard": dataclasses.asdict(constraint.guard) if constraint.guard is not None else None}
 
 
 class _RequestConstraint:
@@ -59,7 +66,16 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
-        self._indexes: OrderedDict[str, Any] = OrderedDict()
+        self._indexes: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._tokenizer_path = vllm_config.model_config.tokenizer
+        self._pieces: tuple[bytes, ...] = ()
+
+    def _token_pieces(self, size: int) -> tuple[bytes, ...]:
+        if not self._pieces:
+            from transformers import AutoTokenizer
+
+            self._pieces = token_pieces(AutoTokenizer.from_pretrained(self._tokenizer_path), size)
+        return self._pieces
 
     def is_argmax_invariant(self) -> bool:
         return False  # it removes tokens, so greedy decoding must see it
@@ -68,17 +84,20 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
         spec = (params.extra_args or {}).get(EXTRA_KEY)
         if not spec:
             return None
-        index = None
+        index, table = None, None
         if spec["index"] is not None or spec["key"] in self._indexes:
-            index = self._indexes.get(spec["key"])
-            if index is None:
-                index = pickle.loads(spec["index"])  # bytes produced by our own API process
-                self._indexes[spec["key"]] = index
+            hit = self._indexes.get(spec["key"])
+            if hit is None:
+                hit = pickle.loads(spec["index"])  # bytes produced by our own API process
+                self._indexes[spec["key"]] = hit
                 while len(self._indexes) > _INDEX_CACHE_SIZE:
                     self._indexes.popitem(last=False)
             else:
                 self._indexes.move_to_end(spec["key"])
+            index, table = hit
+        guard = LoopGuard(**spec["guard"]) if spec.get("guard") else None
         vocab = TokenVocabulary(key=("vllm", spec["size"], ""), vocabulary=None, size=spec["size"],
-                                eot_id=spec["eot_id"], fc_id=spec["fc_id"])
-        grammar = CompiledGrammar(mode=spec["mode"], index=index, vocab=vocab, compile_ms=0.0)
-        return _RequestConstraint(SequenceConstraint(grammar))
+                                eot_id=spec["eot_id"], fc_id=spec["fc_id"],
+                                pieces=self._token_pieces(spec["size"]) if guard is not None else ())
+        grammar = CompiledGrammar(mode=spec["mode"], index=index, vocab=vocab, compile_ms=0.0, table=table)
+        return _RequestConstraint(SequenceConstraint(grammar, spec.get("max_tokens"), guard))
