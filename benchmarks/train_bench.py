@@ -1,22 +1,24 @@
 """Training throughput of the real training path (fcdistill.train.sft: TRL SFTTrainer + PEFT LoRA).
 
-CPU part (always): SmolLM2-135M-Instruct, fp32, LoRA r=16 all-linear plus the FC token row, on
-prompt-completion pairs rendered by the wire format from BFCL's own questions (simple_python,
-multiple, parallel, parallel_multiple, irrelevance: the non-live categories we train on), so the
-sequence lengths follow BFCL's distribution. Variants, measured side by side in one invocation,
-each in its own process so that peak RSS is its own:
+SmolLM2-135M-Instruct on CPU, LoRA r=16 all-linear plus the FC token row, on prompt-completion pairs
+rendered by the wire format from BFCL's own questions (simple_python, multiple, parallel,
+parallel_multiple, irrelevance: the non-live categories we train on), so the sequence lengths follow
+BFCL's distribution. Variants (`--variants`), measured side by side in one invocation, each in its
+own process so that peak RSS is its own:
   - unpacked: padded batches of `--batch` examples, shuffled;
   - unpacked-grouped-by-length: the same, batches drawn from examples of similar length (less padding);
-  - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step
-    (about the same tokens per step), attention kept apart per example through position_ids
-    (SDPA on CPU: a block-diagonal mask, no padding-free kernel).
-Every variant trains one epoch over the same examples, so each sees the same tokens. Reported: train
-tokens/s (real, non-padding tokens, steady state: from the end of step 1 to the end of the last
-step), peak RSS of the process (ru_maxrss), steps, tokens, seconds.
+  - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step, attention
+    kept apart per example through position_ids (SDPA on CPU: a block-diagonal mask), fp32;
+  - packed-bf16: the same with the frozen base in bf16 and no autocast (LoRA weights stay fp32);
+  - packed-bf16-nodropout: and LoRA dropout 0 (PEFT then skips the dropout copy of every input).
+Every variant trains one epoch over the same examples, so each sees the same tokens and steps, then
+reports its loss on `--eval-examples` held-out pairs. Reported: train tokens/s (real, non-padding
+tokens, steady state: from the end of step 1 to the end of the last step), peak RSS of the process
+(ru_maxrss), eval loss, steps, tokens, seconds, and the load average before and after.
 
 GPU throughput and MFU: benchmarks/gpu_check.py (scripts/gpu/check.sh), run on a GPU box.
 
-Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps N]
+Usage: .venv/bin/python benchmarks/train_bench.py [--examples 64] [--steps N] [--variants a,b,...]
 Writes benchmarks/results/train_bench.json.
 """
 
@@ -44,8 +46,9 @@ CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irr
 
 
 # -- data ------------------------------------------------------------------------------------------
-def bfcl_pairs(work: Path, n: int, seed: int) -> Path:
-    """`n` prompt-completion pairs sampled (seeded) from BFCL's trainable categories, ground-truth targets."""
+def bfcl_pairs(work: Path, n: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+    """`n` prompt-completion pairs sampled (seeded) from BFCL's trainable categories, ground-truth targets,
+    and `n_eval` others for the eval loss each variant reaches after the same steps."""
     from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
     from fcdistill.data.export import export_split
 
@@ -54,9 +57,10 @@ def bfcl_pairs(work: Path, n: int, seed: int) -> Path:
     path, _, _ = export_split(data, "train", "trl", None, labels="ground-truth")
     rows = path.read_text(encoding="utf-8").splitlines()
     random.Random(seed).shuffle(rows)
-    out = work / "bench.trl.jsonl"
+    out, held = work / "bench.trl.jsonl", work / "bench-eval.trl.jsonl"
     out.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
-    return out
+    held.write_text("\n".join(rows[n:n + n_eval]) + "\n", encoding="utf-8")
+    return out, held
 
 
 def length_stats(tokenizer: Any, path: Path, max_length: int | None = None) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = TrainConfig.model_validate(spec["config"])
     t0 = time.perf_counter()
-    train(cfg, callbacks=[Timer()])
+    trained = train(cfg, callbacks=[Timer()])
     wall = time.perf_counter() - t0
     if len(marks) < 2:
         raise RuntimeError("too few logged steps to time")
@@ -105,6 +109,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds_with_load": round(wall, 1), "loadavg_1min_after": round(os.getloadavg()[0], 2),
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
+        "lora_dropout": cfg.lora.dropout, "eval_loss": trained.metrics.get("eval_loss"),
+        "final_train_loss": trained.metrics.get("train_loss"),
     }
     return result
 
@@ -128,44 +134,58 @@ def launch(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     raise RuntimeError(f"variant {spec['name']} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def base_config(student: str, data: Path, out: Path, steps: int | None, *, batch: int, max_length: int, packing: bool,
-                precision: str, attn: str, threads: int | None, sampling: str = "random") -> dict[str, Any]:
-    return {"student": student, "data": {"train": str(data), "drop_overlength": True},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-            "optim": {"learning_rate": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
+def base_config(student: str, data: Path, eval_data: Path | None, out: Path, steps: int | None, *, batch: int,
+                max_length: int, packing: bool, precision: str, attn: str, threads: int | None, sampling: str = "random",
+                dropout: float = 0.05) -> dict[str, Any]:
+    return {"student": student, "data": {"train": str(data), "eval": str(eval_data) if eval_data else None,
+                                         "drop_overlength": True},
+            "lora": {"r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"},
+            "optim": {"learning_rate": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
             "epochs": 1, "max_steps": steps, "max_length": max_length, "batch_size": batch, "grad_accum": 1, "packing": packing,
             "precision": precision, "attn_implementation": attn, "num_threads": threads, "seed": 0, "sampling": sampling,
             "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
 
 
+# name -> (batch, packing, sampling, precision, LoRA dropout); "packed" is the quickstart's setting before bf16
+VARIANTS: dict[str, tuple[int | None, bool, str, str, float]] = {
+    "unpacked": (None, False, "random", "fp32", 0.05),
+    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05),
+    "packed": (1, True, "random", "fp32", 0.05),
+    "packed-bf16": (1, True, "random", "bf16", 0.05),
+    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0),
+}
+
+
 # -- parts -----------------------------------------------------------------------------------------
-def cpu_part(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
+def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from fcdistill.models import ensure_fc_token, resolve_model
+    from fcdistill.train.sft import cpu_has_native_bf16
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     ensure_fc_token(tok, "<tool_call>")
     threads = args.threads or os.cpu_count()
     loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
-    variants = []
-    for name, batch, length, packing, sampling in (
-            ("unpacked", args.batch, args.max_length, False, "random"),
-            ("unpacked-grouped-by-length", args.batch, args.max_length, False, "group_by_length"),
-            ("packed", 1, args.pack_length, True, "random")):
-        cfg = base_config("smollm2-135m", data, work / name, args.steps, batch=batch, max_length=length,
-                          packing=packing, precision="fp32", attn="sdpa", threads=threads, sampling=sampling)
+    variants = {}
+    for name in args.variants.split(","):
+        batch, packing, sampling, precision, dropout = VARIANTS[name]
+        cfg = base_config("smollm2-135m", data, eval_data, work / name, args.steps, batch=batch or args.batch,
+                          max_length=args.pack_length if packing else args.max_length, packing=packing,
+                          precision=precision, attn="sdpa", threads=threads, sampling=sampling, dropout=dropout)
         print(f"cpu: {name} ...", file=sys.stderr, flush=True)
-        variants.append(launch({"name": name, "config": cfg, "threads": threads}, work))
-        print(f"  {variants[-1]}", file=sys.stderr, flush=True)
-    un, grouped, pk = variants
-    return {"model": "SmolLM2-135M-Instruct", "threads": threads, "loadavg_1min_before": loadavg_before, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "data": length_stats(tok, data, args.max_length), "variants": variants,
-            "packed_vs_unpacked_tokens_per_second": round(pk["train_tokens_per_second"] / un["train_tokens_per_second"], 3),
-            "packed_vs_unpacked_peak_rss": round(pk["peak_rss_gb"] / un["peak_rss_gb"], 3),
-            "grouped_vs_unpacked_tokens_per_second": round(grouped["train_tokens_per_second"]
-                                                           / un["train_tokens_per_second"], 3),
-            "grouped_vs_unpacked_peak_rss": round(grouped["peak_rss_gb"] / un["peak_rss_gb"], 3)}
+        variants[name] = launch({"name": name, "config": cfg, "threads": threads}, work)
+        print(f"  {variants[name]}", file=sys.stderr, flush=True)
+    base = variants.get("packed") or next(iter(variants.values()))
+    ratios = {f"{n}_vs_{base['name']}": {
+        "tokens_per_second": round(v["train_tokens_per_second"] / base["train_tokens_per_second"], 3),
+        "peak_rss": round(v["peak_rss_gb"] / base["peak_rss_gb"], 3),
+        "eval_loss_difference": round(v["eval_loss"] - base["eval_loss"], 4)} for n, v in variants.items() if v is not base}
+    return {"model": "SmolLM2-135M-Instruct", "threads": threads, "loadavg_1min_before": loadavg_before,
+            "loadavg_1min_after": round(os.getloadavg()[0], 2), "cpu": platform.processor() or platform.machine(),
+            "cpu_native_bf16": cpu_has_native_bf16(), "cores": os.cpu_count(),
+            "data": length_stats(tok, data, args.max_length), "eval_examples": sum(1 for _ in eval_data.open()),
+            "variants": list(variants.values()), "ratios": ratios}
 
 
 def main() -> None:
@@ -178,6 +198,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--eval-examples", type=int, default=32, help="held-out pairs for each variant's eval loss")
+    parser.add_argument("--variants", default="packed,packed-bf16,packed-bf16-nodropout",
+                        help=f"comma-separated, side by side in this order: {', '.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_bench.json")
     args = parser.parse_args()
@@ -188,11 +211,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fcd-train-bench-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("BFCL_PROJECT_ROOT", str(work / "bfcl"))
-        data = bfcl_pairs(work, args.examples, args.seed)
+        data, eval_data = bfcl_pairs(work, args.examples, args.eval_examples, args.seed)
         result: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                   "command": " ".join(["benchmarks/train_bench.py", *sys.argv[1:]]),
                                   "versions": __import__("fcdistill.train.sft", fromlist=["_versions"])._versions(),
-                                  "cpu": cpu_part(args, work, data)}
+                                  "cpu": cpu_part(args, work, data, eval_data)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result["cpu"], indent=2))

@@ -131,6 +131,9 @@ def quickstart(
     train_examples: Annotated[int, typer.Option(help="Train examples sampled from the split (default run).")] = 96,
     train_steps: Annotated[int, typer.Option(help="Training steps, one packed 1024-token row each (default run).")] = 32,
     concurrency: Annotated[int, typer.Option(help="Eval requests in flight (the server batches them).")] = 8,
+    augment_multiplier: Annotated[int, typer.Option(
+        help="Augmented records tried per train record (fcd data augment); 0 trains on BFCL's pairs alone.")] = 2,
+    epochs: Annotated[float, typer.Option(help="--full: passes over the augmented train split.")] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of the split and samples.")] = 42,
     engine: Annotated[str, typer.Option(help="Serving engine for the evaluation: hf (embedded) or vllm "
                                              "(needs vLLM; on CPU scripts/setup_vllm.sh).")] = "hf",
@@ -140,11 +143,14 @@ def quickstart(
 
     if engine not in ("hf", "vllm"):
         fail(f"unknown --engine {engine!r}; choose hf or vllm")
-    if min(1 if eval_per_category is None else eval_per_category, train_examples, train_steps, concurrency) <= 0:
-        fail("--eval-per-category, --train-examples, --train-steps and --concurrency must be positive")
+    if min(1 if eval_per_category is None else eval_per_category, train_examples, train_steps, concurrency, epochs) <= 0:
+        fail("--eval-per-category, --train-examples, --train-steps, --concurrency and --epochs must be positive")
+    if not 0 <= augment_multiplier <= 20:
+        fail(f"--augment-multiplier must be between 0 and 20, got {augment_multiplier}")
     table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
                                              train_examples=train_examples, train_steps=train_steps, seed=seed,
-                                             concurrency=concurrency, engine=engine),
+                                             concurrency=concurrency, engine=engine,
+                                             augment_multiplier=augment_multiplier, epochs=epochs),
                            say=lambda m: typer.echo(m, err=True))
     typer.echo(table)
 

@@ -1,10 +1,12 @@
-"""`fcd quickstart`: BFCL data -> LoRA-train SmolLM2 -> serve base and adapter -> evaluate both -> compare.
+"""`fcd quickstart`: BFCL data -> augment -> LoRA-train SmolLM2 -> serve base and adapter -> evaluate both -> compare.
 
 Each stage writes into the run directory and is skipped when its output is already there, so a
 killed quickstart resumes where it stopped (training resumes from its last checkpoint). The default
 settings fit a 2-core CPU in about 20 minutes: a stratified sample of the train split, a short
-training run and a few eval items per category. `--full` trains on the whole train split and
-evaluates every held-out item plus larger live samples: the real measurement.
+training run and a few eval items per category. `--full` trains on the whole augmented train split
+for several epochs (a killed run resumes from its last checkpoint on the next invocation, so training
+can span several sessions) and evaluates every held-out item plus larger live samples: the real
+measurement.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel
 
 TRAIN_CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+TRAIN_ONLY_LANGUAGES = ["simple_java", "simple_javascript"]  # their train halves teach Java/JS argument types
 LIVE_CATEGORIES = ["live_simple", "live_multiple", "live_irrelevance"]
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "smollm2-135m-cpu.yaml"
 
@@ -30,6 +33,8 @@ class QuickstartOptions(BaseModel):
     train_steps: int = 32  # packed 1024-token rows: about one epoch of the sample
     eval_per_category: int | None = None  # None: 5 in the default run, every held-out item with --full
     live_sample: int = 50  # live items drawn into the eval split (never trained on)
+    augment_multiplier: int = 2  # augmented records tried per train record (`fcd data augment`); 0: none
+    epochs: float = 3.0  # --full: passes over the augmented train split
     concurrency: int = 8
     port: int | None = None
     engine: Literal["hf", "vllm"] = "hf"
@@ -40,12 +45,13 @@ class QuickstartOptions(BaseModel):
         return self
 
 
-def _sample_train(src: Path, dst: Path, n: int, seed: int) -> int:
-    """A seeded sample of `n` prompt-completion rows, stratified by BFCL category (from the id)."""
+def _sample_train(src: Path, dst: Path, n: int, seed: int, categories: list[str]) -> int:
+    """A seeded sample of `n` prompt-completion rows of `categories`, stratified by BFCL category (from the id)."""
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     by_cat: dict[str, list[dict]] = {}
     for r in rows:
-        by_cat.setdefault(r["id"].rsplit("_", 1)[0], []).append(r)
+        if (category := r["id"].rsplit("_", 1)[0]) in categories:
+            by_cat.setdefault(category, []).append(r)
     rng = random.Random(seed)
     picked: list[dict] = []
     cats = sorted(by_cat)
@@ -59,6 +65,7 @@ def _sample_train(src: Path, dst: Path, n: int, seed: int) -> int:
 
 def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) -> str:
     """Run every stage; returns the comparison table (Markdown)."""
+    from fcdistill.data.augment import AugmentOptions, run_augment
     from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
     from fcdistill.data.export import export_split
     from fcdistill.eval import compare_runs, run_eval
@@ -76,15 +83,23 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
     data_dir = out / "data"
     stage("1/5 data: BFCL split (non-live trained, live held out)")
     if not (data_dir / "manifest.json").is_file():
-        prepare_bfcl(SplitOptions(categories=TRAIN_CATEGORIES + LIVE_CATEGORIES, seed=opts.seed,
+        prepare_bfcl(SplitOptions(categories=TRAIN_CATEGORIES + TRAIN_ONLY_LANGUAGES + LIVE_CATEGORIES, seed=opts.seed,
                                   max_per_category={c: opts.live_sample for c in LIVE_CATEGORIES}), data_dir)
-    train_file = data_dir / "export" / "train.trl.jsonl"
+    train_data = data_dir
+    if opts.augment_multiplier:
+        train_data = out / "data-aug"
+        if not (train_data / "manifest.json").is_file():
+            stage(f"1/5 data: augmenting the train split (x{opts.augment_multiplier}: masked names, distractors, "
+                  "composed and deleted calls, swapped values)")
+            run_augment(AugmentOptions(data=data_dir, out=train_data, seed=opts.seed,
+                                       multiplier=opts.augment_multiplier))
+    train_file = train_data / "export" / "train.trl.jsonl"
     if not train_file.is_file():
-        export_split(data_dir, "train", "trl", train_file, labels="ground-truth")
+        export_split(train_data, "train", "trl", train_file, labels="ground-truth")
     if not opts.full:
-        sample = data_dir / "export" / f"train.sample{opts.train_examples}.trl.jsonl"
+        sample = train_data / "export" / f"train.sample{opts.train_examples}.trl.jsonl"
         if not sample.is_file():
-            _sample_train(train_file, sample, opts.train_examples, opts.seed)
+            _sample_train(train_file, sample, opts.train_examples, opts.seed, TRAIN_CATEGORIES)  # the evaluated ones
         train_file = sample
 
     stage("2/5 train: LoRA SFT of SmolLM2-135M around the FC token (CPU)")
@@ -96,6 +111,8 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
             overrides += [f"max_steps={opts.train_steps}", "optim.learning_rate=2.0e-3",
                           "optim.warmup_ratio=0.1", "optim.scheduler=linear", "data.eval_fraction=0.0", "eval_steps=null",
                           "grad_accum=1", f"save_steps={max(1, opts.train_steps // 3)}"]
+        else:
+            overrides += [f"epochs={opts.epochs}"]
         has_checkpoint = any(train_dir.glob("checkpoint-*"))
         train_run(CPU_CONFIG, resume=has_checkpoint, overrides=overrides)
 

@@ -24,7 +24,7 @@ import yaml
 
 from fcdistill.chat_format import ChatFormat
 from fcdistill.train import synthetic
-from fcdistill.train.sft import find_checkpoint
+from fcdistill.train.sft import cpu_has_native_bf16, find_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(run):
     evals = [r for r in log if "eval_loss" in r]
     assert [r["step"] for r in evals] == [MAX_STEPS // 2, MAX_STEPS] and evals[-1]["eval_loss"] < evals[0]["eval_loss"] * 1.5
     assert all(r["train_tokens_per_second"] > 0 for r in log if "train_tokens_per_second" in r)
-    assert info["precision"] == "fp32" and info["device"] == "cpu" and info["world_size"] == 1
+    # auto: the frozen base in bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else fp32
+    assert info["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert info["device"] == "cpu" and info["world_size"] == 1
     assert info["fc_token_added"] and info["tied_embeddings"] and info["fc_token_id"] == 49152
 
 
@@ -138,6 +140,11 @@ def test_adapter_directory_is_self_describing(run, smollm2_tokenizer):
     prompt = ChatFormat(tok).render_prompt(HELD_OUT[0].messages, synthetic.TOOLS)
     assert prompt == ChatFormat(smollm2_tokenizer).render_prompt(HELD_OUT[0].messages, synthetic.TOOLS)
     # LoRA + one token row; the resized embedding copies PEFT adds are pruned (226 MB otherwise)
+    # trained in fp32 whatever the base's precision: a bf16 Adam step would round away
+    from safetensors import safe_open
+
+    with safe_open(str(run.adapter / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     assert (run.adapter / "adapter_model.safetensors").stat().st_size < 40 * 2**20
 
 

@@ -148,21 +148,38 @@ def prepare(cfg: TrainConfig) -> Prepared:
 class Precision:
     name: str  # bf16 | fp16 | fp32
     load_dtype: Any  # torch dtype of the frozen base weights
+    autocast: bool  # the Trainer's mixed precision; a bf16 base on CPU runs without it
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: CPUs whose bf16 matmuls beat fp32 (elsewhere bf16 is emulated, slower)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: stay on fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(requested: str) -> Precision:
-    """auto: bf16 on a GPU that has it, else fp32 (CPU autocast gains nothing for training here)."""
+    """auto: bf16 on a GPU or CPU that has it natively, else fp32.
+
+    On a GPU, bf16 is the Trainer's autocast over bf16 weights. On a CPU, autocast costs a cast per op
+    and gains little; instead the frozen base is stored in bf16 and runs without autocast, while
+    PEFT keeps the LoRA weights (and so the optimizer state) in fp32 and casts activations at each
+    adapter: the base's matmuls run in bf16, the trained parameters never round to it.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
     name = requested
     if requested == "auto":
-        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        native = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+        name = "bf16" if native else "fp32"
     if name == "fp16" and not cuda:
         raise ConfigError("precision fp16 needs a CUDA GPU; use fp32 (or auto) on CPU")
     # fp16 keeps fp32 master weights (the grad scaler refuses fp16 gradients); bf16 needs no scaler
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[name]
-    return Precision(name, dtype)
+    return Precision(name, dtype, autocast=cuda and name in ("bf16", "fp16"))
 
 
 def embeddings_tied(model: Any) -> bool:
@@ -405,7 +422,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         max_length=cfg.max_length, packing=packing, packing_strategy="bfd", completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=precision.name == "bf16", fp16=precision.name == "fp16", use_cpu=not torch.cuda.is_available(),
+        bf16=precision.autocast and precision.name == "bf16", fp16=precision.autocast and precision.name == "fp16",
+        use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed, data_seed=cfg.seed,
         logging_steps=cfg.logging_steps, logging_first_step=True, report_to=report_to,
         eval_strategy=eval_strategy, eval_steps=cfg.eval_steps,
