@@ -10,7 +10,9 @@ own process so that peak RSS is its own:
   - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step, attention
     kept apart per example through position_ids (SDPA on CPU: a block-diagonal mask), fp32;
   - packed-bf16: the same with the frozen base in bf16 and no autocast (LoRA weights stay fp32);
-  - packed-bf16-nodropout: and LoRA dropout 0 (PEFT then skips the dropout copy of every input).
+  - packed-bf16-nodropout: and LoRA dropout 0 (PEFT then skips the dropout copy of every input);
+  - grouped-bf16-nodropout: that precision and dropout on unpacked batches grouped by length (each
+    example attends only to itself: no block-diagonal mask over a whole packed row).
 Every variant trains one epoch over the same examples, so each sees the same tokens and steps, then
 reports its loss on `--eval-examples` held-out pairs. Reported: train tokens/s (real, non-padding
 tokens, steady state: from the end of step 1 to the end of the last step), peak RSS of the process
@@ -153,6 +155,7 @@ VARIANTS: dict[str, tuple[int | None, bool, str, str, float]] = {
     "packed": (1, True, "random", "fp32", 0.05),
     "packed-bf16": (1, True, "random", "bf16", 0.05),
     "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0),
+    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0),
 }
 
 

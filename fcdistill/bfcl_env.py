@@ -48,3 +48,11 @@ def bfcl_import(module: str, attr: str | None = None, project_root: str | os.Pat
         os.environ.setdefault("BFCL_PROJECT_ROOT", str(Path(tempfile.gettempdir()) / "fcdistill-bfcl"))
     mod = importlib.import_module(module)
     return getattr(mod, attr) if attr else mod
+
+
+def with_language_hint(item_id: str, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The docs as `bfcl generate` shows them: bfcl_eval's own language-hint preprocessing (a copy)."""
+    import copy
+
+    add_hint = bfcl_import("bfcl_eval.utils", "add_language_specific_hint_to_function_doc")
+    return add_hint([{"id": item_id, "function": copy.deepcopy(functions)}])[0]["function"]

@@ -106,7 +106,11 @@ class ChatFormat:
 
     # -- tools in the system message -------------------------------------------------------------
     def tools_block(self, tools: list[ToolSpec]) -> str:
-        lines = [_compact(t.model_dump()) for t in tools]
+        """One line a tool. Schema keys are sorted: a client's key order (or a JSONL file's, written
+        sorted) must not change the prompt, or training and serving would show the same tool twice
+        differently."""
+        lines = [_compact({**t.model_dump(), "parameters": json.loads(json.dumps(t.parameters, sort_keys=True))})
+                 for t in tools]
         return _TOOLS_INSTRUCTION.format(header=TOOLS_HEADER, fc=self.fc_token) + "\n".join(lines)
 
     def _split_system(self, text: str) -> tuple[str | None, list[ToolSpec]]:

@@ -146,7 +146,8 @@ def test_packed_rows_keep_examples_apart(untied_dir, data, tmp_path):
     to each other; position_ids restart per example and transformers masks block-diagonally."""
     from fcdistill.train.sft import build_trainer, prepare
 
-    cfg = _config(untied_dir, data, tmp_path / "packed", packing=True, batch_size=1, max_length=1024)
+    # fp32, so that any difference is the mask's, not bf16 rounding over a longer row
+    cfg = _config(untied_dir, data, tmp_path / "packed", packing=True, batch_size=1, max_length=1024, precision="fp32")
     trainer, info = build_trainer(cfg, prepare(cfg))
     assert info["packing"] is True and info["attn_implementation"] == "sdpa"
     batch = next(iter(trainer.get_train_dataloader()))

@@ -37,9 +37,13 @@ class NotApplicable(Exception):
     """The transform has nothing to work on in this record; `args[0]` is the reason code."""
 
 
+# BFCL's language hint, which every description carries: it relates no tool to a request
+_LANGUAGE_HINT = re.compile(r"Note that the provided function is in [\w .]+? syntax\.")
+
+
 def stems(text: str) -> frozenset[str]:
     """Content-word stems (6-letter prefixes) of text and identifiers, for a cheap relatedness test."""
-    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", text).replace("_", " ").replace(".", " ")
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", _LANGUAGE_HINT.sub(" ", text)).replace("_", " ").replace(".", " ")
     return frozenset(w[:6] for w in re.findall(r"[a-z]+", spaced.lower()) if len(w) >= 4 and w not in _STOP)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from fcdistill.bfcl_env import bfcl_data_dir, bfcl_version
+from fcdistill.bfcl_env import bfcl_data_dir, bfcl_version, with_language_hint
 from fcdistill.tools import ToolCall, ToolSpec, call_errors, normalize_tools
 
 SINGLE_TURN_CATEGORIES = (
@@ -166,7 +166,11 @@ def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
     for item in _read_jsonl(qpath):
         turns = item["question"]
         messages = turns[0] if turns and isinstance(turns[0], list) else turns
-        tools = normalize_tools(item.get("function", []), language)
+        # descriptions as evaluation shows them (bfcl_eval's language hint), so that training and
+        # serving render the same prompt for the same question
+        shown = {f["name"]: f.get("description", "") for f in with_language_hint(item["id"], item.get("function", []))}
+        tools = [t.model_copy(update={"description": shown.get(t.name, t.description)})
+                 for t in normalize_tools(item.get("function", []), language)]
         rec = Record(id=item["id"], category=category, split="", messages=messages, tools=tools)
         if category in NO_CALL_CATEGORIES:
             rec.target_content = IRRELEVANT_ANSWER

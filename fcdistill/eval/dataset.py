@@ -9,13 +9,13 @@ and answers need not match what the checker would compare against.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fcdistill.bfcl_env import with_language_hint
 from fcdistill.data.bfcl import (
     NO_CALL_CATEGORIES,
     RELEVANCE_CATEGORIES,
@@ -117,14 +117,6 @@ def bfcl_functions(category: str, ids: set[str]) -> dict[str, list[dict[str, Any
                 if item["id"] in ids:
                     out[item["id"]] = item["function"]
     return out
-
-
-def with_language_hint(item_id: str, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The docs as `bfcl generate` shows them: bfcl_eval's own language-hint preprocessing."""
-    from fcdistill.bfcl_env import bfcl_import
-
-    add_hint = bfcl_import("bfcl_eval.utils", "add_language_specific_hint_to_function_doc")
-    return add_hint([{"id": item_id, "function": copy.deepcopy(functions)}])[0]["function"]
 
 
 def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
