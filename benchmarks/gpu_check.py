@@ -58,7 +58,6 @@ QWEN05_ARCH = dict(  # Qwen2.5-0.5B's config.json: a random init needs no downlo
     hidden_act="silu", attention_dropout=0.0, initializer_range=0.02, use_sliding_window=False)
 TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            head_dim=16)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
 def _norm(name: str) -> str:
@@ -249,16 +248,12 @@ def make_models(carry: Path, work: Path, dry: bool) -> dict[str, Any]:
 
 
 def flops_per_token(config: Any, context: float) -> dict[str, float]:
-    """Forward FLOPs per token: 2 x matmul weights (lm_head included, tied or not) plus attention over
-    `context` tokens (PaLM's 4·L·d_attn·T, no causal halving); training conventions on top."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * config.intermediate_size
-    matmul = layers * per_layer + config.vocab_size * d
-    forward = 2 * matmul + 4 * layers * heads * head_dim * context
-    return {"forward": forward, "model_6n": 3 * forward, "lora_work": 2 * forward}
+    """TRL's training FLOPs per token (3x forward: 2 x matmul weights, lm_head included, plus PaLM's
+    non-causal attention over `context` tokens), split into forward and the LoRA work (2x forward)."""
+    from trl.trainer.utils import compute_flops_per_token
+
+    train = compute_flops_per_token(config, round(context))
+    return {"forward": train / 3, "model_6n": train, "lora_work": train * 2 / 3}
 
 
 def _token_context(tokenizer_dir: Path, data: Path, max_length: int) -> tuple[float, int]:
@@ -319,12 +314,13 @@ def train_variant(carry: Path, work: Path, out: Path, model: str, variant: str, 
               "trainable_parameters": info.get("trainable_parameters"),
               "peak_gpu_memory_gb": max((e["peak_gpu_memory_gb"] for e in events if "peak_gpu_memory_gb" in e),
                                         default=None)}
-    name = os.environ.get("FCD_GPU_NAME", "")
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    if peak and not dry:
-        result["peak_bf16_tflops"] = peak
-        result["mfu"] = round(tps * flops["model_6n"] / (peak * 1e12), 4)
-        result["mfu_lora_work"] = round(tps * flops["lora_work"] / (peak * 1e12), 4)
+    from trl.trainer.utils import get_peak_flops
+
+    peak = None if dry else get_peak_flops(os.environ.get("FCD_GPU_NAME", ""), "bfloat16")
+    if peak:
+        result["peak_bf16_tflops"] = round(peak / 1e12, 1)
+        result["mfu"] = round(tps * flops["model_6n"] / peak, 4)
+        result["mfu_lora_work"] = round(tps * flops["lora_work"] / peak, 4)
     return result
 
 

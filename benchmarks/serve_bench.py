@@ -227,8 +227,6 @@ async def stack_speed(client, model: str, items, max_tokens: int, requests: int 
     checked: finish_reason `tool_calls` and at least one call whose arguments are valid JSON that
     passes its tool's schema (the grammar's guarantee; random weights test it hardest).
     """
-    import jsonschema
-
     result: dict = {}
     for choice, label in (("none", "unconstrained"), ("required", "constrained")):
         checks = {"answers": 0, "valid_calls": 0, "finish_reasons": {}, "invalid_examples": []}
@@ -242,7 +240,7 @@ async def stack_speed(client, model: str, items, max_tokens: int, requests: int 
                 first = r.choices[0]
                 checks["answers"] += 1
                 checks["finish_reasons"][first.finish_reason] = checks["finish_reasons"].get(first.finish_reason, 0) + 1
-                problem = call_problem(first, {t.name: t.parameters for t in rec.tools}, jsonschema)
+                problem = call_problem(first, rec.tools)
                 if problem is None:
                     checks["valid_calls"] += 1
                 elif len(checks["invalid_examples"]) < 3:
@@ -273,18 +271,20 @@ async def stack_speed(client, model: str, items, max_tokens: int, requests: int 
     return result
 
 
-def call_problem(choice, schemas: dict, jsonschema) -> str | None:
+def call_problem(choice, tools) -> str | None:
     """Why a `required` answer is not a complete, schema-valid call; None when it is."""
+    from fcdistill.tools import ToolCall, call_errors
+
     calls = choice.message.tool_calls or []
     if choice.finish_reason != "tool_calls" or not calls:
         return f"finish_reason {choice.finish_reason}, {len(calls)} calls, content {choice.message.content!r}"
     for call in calls:
-        if call.function.name not in schemas:
-            return f"unknown function {call.function.name!r}"
         try:
-            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-        except (ValueError, jsonschema.ValidationError) as exc:
-            return f"{call.function.name}: {str(exc).splitlines()[0]}"
+            errors = call_errors(ToolCall(name=call.function.name, arguments=json.loads(call.function.arguments)), tools)
+        except ValueError as exc:
+            errors = [f"{call.function.name}: arguments are not a JSON object ({exc})"]
+        if errors:
+            return errors[0]
     return None
 
 

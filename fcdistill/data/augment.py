@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from fcdistill.data.augment_ops import TRANSFORMS, NotApplicable, Pools, user_text
 from fcdistill.data.augment_values import leaves, occurs
 from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, read_manifest, read_records
-from fcdistill.teacher.dedup import DuplicateIndex, EvalIndex, normalize
+from fcdistill.teacher.dedup import DuplicateIndex, EvalIndex, normalize, question_text
 from fcdistill.teacher.verify import category_style, format_failures, style_failures
 from fcdistill.tools import ToolCall, ToolSchemaError, check_schema
 
@@ -132,7 +132,7 @@ class _Gate:
 
     def original(self, rec: Record) -> str | None:
         """Register an original record; why it is contaminated, or None."""
-        text = "\n".join(str(m.get("content") or "") for m in rec.messages if m.get("role") == "user")
+        text = question_text(rec.messages)
         why = self.eval.check([rec.id], text)
         if why is None:
             self.examples.add(_example_key(rec))

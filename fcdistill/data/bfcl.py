@@ -209,16 +209,14 @@ def _drop_eval_overlap(train: list[Record], evals: list[Record]) -> tuple[list[R
     with more tools), so a per-category split would train on held-out questions. The rule is the
     one every later stage applies to new data (teacher/dedup.py's contamination check).
     """
-    from fcdistill.teacher.dedup import EvalIndex, normalize
+    from fcdistill.teacher.dedup import EvalIndex, normalize, question_text
 
-    def question(r: Record) -> str:
-        return "\n".join(str(m.get("content") or "") for m in r.messages if m.get("role") == "user")
-
-    index = EvalIndex({r.id for r in evals}, {r.id: question(r) for r in evals})
-    same = {normalize(question(r)) for r in evals}  # short questions too, which have no 13-word span
+    index = EvalIndex({r.id for r in evals}, {r.id: question_text(r.messages) for r in evals})
+    same = {normalize(question_text(r.messages)) for r in evals}  # short questions too: no 13-word span
     kept, dropped = [], []
     for r in train:
-        (dropped if normalize(question(r)) in same or index.check([r.id], question(r)) else kept).append(r)
+        text = question_text(r.messages)
+        (dropped if normalize(text) in same or index.check([r.id], text) else kept).append(r)
     return kept, dropped
 
 

@@ -32,6 +32,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(normalize(text))
 
 
+def question_text(messages: list[dict[str, Any]]) -> str:
+    """The user turns of a conversation: what contamination checks compare."""
+    return "\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "user")
+
+
 def char_shingles(text: str, k: int = 5) -> set[str]:
     t = normalize(text)
     if len(t) <= k:
@@ -108,8 +113,7 @@ class EvalIndex:
             with path.open(encoding="utf-8") as f:
                 for line in f:
                     row = json.loads(line)
-                    texts[row["id"]] = "\n".join(str(m.get("content") or "") for m in row.get("messages", [])
-                                                 if m.get("role") == "user")
+                    texts[row["id"]] = question_text(row.get("messages", []))
         return cls(ids, texts, n=n, min_words=min_words)
 
     def _grams(self, length: int) -> dict[tuple[str, ...], str]:
