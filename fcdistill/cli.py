@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
+if os.environ.get("FCD_KILL_WITH_PARENT"):
+    from fcdistill.serve.engines.vllm_env import in_served_child, prepare_child
+
+    if in_served_child():
+        # a vLLM process spawned by `fcd serve`, which imports this module again as the parent's main
+        # module before the child's work (vLLM) is loaded: it dies with its parent, and starts quietly
+        prepare_child()
+
+from fcdistill.errors import validation_message
+
+# Rich help in a terminal; plain help otherwise: rich cuts long defaults ("simple_python,multipl…") to
+# its 80-column fallback width when stdout is a pipe or a file, where click's formatter, 120 columns
+# wide, shows them whole. Sub-apps (data, eval) inherit both settings.
+_TTY = sys.stdout.isatty()
 app = typer.Typer(help="fcdistill: distill function calling into a small local model.",
+                  rich_markup_mode="rich" if _TTY else None, context_settings={} if _TTY else {"terminal_width": 120},
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Prepare data: BFCL splits and exports.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -17,19 +34,6 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr naming the problem, then exit (2: bad input, as click does)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def validation_message(exc: Exception) -> str:
-    """The first problem of a pydantic ValidationError as one line (our own error text where we raised it)."""
-    errors = getattr(exc, "errors", lambda: [])()
-    if not errors:
-        return str(exc).splitlines()[0]
-    err = errors[0]
-    inner = (err.get("ctx") or {}).get("error")
-    if inner is not None:
-        return str(inner)
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
 
 
 def _csv(value: str | None) -> list[str]:
@@ -68,6 +72,8 @@ def data_bfcl(
     except (DataError, BfclMissingError) as exc:
         fail(str(exc))
     typer.echo(result.summary())
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @data_app.command("export")
@@ -79,18 +85,26 @@ def data_export(
     model: Annotated[str, typer.Option(help="Student whose chat template renders TRL prompts.")] = "smollm2-135m",
     fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
     labels: Annotated[str, typer.Option(help="Which targets to use: labeled (mix-in + teacher) or ground-truth (all).")] = "labeled",
+    tool_names: Annotated[str | None, typer.Option(help=(
+        "safe: tool names OpenAI and Bedrock accept ([a-zA-Z0-9_-]; math.factorial -> math_factorial), the "
+        "mapping back in OUT.tool_names.json; keep: BFCL's names [default: safe for openai and "
+        "bedrock-toolconfig, keep for trl and bedrock-prompt]"), show_default=False)] = None,
 ) -> None:
     """Write one split in a training/evaluation format."""
     from fcdistill.data.bfcl import DataError
-    from fcdistill.data.export import EXPORT_FORMATS, export_split
+    from fcdistill.data.export import EXPORT_FORMATS, export_split, side_file
 
     if fmt not in EXPORT_FORMATS:
         fail(f"unknown --format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     try:
-        path, n, skipped = export_split(data, split, fmt, out, model=model, fc_token=fc_token, labels=labels)
+        path, n, skipped = export_split(data, split, fmt, out, model=model, fc_token=fc_token, labels=labels,
+                                        tool_names=tool_names)
     except DataError as exc:
         fail(str(exc))
-    typer.echo(f"wrote {n} records to {path}" + (f" ({skipped} without a target skipped)" if skipped else ""))
+    notes = [f"{skipped} without a target skipped: {side_file(path, 'skipped.txt')}"] if skipped else []
+    if side_file(path, "tool_names.json").is_file():
+        notes.append(f"tool names made API-safe, mapping back in {side_file(path, 'tool_names.json')}")
+    typer.echo(f"wrote {n} records to {path}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 @data_app.command("augment")
@@ -139,7 +153,7 @@ def quickstart(
                                              "(needs vLLM; on CPU scripts/setup_vllm.sh).")] = "hf",
 ) -> None:
     """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU)."""
-    from fcdistill.pipeline import QuickstartOptions, run_quickstart
+    from fcdistill.pipeline import QuickstartError, QuickstartOptions, run_quickstart
 
     if engine not in ("hf", "vllm"):
         fail(f"unknown --engine {engine!r}; choose hf or vllm")
@@ -147,11 +161,14 @@ def quickstart(
         fail("--eval-per-category, --train-examples, --train-steps, --concurrency and --epochs must be positive")
     if not 0 <= augment_multiplier <= 20:
         fail(f"--augment-multiplier must be between 0 and 20, got {augment_multiplier}")
-    table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
-                                             train_examples=train_examples, train_steps=train_steps, seed=seed,
-                                             concurrency=concurrency, engine=engine,
-                                             augment_multiplier=augment_multiplier, epochs=epochs),
-                           say=lambda m: typer.echo(m, err=True))
+    try:
+        table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
+                                                 train_examples=train_examples, train_steps=train_steps, seed=seed,
+                                                 concurrency=concurrency, engine=engine,
+                                                 augment_multiplier=augment_multiplier, epochs=epochs),
+                               say=lambda m: typer.echo(m, err=True))
+    except QuickstartError as exc:
+        fail(str(exc))
     typer.echo(table)
 
 

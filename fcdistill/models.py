@@ -114,6 +114,28 @@ def ensure_fc_token(tokenizer: Any, token: str) -> FcTokenInfo:
     return FcTokenInfo(token, ids[0], added=True)
 
 
+# PEFT (and TRL) read a model's `is_gradient_checkpointing`, which transformers 5.2x deprecated for
+# `is_activation_checkpointing`: a FutureWarning at each adapter load or training run that no user of
+# fcdistill can act on. Loaders filter it by this text.
+PEFT_CHECKPOINTING_NOTICE = "`is_gradient_checkpointing` is deprecated"
+
+
+def resize_for_tokenizer(model: Any, n_tokens: int) -> None:
+    """Grow the embedding matrix to `n_tokens` rows for an added FC token, new rows drawn around the
+    old rows' mean (transformers' mean_resizing). transformers announces that choice at every resize
+    ("The new embeddings will be initialized from a multivariate normal distribution..."); it is ours,
+    so its logger is held at ERROR for the call."""
+    import logging
+
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        model.resize_token_embeddings(n_tokens, mean_resizing=True)
+    finally:
+        hf_logger.setLevel(level)
+
+
 def load_tokenizer(model: str) -> Any:
     """The tokenizer of a resolved model directory or hub id."""
     from transformers import AutoTokenizer

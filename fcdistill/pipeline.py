@@ -7,12 +7,18 @@ training run and a few eval items per category. `--full` trains on the whole aug
 for several epochs (a killed run resumes from its last checkpoint on the next invocation, so training
 can span several sessions) and evaluates every held-out item plus larger live samples: the real
 measurement.
+
+A rerun into the same directory with other options (`--full` after the default run, another seed or
+engine) does not reuse outputs made for the old ones: OUT/stages.json records what each stage ran
+with; cheap stages run again, training and evaluation answers are refused (see StageRecords).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -23,6 +29,84 @@ TRAIN_CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple"
 TRAIN_ONLY_LANGUAGES = ["simple_java", "simple_javascript"]  # their train halves teach Java/JS argument types
 LIVE_CATEGORIES = ["live_simple", "live_multiple", "live_irrelevance"]
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "smollm2-135m-cpu.yaml"
+
+
+STAGES_FILE = "stages.json"
+
+
+class QuickstartError(ValueError):
+    """A rerun into a run directory whose outputs were made with other options; the CLI prints it (exit 2)."""
+
+
+class StageRecords:
+    """What each stage of a run directory was run with, in OUT/stages.json, so a rerun with other
+    options neither reuses an output made for different ones nor mixes two runs.
+
+    Each stage is recorded before it runs (a killed stage resumes only under the same options) with
+    its own options and the stages it reads from; its key folds in theirs, so a change upstream is a
+    change downstream. A stage whose output exists under other options is run again when it is cheap
+    (data, augmentation, exports, the merge) and refused when it holds hours of work (training,
+    evaluation answers): the caller then names another --out or deletes the stage's folder. A run
+    directory made before stages were recorded has no record: its outputs are taken as matching (it
+    resumes as before), with a warning, and recorded from then on.
+    """
+
+    def __init__(self, out: Path, say: Callable[[str], None]):
+        self.path = out / STAGES_FILE
+        self.say = say
+        self.recorded: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.wanted: dict[str, dict] = {}
+        self._warned = False
+
+    def want(self, stage: str, options: dict, after: list[str] = ()) -> None:
+        """Declare a stage's options (and the stages it reads) before anything runs."""
+        key = json.dumps({"options": options, "after": {a: self.wanted[a]["key"] for a in after}}, sort_keys=True)
+        self.wanted[stage] = {"options": options, "after": list(after),
+                              "key": hashlib.sha256(key.encode()).hexdigest()[:16]}
+
+    def changed(self, stage: str) -> bool:
+        old = self.recorded.get(stage)
+        return old is not None and old["key"] != self.wanted[stage]["key"]
+
+    def why(self, stage: str) -> str:
+        """The stage's own options that changed, else the upstream stages that did."""
+        old, new = self.recorded[stage]["options"], self.wanted[stage]["options"]
+        own = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+        if own:
+            return ", ".join(own)
+        inputs = [f"{a} ({self.why(a)})" if self.changed(a) else a for a in self.wanted[stage]["after"]
+                  if self.changed(a) or a not in self.recorded]
+        return "its input changed: " + ", ".join(inputs)
+
+    def check(self, expensive: dict[str, bool]) -> None:
+        """Refuse, before anything runs, when a stage holding hours of work (present: True) would be
+        redone under other options."""
+        clash = [s for s, present in expensive.items() if present and self.changed(s)]
+        if clash:
+            parts = "; ".join(f"{s} ({self.why(s)})" for s in clash)
+            dirs = " and ".join(str(self.path.parent / s) for s in clash)
+            raise QuickstartError(f"{self.path.parent} holds a run made with other options, not mixing the two: {parts}. "
+                                  f"Use another --out for this run, or delete {dirs} to redo "
+                                  f"{'them' if len(clash) > 1 else 'it'} here")
+
+    def begin(self, stage: str, exists: bool) -> bool:
+        """Record the stage as starting; True when its existing output is reused, False when it runs
+        (cheap stages whose options changed run again, and say so)."""
+        reuse = exists
+        if exists and stage not in self.recorded:
+            if not self._warned:
+                self.say(f"warning: {self.path.parent} has no record of the options its stages ran with (made "
+                         "before fcdistill recorded them): its outputs are reused as they are")
+                self._warned = True
+        elif exists and self.changed(stage):
+            self.say(f"rerunning {stage}: {self.why(stage)}")
+            reuse = False
+        self.recorded[stage] = self.wanted[stage]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.recorded, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+        return reuse
 
 
 class QuickstartOptions(BaseModel):
@@ -80,31 +164,58 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
     def stage(name: str) -> None:
         say(f"[{time.time() - started:6.0f}s] {name}")
 
+    # -- what each stage is run with, checked against what the directory holds before anything runs
     data_dir = out / "data"
+    train_data = out / "data-aug" if opts.augment_multiplier else data_dir
+    train_file = train_data / "export" / "train.trl.jsonl"
+    sample = train_data / "export" / f"train.sample{opts.train_examples}.trl.jsonl"
+    train_dir = out / "train"
+    adapter = train_dir / "adapter"
+    merged = train_dir / "merged"
+    limit = opts.eval_per_category if opts.eval_per_category is not None else (None if opts.full else 5)
+    categories = TRAIN_CATEGORIES + LIVE_CATEGORIES
+    stages = StageRecords(out, say)
+    stages.want("data", {"categories": TRAIN_CATEGORIES + TRAIN_ONLY_LANGUAGES + LIVE_CATEGORIES, "seed": opts.seed,
+                         "live_sample": opts.live_sample})
+    if opts.augment_multiplier:
+        stages.want("data-aug", {"multiplier": opts.augment_multiplier, "seed": opts.seed}, ["data"])
+    stages.want("export", {"format": "trl", "labels": "ground-truth"}, ["data-aug" if opts.augment_multiplier else "data"])
+    train_from = "export"
+    if not opts.full:
+        stages.want("sample", {"examples": opts.train_examples, "seed": opts.seed}, ["export"])
+        train_from = "sample"
+    train_options = {"full": opts.full, "config": CPU_CONFIG.name}
+    train_options.update({"epochs": opts.epochs} if opts.full else {"steps": opts.train_steps})
+    stages.want("train", train_options, [train_from])
+    if opts.engine == "vllm":
+        stages.want("train/merged", {"merge": True}, ["train"])
+    tuned_from = "train/merged" if opts.engine == "vllm" else "train"
+    stages.want("eval/base", {"engine": opts.engine, "model": "smollm2-135m", "max_tokens": 256}, ["data"])
+    stages.want("eval/tuned", {"engine": opts.engine, "model": "tuned", "max_tokens": 256}, ["data", tuned_from])
+    has_train = (adapter / "adapter_config.json").is_file() or any(train_dir.glob("checkpoint-*"))
+    stages.check({"train": has_train, **{f"eval/{label}": (out / "eval" / label / "outputs.jsonl").is_file()
+                                         for label in ("base", "tuned")}})
+
     stage("1/5 data: BFCL split (non-live trained, live held out)")
-    if not (data_dir / "manifest.json").is_file():
+    if not stages.begin("data", (data_dir / "manifest.json").is_file()):
+        shutil.rmtree(data_dir, ignore_errors=True)
         prepare_bfcl(SplitOptions(categories=TRAIN_CATEGORIES + TRAIN_ONLY_LANGUAGES + LIVE_CATEGORIES, seed=opts.seed,
                                   max_per_category={c: opts.live_sample for c in LIVE_CATEGORIES}), data_dir)
-    train_data = data_dir
-    if opts.augment_multiplier:
-        train_data = out / "data-aug"
-        if not (train_data / "manifest.json").is_file():
-            stage(f"1/5 data: augmenting the train split (x{opts.augment_multiplier}: masked names, distractors, "
-                  "composed and deleted calls, swapped values)")
-            run_augment(AugmentOptions(data=data_dir, out=train_data, seed=opts.seed,
-                                       multiplier=opts.augment_multiplier))
-    train_file = train_data / "export" / "train.trl.jsonl"
-    if not train_file.is_file():
+    if opts.augment_multiplier and not stages.begin("data-aug", (train_data / "manifest.json").is_file()):
+        stage(f"1/5 data: augmenting the train split (x{opts.augment_multiplier}: masked names, distractors, "
+              "composed and deleted calls, swapped values)")
+        shutil.rmtree(train_data, ignore_errors=True)
+        run_augment(AugmentOptions(data=data_dir, out=train_data, seed=opts.seed,
+                                   multiplier=opts.augment_multiplier))
+    if not stages.begin("export", train_file.is_file()):
         export_split(train_data, "train", "trl", train_file, labels="ground-truth")
     if not opts.full:
-        sample = train_data / "export" / f"train.sample{opts.train_examples}.trl.jsonl"
-        if not sample.is_file():
+        if not stages.begin("sample", sample.is_file()):
             _sample_train(train_file, sample, opts.train_examples, opts.seed, TRAIN_CATEGORIES)  # the evaluated ones
         train_file = sample
 
     stage("2/5 train: LoRA SFT of SmolLM2-135M around the FC token (CPU)")
-    train_dir = out / "train"
-    adapter = train_dir / "adapter"
+    stages.begin("train", has_train)  # a changed one was refused above
     if not (adapter / "adapter_config.json").is_file():
         overrides = [f"data.train={train_file}", f"output_dir={train_dir}", "tensorboard=false"]
         if not opts.full:
@@ -116,14 +227,13 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
         has_checkpoint = any(train_dir.glob("checkpoint-*"))
         train_run(CPU_CONFIG, resume=has_checkpoint, overrides=overrides)
 
-    limit = opts.eval_per_category if opts.eval_per_category is not None else (None if opts.full else 5)
-    categories = TRAIN_CATEGORIES + LIVE_CATEGORIES
     runs = []
 
     def evaluate(url: str, model: str, label: str) -> None:
         stage(f"{4 + len(runs)}/5 eval: {label} on held-out BFCL "
               f"({'all items' if limit is None else f'up to {limit} per category'})")
         run_dir = out / "eval" / label
+        stages.begin(f"eval/{label}", (run_dir / "outputs.jsonl").is_file())  # a changed one was refused above
         run_eval(f"{url}/v1", model, data_dir, categories, run_dir, mode="fc", concurrency=opts.concurrency,
                  max_tokens=256, limit_per_category=limit, label=label)
         runs.append(run_dir)
@@ -138,8 +248,7 @@ def run_quickstart(opts: QuickstartOptions, say: Callable[[str], None] = print) 
         # vLLM's LoRA cannot add the FC token: the tuned student is served merged, after the base
         from fcdistill.train.export import merge_adapter
 
-        merged = train_dir / "merged"
-        if not (merged / "config.json").is_file():
+        if not stages.begin("train/merged", (merged / "config.json").is_file()):
             stage("3/5 serve: merging the adapter for the vllm engine")
             merge_adapter(adapter, merged, overwrite=True)
         for model, label, args in (("smollm2-135m", "base", ["--model", "smollm2-135m"]),

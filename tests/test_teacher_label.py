@@ -252,13 +252,26 @@ def test_cli_bad_input_exits_2(tmp_path, data):
     assert r.returncode == 2 and "--base-url" in r.stderr
 
 
-def test_unreachable_teacher_exits_1_and_writes_nothing(tmp_path, data):
+def test_unreachable_teacher_is_reported_at_once_and_nothing_is_written(tmp_path, data):
+    """The endpoint is checked before the first question, as `fcd eval run` does: no retries, no
+    report of zeros, one line naming the URL."""
     d, _ = data
+    started = time.monotonic()
     r = subprocess.run([FCD, "label", "--data", str(d), "--out", str(tmp_path / "l"), "--base-url",
-                        "http://127.0.0.1:9/v1", "--model", "m", "--no-mix-in", "--limit", "2", "--max-attempts", "2",
-                        "--no-progress"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "rerun to resume" in r.stderr and "connection failed" in r.stdout
-    assert _lines(tmp_path / "l" / "teacher.jsonl") == [] and _lines(tmp_path / "l" / "rejected.jsonl") == []
+                        "http://127.0.0.1:9/v1", "--model", "m", "--limit", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: teacher endpoint http://127.0.0.1:9/v1 is unreachable: "
+                                             "ConnectError: [Errno 111] Connection refused"], r.stderr
+    assert time.monotonic() - started < 10 and not (tmp_path / "l").exists()
+
+
+def test_label_warns_when_there_is_no_mix_in_to_score_the_teacher(tmp_path):
+    d = tmp_path / "d"
+    _prepare(d, {"simple_python": 8}, mix_in=0.1)  # 4 train items: 10% rounds to none
+    r = subprocess.run([FCD, "label", "--data", str(d), "--out", str(tmp_path / "l"), "--base-url",
+                        "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"], capture_output=True, text=True)
+    assert "warning:" in r.stderr and "no mix-in items" in r.stderr, r.stderr
 
 
 def test_label_with_judge_rejects_what_the_judge_fails(data, tmp_path):

@@ -242,6 +242,16 @@ def test_cli_bad_input_exits_2(domain_files):
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
 
 
+def test_unreachable_teacher_is_reported_at_once(tmp_path):
+    """Before any generation: one line naming the URL, exit 2, no report of zeros written."""
+    started = time.monotonic()
+    r = subprocess.run([FCD, "synth", "--out", str(tmp_path / "s"), "--base-url", "http://127.0.0.1:9/v1", "--model",
+                        "m", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "teacher endpoint http://127.0.0.1:9/v1 is unreachable" in r.stderr, r.stderr
+    assert "Connection refused" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 10 and not (tmp_path / "s").exists()
+
+
 def test_seed_and_tool_files_are_checked(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(TOOLS))
     tools = load_tools(tmp_path / "t.json")

@@ -83,6 +83,17 @@ def test_bad_config_exits_2_with_one_line_before_any_model(pairs, tmp_path, no_m
     assert not no_model_load
 
 
+def test_every_config_error_is_listed_on_one_line(pairs, tmp_path, no_model_load):
+    tree = _good(pairs, tmp_path, lora={"r": 0, "rank": 8}, epochs=0)
+    result = _cli("train", "--config", str(_write(tmp_path, tree)))
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "3 problems: " in err, err
+    for needle in ("lora.r: Input should be greater than or equal to 1", "lora.rank: unknown field",
+                   "epochs: Input should be greater than 0"):
+        assert needle in err, err
+
+
 def test_bad_config_message_from_a_real_process(pairs, tmp_path):
     """The installed entry point path: stderr carries one line, exit status 2."""
     path = _write(tmp_path, _good(pairs, tmp_path, lora={"r": 0}))

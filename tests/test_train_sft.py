@@ -76,7 +76,7 @@ def run(tmp_path_factory, smollm2_tokenizer) -> SimpleNamespace:
                              env=_env(), capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return SimpleNamespace(out=out, adapter=out / "adapter", config=config, killed_at=killed_at,
-                           log_before=log_before, stdout=resumed.stdout, work=work)
+                           log_before=log_before, stdout=resumed.stdout, stderr=resumed.stderr, work=work)
 
 
 def _log(run) -> list[dict]:
@@ -124,6 +124,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(run):
     assert info["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert info["device"] == "cpu" and info["world_size"] == 1
     assert info["fc_token_added"] and info["tied_embeddings"] and info["fc_token_id"] == 49152
+
+
+def test_training_prints_its_progress_bar_and_result_only(run):
+    """No log dicts on stdout (loss rides on the bar; every record is in train_log.jsonl), no
+    deprecation warnings, no data-preparation or weight-loading bars."""
+    assert "{'loss'" not in run.stdout and "'eval_loss'" not in run.stdout, run.stdout[-2000:]
+    assert run.stdout.strip().splitlines()[-1].startswith(f"trained {MAX_STEPS} steps; adapter: ")
+    for noise in ("FutureWarning", "gradient_checkpointing", "is_gradient_checkpointing", "Tokenizing train dataset",
+                  "Loading weights", "mean_resizing"):
+        assert noise not in run.stderr, (noise, run.stderr[-3000:])
+    assert "loss=" in run.stderr  # the bar's postfix
 
 
 def test_adapter_directory_is_self_describing(run, smollm2_tokenizer):

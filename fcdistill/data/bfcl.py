@@ -186,6 +186,7 @@ def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
 class PrepareResult(BaseModel):
     out: Path
     counts: dict[str, dict[str, int]]
+    warnings: list[str] = Field(default_factory=list)  # options that did nothing, or left the mix-in empty
 
     def summary(self) -> str:
         lines = [f"{'category':<24}{'train':>7}{'mix-in':>8}{'eval':>7}{'dropped':>9}"]
@@ -260,6 +261,7 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         c["train"] -= c["dropped_eval_overlap"]
         c["mix_in"] = sum(1 for r in train if r.category == category and r.label_source == "ground_truth")
 
+    warnings = _split_warnings(opts, counts)
     out.mkdir(parents=True, exist_ok=True)
     _dump_jsonl(out / "train.jsonl", train)
     _dump_jsonl(out / "eval.jsonl", evals)
@@ -278,7 +280,27 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         "dropped_eval_overlap": [r.id for r in overlapping],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return PrepareResult(out=out, counts=counts)
+    return PrepareResult(out=out, counts=counts, warnings=warnings)
+
+
+def _split_warnings(opts: SplitOptions, counts: dict[str, dict[str, int]]) -> list[str]:
+    """What the options asked for but the split did not do: caps of categories that are not read, and
+    a mix-in that rounds to nothing (then `fcd label` has no ground truth to score the teacher on)."""
+    out = []
+    read = {*opts.categories, *opts.eval_only}
+    ignored = [f"{c}={n}" for c, n in opts.max_per_category.items() if c not in read]
+    if ignored:
+        out.append(f"--max-per-category {','.join(ignored)} ignored: not in --categories or --eval-only")
+    trained = {c: v for c, v in counts.items() if v["train"] > 0}
+    empty = [f"{c} ({v['train']} train x {opts.mix_in_fraction:g})" for c, v in trained.items() if v["mix_in"] == 0]
+    if trained and len(empty) == len(trained):
+        out.append(f"the mix-in is empty: {opts.mix_in_fraction:g} of each category's train items rounds to 0 "
+                   f"({', '.join(empty)}), so `fcd label` has no ground-truth items to score the teacher on; "
+                   "raise --mix-in or the --max-per-category caps")
+    elif empty:
+        out.append(f"the mix-in of {', '.join(empty)} rounds to 0 items: `fcd label` cannot score the teacher "
+                   "on these categories; raise --mix-in or their caps")
+    return out
 
 
 def read_records(data_dir: Path, split: str) -> list[Record]:

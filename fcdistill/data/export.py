@@ -118,17 +118,74 @@ def select_records(records: list[Record], split: str, labels: str,
     return kept, skipped
 
 
+TOOL_NAME_MODES = ("safe", "keep")
+SAFE_BY_DEFAULT = ("openai", "bedrock-toolconfig")  # their APIs allow only ^[a-zA-Z0-9_-]{1,64}$ in tool names
+
+
+def side_file(path: Path, kind: str) -> Path:
+    """A file written next to an export: `train.openai.skipped.txt`, `train.openai.tool_names.json`."""
+    return path.with_suffix(f".{kind}")
+
+
+def rename_tools(records: list[Record]) -> tuple[list[Record], dict[str, str]]:
+    """Records with API-safe tool names in tools and targets, and the mapping back (safe -> original).
+
+    One mapping for the whole export, so it reverses every record (names already safe keep themselves)."""
+    from fcdistill.tools import safe_tool_names
+
+    names = safe_tool_names(sorted({t.name for r in records for t in r.tools}
+                                   | {c.name for r in records for c in r.ground_truth or ()}))
+    renamed = [r.model_copy(update={
+        "tools": [t.model_copy(update={"name": names[t.name]}) for t in r.tools],
+        "ground_truth": None if r.ground_truth is None else
+        [c.model_copy(update={"name": names[c.name]}) for c in r.ground_truth]}) for r in records]
+    return renamed, {new: old for old, new in names.items() if new != old}
+
+
+def _empty_export_message(data_dir: Path, split: str, labels: str, skipped: list[str], listed: Path) -> str:
+    if not skipped:
+        return f"{data_dir}/{split}.jsonl holds no records"
+    awaiting = sum("awaits teacher labels" in s for s in skipped)
+    why = f"all {len(skipped)} {split} records were skipped (reasons in {listed})"
+    if labels == "labeled" and awaiting:
+        return (f"nothing to export: {why}; {awaiting} await teacher labels. Run `fcd label --data {data_dir}` "
+                f"first, or export BFCL's own answers with --labels ground-truth")
+    return f"nothing to export: {why}"
+
+
 def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, model: str = "smollm2-135m",
-                 fc_token: str = "<tool_call>", labels: str = "labeled") -> tuple[Path, int, int]:
-    """Write `split` of `data_dir` as `fmt` JSONL; returns (path, written, skipped)."""
+                 fc_token: str = "<tool_call>", labels: str = "labeled",
+                 tool_names: str | None = None) -> tuple[Path, int, int]:
+    """Write `split` of `data_dir` as `fmt` JSONL; returns (path, written, skipped).
+
+    `tool_names`: "safe" replaces characters OpenAI and Bedrock refuse in tool names (BFCL's
+    `math.factorial` becomes `math_factorial`) in tools and targets alike, and writes the mapping back
+    to PATH.tool_names.json; "keep" leaves BFCL's names. Default: safe for openai and bedrock-toolconfig,
+    keep for trl and bedrock-prompt (names inside a prompt need no API's approval).
+    Side files from an earlier export to the same path that this one does not write are removed; an
+    export that would write no record raises DataError naming the fix.
+    """
     if fmt not in EXPORT_FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    tool_names = tool_names or ("safe" if fmt in SAFE_BY_DEFAULT else "keep")
+    if tool_names not in TOOL_NAME_MODES:
+        raise DataError(f"unknown --tool-names {tool_names!r}; choose safe or keep")
+    if fmt == "trl" and split == "eval":
+        raise DataError("the trl format needs targets; export the train split")
     records, skipped = select_records(read_records(data_dir, split), split, labels, data_dir)
+    path = out or Path(data_dir) / "export" / f"{split}.{fmt}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skipped_file, names_file = side_file(path, "skipped.txt"), side_file(path, "tool_names.json")
+    for stale in (skipped_file, names_file):
+        stale.unlink(missing_ok=True)
+    if skipped:
+        skipped_file.write_text("\n".join(skipped) + "\n")
+    if not records:
+        path.unlink(missing_ok=True)  # an older export here would be read as this one's
+        raise DataError(_empty_export_message(Path(data_dir), split, labels, skipped, skipped_file))
     with_target = split == "train"
     writer: Callable[[Record], dict[str, Any]]
     if fmt == "trl":
-        if split == "eval":
-            raise DataError("the trl format needs targets; export the train split")
         from fcdistill.models import ensure_fc_token, load_tokenizer
 
         tokenizer = load_tokenizer(model)
@@ -141,11 +198,12 @@ def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, mode
         writer = lambda r: to_bedrock_prompt(r, with_target)  # noqa: E731
     else:
         writer = lambda r: to_bedrock_toolconfig(r, with_target)  # noqa: E731
-    path = out or Path(data_dir) / "export" / f"{split}.{fmt}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if tool_names == "safe":
+        records, back = rename_tools(records)
+        if back:
+            names_file.write_text(json.dumps({"tool_names": "safe", "to_original": dict(sorted(back.items()))},
+                                             indent=2, ensure_ascii=False) + "\n")
     with path.open("w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(writer(rec), ensure_ascii=False, sort_keys=True) + "\n")
-    if skipped:
-        path.with_suffix(".skipped.txt").write_text("\n".join(skipped) + "\n")
     return path, len(records), len(skipped)

@@ -30,11 +30,11 @@ from pydantic import PrivateAttr
 
 from fcdistill.eval.dataset import EvalError, EvalItem, load_eval_set
 from fcdistill.teacher.config import TeacherConfig
+from fcdistill.tools import is_api_safe_name
 
 OUTPUTS = "outputs.jsonl"
 ITEMS = "items.jsonl"
 RUN_INFO = "run.json"
-_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
 _ABORT_STATUS = {401, 403, 404}  # the run is misconfigured (key, model): stop, do not score as wrong
 _MAX_CONSECUTIVE_FAILURES = 8
 
@@ -98,20 +98,13 @@ class _EndpointConfig(TeacherConfig):
 
 
 def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0) -> list[str] | None:
-    """Fail fast, naming the URL, when nothing answers there; returns the served model ids if listed."""
-    import httpx
+    """The shared up-front check (teacher.client.check_endpoint), failing as an EvalError."""
+    from fcdistill.teacher.client import EndpointError, check_endpoint as check
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.get(f"{endpoint}/models", headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise EvalError(f"endpoint {endpoint} is unreachable: {type(exc).__name__}: {str(exc) or 'no answer'}"[:300]) from None
-    if resp.status_code in (401, 403):
-        raise EvalError(f"endpoint {endpoint} rejected the API key (HTTP {resp.status_code}); pass --api-key")
-    try:
-        return [m["id"] for m in resp.json()["data"]] if resp.status_code == 200 else None
-    except (ValueError, KeyError, TypeError):
-        return None
+        return check(endpoint, api_key, timeout_s, key_hint="--api-key")
+    except EndpointError as exc:
+        raise EvalError(str(exc)) from None
 
 
 # -- per-item outputs (append-only, resumable) ----------------------------------------------------
@@ -162,10 +155,9 @@ def _prepare_run_dir(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]
 
 # -- asking ------------------------------------------------------------------------------------------
 def _safe_names(functions: list[dict[str, Any]]) -> dict[str, str]:
-    from fcdistill.teacher.client import safe_tool_names
-    from fcdistill.tools import ToolSpec
+    from fcdistill.tools import safe_tool_names
 
-    return safe_tool_names([ToolSpec(name=f["name"]) for f in functions])
+    return safe_tool_names([f["name"] for f in functions])
 
 
 def fc_request(item: EvalItem, safe: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -225,7 +217,7 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
             safe = state["safe"]
             tools, name_map = fc_request(item, safe)
             reply = await client.chat(copy.deepcopy(item.record.messages), tools, opts.tool_choice)
-            unsafe = any(_UNSAFE.search(f["name"]) for f in item.functions)
+            unsafe = not all(is_api_safe_name(f["name"]) for f in item.functions)
             if (reply.error and _status(reply.error) == 400 and not safe and unsafe
                     and opts.tool_names == "auto"):
                 tools, name_map = fc_request(item, True)

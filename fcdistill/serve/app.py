@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import secrets
 import time
 from typing import Any, AsyncIterator
 
@@ -35,6 +37,7 @@ from fcdistill.grammars import (
     token_vocabulary,
 )
 from fcdistill.serve.engines.base import Engine, EngineRequestError, GenerationEvent, GenerationRequest, SamplingParams
+from fcdistill.serve.lifecycle import access_log
 from fcdistill.serve.metrics import Metrics
 from fcdistill.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from fcdistill.tools import ToolSchemaError, ToolSpec, call_errors, normalize_tools
@@ -86,16 +89,28 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
+    expected_auth = f"Bearer {api_key}".encode() if api_key else b""
+
+    def log_request(request: Request, status: int, seconds: float) -> None:
+        if access_log.isEnabledFor(logging.INFO):  # fcd serve --log-requests
+            client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+            extra = getattr(request.state, "log", "")
+            access_log.info('%s "%s %s" %d %.3fs%s', client, request.method, request.url.path, status, seconds,
+                            f" {extra}" if extra else "")
+
     @app.middleware("http")
     async def _auth_and_metrics(request: Request, call_next: Any) -> Response:
         start = time.perf_counter()
         path = request.url.path
         if api_key and path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            # constant-time comparison: the time a refusal takes says nothing about the key
+            if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected_auth):
                 metrics.request(path, 401, 0.0)
+                log_request(request, 401, time.perf_counter() - start)
                 return JSONResponse(error_body("Incorrect API key provided.", code="invalid_api_key"), status_code=401)
         response = await call_next(request)
         metrics.request(path, response.status_code, time.perf_counter() - start)
+        log_request(request, response.status_code, time.perf_counter() - start)
         return response
 
     def adapter_for(model: str) -> str | None:
@@ -208,6 +223,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        request.state.log = f"model={req.model}" + (" stream" if req.stream else "")
         adapter = adapter_for(req.model)
         try:
             tools = normalize_tools(req.tools or [])
@@ -265,6 +281,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
             choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None,
                             **forced_close(gens[i])})
         metrics.tokens(len(prompt_ids), completion_tokens)
+        request.state.log += f" tokens={len(prompt_ids)}+{completion_tokens}"
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                           "total_tokens": len(prompt_ids) + completion_tokens}}
@@ -311,6 +328,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
+        request.state.log = f"model={req.model}" + (" stream" if req.stream else "")
         adapter = adapter_for(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts or len(prompts) * req.n > 16:
@@ -332,6 +350,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
                     "logprobs": None} for i, (text, _, reason) in enumerate(results)]
         completion_tokens = sum(n for _, n, _ in results)
         metrics.tokens(sum(lens), completion_tokens)
+        request.state.log += f" tokens={sum(lens)}+{completion_tokens}"
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
                 "usage": {"prompt_tokens": sum(lens), "completion_tokens": completion_tokens,
                           "total_tokens": sum(lens) + completion_tokens}}

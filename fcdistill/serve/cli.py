@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 from typing import Annotated
@@ -32,6 +33,10 @@ def register(app: typer.Typer) -> None:
         value_token_limit: Annotated[int | None, typer.Option(help=(
             "Loop guard: tokens one string, array or object value inside a call may take before it is closed "
             "[default 256: BFCL's longest is 92]."), min=1)] = None,
+        log_requests: Annotated[bool, typer.Option("--log-requests", help=(
+            "Access log on stderr: client, method, path, status, seconds, model and tokens of each request."))] = False,
+        enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help=(
+            "vllm: skip torch.compile (starts about a minute sooner on CPU, decodes slower)."))] = False,
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
         from fcdistill.cli import fail
@@ -51,11 +56,22 @@ def register(app: typer.Typer) -> None:
         if engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail("--engine vllm needs vLLM in this environment: on GPU `pip install vllm`; on CPU run "
                  "scripts/setup_vllm.sh and use .venv-vllm/bin/fcd")
-        import uvicorn
+        from fcdistill.models import ModelResolveError, cache_dir
+
+        if engine == "vllm":
+            from fcdistill.serve.engines.vllm_env import ENV_FLAG, die_with_parent_after_fork, quiet_vllm_environment
+
+            quiet_vllm_environment(cache_dir())  # before vLLM is imported: its processes read it at start
+            os.environ[ENV_FLAG] = str(os.getpid())  # vLLM's processes die with this one (engines/vllm_env.py)
+            die_with_parent_after_fork()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: the start-up line says what loaded
 
         from fcdistill.grammars import LoopGuard
-        from fcdistill.models import ModelResolveError
         from fcdistill.serve.app import create_app
+        from fcdistill.serve.lifecycle import serve as run_server
+        from fcdistill.serve.lifecycle import start_line
 
         try:
             if engine == "vllm":
@@ -63,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
                 eng = VLLMEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model,
                                  max_batch=max_batch, gpu_memory_utilization=gpu_memory_utilization,
-                                 max_model_len=max_model_len)
+                                 max_model_len=max_model_len, enforce_eager=enforce_eager)
             else:
                 from fcdistill.serve.engines.hf import HFEngine
 
@@ -73,4 +89,7 @@ def register(app: typer.Typer) -> None:
             fail(str(exc).splitlines()[0])
         key = api_key or os.environ.get("FCD_API_KEY") or None
         loop_guard = (LoopGuard(value_tokens=value_token_limit) if value_token_limit else LoopGuard()) if guard else None
-        uvicorn.run(create_app(eng, api_key=key, guard=loop_guard), host=host, port=port, log_level="warning")
+        shown_host = f"[{host}]" if ":" in host else host
+        announce = start_line(f"http://{shown_host}:{port}", engine, eng.model_name, eng.adapters, bool(key))
+        run_server(create_app(eng, api_key=key, guard=loop_guard), host, port, announce, log_requests=log_requests,
+                   stop_engine=lambda: asyncio.run(eng.shutdown()))

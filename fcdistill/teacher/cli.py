@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
         """Label the BFCL train items marked for the teacher (resumable); score the teacher on mix-in."""
         from pydantic import ValidationError
 
-        from fcdistill.teacher.config import TeacherError, first_error
+        from fcdistill.errors import validation_message
+        from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.label import LabelOptions, run_label
         from fcdistill.teacher.templates import load_templates
 
@@ -92,7 +93,7 @@ def register(app: typer.Typer) -> None:
                                 mix_in=mix_in, limit=limit, overwrite=overwrite)
             summary = run_label(cfg, opts, load_templates(templates))
         except ValidationError as exc:
-            fail(first_error(exc))
+            fail(validation_message(exc))
         except TeacherError as exc:
             fail(str(exc))
         typer.echo(summary.text())
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
         """Generate query/call pairs from tools + seeds, verify them, dedup, filter, split and export."""
         from pydantic import ValidationError
 
-        from fcdistill.teacher.config import TeacherError, first_error
+        from fcdistill.errors import validation_message
+        from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.synth import Domain, SynthOptions, example_domain, load_seeds, load_tools, run_synth
         from fcdistill.teacher.templates import load_templates
 
@@ -157,7 +159,7 @@ def register(app: typer.Typer) -> None:
                                 export=[e.strip() for e in export.split(",") if e.strip()], model=student)
             result = run_synth(cfg, opts, load_templates(templates), domain)
         except ValidationError as exc:
-            fail(first_error(exc))
+            fail(validation_message(exc))
         except TeacherError as exc:
             fail(str(exc))
         typer.echo(result.text())
@@ -185,7 +187,8 @@ def register(app: typer.Typer) -> None:
         """Run the verification stages (format, execution, duplicates, contamination, judge) on any examples."""
         from pydantic import ValidationError
 
-        from fcdistill.teacher.config import TeacherError, first_error
+        from fcdistill.errors import validation_message
+        from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.synth import VerifyOptions, run_verify
         from fcdistill.teacher.templates import load_templates
 
@@ -201,7 +204,7 @@ def register(app: typer.Typer) -> None:
                                  dedup_threshold=dedup_threshold, ngram=ngram, progress=progress)
             table = run_verify(cfg, opts, load_templates(templates))
         except ValidationError as exc:
-            fail(first_error(exc))
+            fail(validation_message(exc))
         except TeacherError as exc:
             fail(str(exc))
         typer.echo(table.markdown("verified examples") + f"wrote {out}/verified.jsonl, rejected.jsonl, report.json")

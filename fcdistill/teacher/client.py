@@ -27,12 +27,11 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from fcdistill.chat_format import parse_python_calls
 from fcdistill.teacher.cache import ResponseCache, request_key
 from fcdistill.teacher.config import TeacherConfig
-from fcdistill.tools import ToolCall, ToolSpec
+from fcdistill.tools import ToolCall, ToolSpec, safe_tool_names
 
 T = TypeVar("T")
 R = TypeVar("R")
 _RETRY_STATUS = {408, 409, 429}
-_SAFE_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 @dataclass
@@ -121,26 +120,51 @@ def _retry_after(headers: Any) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def safe_tool_names(tools: list[ToolSpec]) -> dict[str, str]:
-    """original -> API-safe name (OpenAI allows ^[a-zA-Z0-9_-]{1,64}$; BFCL has `math.factorial`)."""
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for t in tools:
-        base = _SAFE_NAME.sub("_", t.name)[:64] or "fn"
-        name, i = base, 1
-        while name in used:
-            suffix = f"_{i}"
-            name, i = base[: 64 - len(suffix)] + suffix, i + 1
-        used.add(name)
-        out[t.name] = name
-    return out
-
-
 def strip_fences(text: str) -> str:
     """Text without one surrounding markdown code fence (```json ... ```), which chat models add."""
     s = text.strip()
     m = re.fullmatch(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```", s, flags=re.S)
     return m.group(1).strip() if m else s
+
+
+class EndpointError(RuntimeError):
+    """An OpenAI-compatible endpoint that cannot be used at all: nothing answers, or it refuses the key."""
+
+
+def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0,
+                   key_hint: str = "--api-key") -> list[str] | None:
+    """Fail fast, naming the URL, when nothing answers at `endpoint` (a base URL ending in /v1) or it
+    refuses the key; returns the served model ids when the endpoint lists them. `fcd eval run`,
+    `fcd label` and `fcd synth` call it before their first question."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(f"{endpoint}/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise EndpointError(f"endpoint {endpoint} is unreachable: {type(exc).__name__}: "
+                            f"{str(exc) or 'no answer'}"[:300]) from None
+    if resp.status_code in (401, 403):
+        raise EndpointError(f"endpoint {endpoint} rejected the API key (HTTP {resp.status_code}); check {key_hint}")
+    try:
+        return [m["id"] for m in resp.json()["data"]] if resp.status_code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def check_teacher(cfg: TeacherConfig) -> None:
+    """`check_endpoint` for the teacher stages: a TeacherError (exit 2) before any work, and a warning
+    when the endpoint lists its models and the teacher is not among them."""
+    import sys
+
+    from fcdistill.teacher.config import TeacherError
+
+    try:
+        served = check_endpoint(cfg.base_url, cfg.api_key(), key_hint=f"--api-key-env (now {cfg.api_key_env})")
+    except EndpointError as exc:
+        raise TeacherError(f"teacher {exc}") from None
+    if served and cfg.model not in served:
+        print(f"warning: {cfg.base_url} lists {', '.join(served[:8])}, not {cfg.model!r}", file=sys.stderr)
 
 
 class TeacherClient:

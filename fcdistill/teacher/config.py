@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fcdistill.errors import validation_message
+
 
 class TeacherError(ValueError):
     """Bad teacher-stage input (config, files, options); the CLI prints it as one line and exits 2."""
@@ -93,14 +95,4 @@ def load_teacher_config(path: Path | None, overrides: dict[str, Any]) -> Teacher
     try:
         return TeacherConfig.model_validate(data)
     except ValidationError as exc:
-        raise TeacherError(first_error(exc)) from None
-
-
-def first_error(exc: ValidationError) -> str:
-    """A pydantic ValidationError as one line: our own message where we raised it, else loc: msg."""
-    err = exc.errors()[0]
-    inner = (err.get("ctx") or {}).get("error")
-    if isinstance(inner, Exception):
-        return str(inner)
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+        raise TeacherError(validation_message(exc)) from None

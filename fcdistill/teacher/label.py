@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from fcdistill.teacher.cache import JsonlLog, ResponseCache, request_key, write_json_atomic
-from fcdistill.teacher.client import CallAnswer, TeacherClient, run_bounded
+from fcdistill.teacher.client import CallAnswer, TeacherClient, check_teacher, run_bounded
 from fcdistill.teacher.config import TeacherConfig, TeacherError
 from fcdistill.teacher.labels import ACCEPTED, LABELS_DIR, MIXIN, REJECTED, record_hash
 from fcdistill.teacher.templates import Templates
@@ -248,6 +249,11 @@ def run_label(cfg: TeacherConfig, opts: LabelOptions, templates: Templates) -> L
     if opts.limit:
         teach = teach[: opts.limit]
     mixin = [r for r in records if r.label_source == "ground_truth"] if opts.mix_in else []
+    if opts.mix_in and not mixin:
+        print(f"warning: {opts.data} has no mix-in items (ground-truth train items): the teacher's accuracy "
+              "cannot be scored; split with a larger --mix-in or larger caps (fcd data bfcl)", file=sys.stderr)
+    if teach or mixin:  # a teacher that cannot be reached is reported now, before anything is written
+        check_teacher(cfg)
     out = _prepare_dir(cfg, opts, templates)
     if cfg.cache is None:
         cfg = cfg.model_copy(update={"cache": out / "cache.sqlite"})

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from fcdistill.teacher.cache import ResponseCache, write_json_atomic, write_jsonl_atomic
-from fcdistill.teacher.client import TeacherClient
+from fcdistill.teacher.client import TeacherClient, check_teacher
 from fcdistill.teacher.config import TeacherConfig, TeacherError
 from fcdistill.teacher.templates import Templates
 from fcdistill.teacher.verify import (VERDICT_SCHEMA, Failure, StageTable, format_failures, parse_verdict,
@@ -497,6 +497,7 @@ def run_synth(cfg: TeacherConfig, opts: SynthOptions, templates: Templates, doma
             eval_index = EvalIndex.from_data_dir(opts.eval_data, n=opts.ngram)
         except DataError as exc:
             raise TeacherError(f"--eval-data: {exc}") from None
+    check_teacher(cfg)  # a teacher that cannot be reached is reported now, before anything is written
     opts.out.mkdir(parents=True, exist_ok=True)
     if cfg.cache is None:
         cfg = cfg.model_copy(update={"cache": opts.out / "cache.sqlite"})
@@ -791,6 +792,8 @@ def run_verify(cfg: TeacherConfig | None, opts: VerifyOptions, templates: Templa
         from fcdistill.teacher.execute import Executor
 
         Executor(opts.exec_module)
+    if cfg is not None and opts.judge:
+        check_teacher(cfg)
     opts.out.mkdir(parents=True, exist_ok=True)
     if cfg is not None and cfg.cache is None:
         cfg = cfg.model_copy(update={"cache": opts.out / "cache.sqlite"})

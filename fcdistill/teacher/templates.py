@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fcdistill.teacher.config import TeacherError, first_error
+from fcdistill.errors import validation_message
+from fcdistill.teacher.config import TeacherError
 
 _ALLOWED = {
     "generate.system": set(),
@@ -96,7 +97,7 @@ def load_templates(path: Path | None = None) -> Templates:
     try:
         templates = Templates.model_validate(data)
     except ValidationError as exc:
-        raise TeacherError(f"templates: {first_error(exc)}") from None
+        raise TeacherError(f"templates: {validation_message(exc)}") from None
     for dotted, allowed in _ALLOWED.items():
         tmpl = string.Template(templates.get(dotted))
         if not tmpl.is_valid():

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcdistill.chat_format import DEFAULT_FC_TOKEN
+from fcdistill.errors import validation_message
 
 
 class ConfigError(ValueError):
@@ -203,21 +204,6 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _first_error(exc: ValidationError) -> str:
-    """One line for the first problem: its location and message (our own text where we raised it)."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    inner = (err.get("ctx") or {}).get("error")
-    msg = str(inner) if inner is not None else err.get("msg", "invalid")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown field (check the spelling; see configs/ for the known fields)"
-    elif err.get("type") == "missing":
-        msg = "required field is missing"
-    if loc and not msg.startswith(loc.split(".")[0]):
-        return f"{loc}: {msg}"
-    return msg
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate a YAML config; every failure is a one-line ConfigError."""
     path = Path(path)
@@ -237,7 +223,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     try:
         cfg = TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+        raise ConfigError(f"{path}: {validation_message(exc)}") from None
     try:
         cfg.optim.check_names()
     except ConfigError as exc:

@@ -86,14 +86,20 @@ def load_trained(path: str | Path, *, dtype: Any = None, device: str | None = No
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
         meta = read_meta(p)
     else:
+        import warnings
+
         from peft import PeftModel
+
+        from fcdistill.models import PEFT_CHECKPOINTING_NOTICE
 
         meta = read_meta(adapter)
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
         base = AutoModelForCausalLM.from_pretrained(_base_dir(meta), dtype=dtype)
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(base, str(adapter))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+            model = PeftModel.from_pretrained(base, str(adapter))
     if device:
         model.to(device)
     model.eval()

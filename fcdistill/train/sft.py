@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdistill.models import FcTokenInfo, ModelResolveError, ensure_fc_token, resolve_model
+from fcdistill.models import PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, ensure_fc_token, resolve_model
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
 
 log = logging.getLogger("fcdistill.train")
@@ -315,6 +315,50 @@ def _trainer_callback_cls() -> type:
     return JsonlLog
 
 
+def _checkpointing_arg(args_cls: type) -> str:
+    """The training arguments' name for activation checkpointing: `activation_checkpointing` since
+    transformers 5.2x (the old `gradient_checkpointing` warns), `gradient_checkpointing` before."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+@contextlib.contextmanager
+def _quiet_preparation() -> Any:
+    """No progress bars while the model loads and TRL tokenizes and packs the data (a dozen bars per
+    run, each over in a second); the training bar itself stays."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars, hf_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _loss_on_the_bar(trainer: Any) -> None:
+    """Trainer's progress callback writes every log dict to stdout under its bar; ours shows loss and
+    eval loss on the bar instead (every record is in train_log.jsonl)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossOnTheBar(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossOnTheBar())
+
+
 def prune_embedding_copies(directory: Path) -> int:
     """Drop the full embedding matrices PEFT saves beside trainable tokens when the vocabulary grew.
 
@@ -403,6 +447,9 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         raise ConfigError("tensorboard: true, but tensorboard is not installed (pip install tensorboard)")
     # PEFT announces it will save the resized embeddings; prune_embedding_copies removes them again
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    # PEFT and TRL read the model's deprecated `is_gradient_checkpointing` alias; the training arguments
+    # below use the new name themselves
+    warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
@@ -421,7 +468,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         max_grad_norm=cfg.optim.max_grad_norm,
         max_length=cfg.max_length, packing=packing, packing_strategy="bfd", completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **{_checkpointing_arg(SFTConfig): cfg.gradient_checkpointing},
         bf16=precision.autocast and precision.name == "bf16", fp16=precision.autocast and precision.name == "fp16",
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed, data_seed=cfg.seed,
@@ -432,16 +479,18 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     )
     # The model loads after the training arguments: under DeepSpeed ZeRO-3 they register the config
     # that makes from_pretrained partition the weights as they load.
-    model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,
-                                                 attn_implementation=cfg.attn_implementation)
-    resized = grow_for_fc_token(model, prep.tokenizer, prep.fc, prep.fc_pieces)
-    tied = embeddings_tied(model)
-    columns = ("prompt", "completion")
-    train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.train_rows])
-    eval_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.eval_rows]) if prep.eval_rows else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=prep.tokenizer, peft_config=lora_config(cfg, model, prep.fc.token_id),
-                         callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or [])])
+    with _quiet_preparation():
+        model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,
+                                                     attn_implementation=cfg.attn_implementation)
+        resized = grow_for_fc_token(model, prep.tokenizer, prep.fc, prep.fc_pieces)
+        tied = embeddings_tied(model)
+        columns = ("prompt", "completion")
+        train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.train_rows])
+        eval_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.eval_rows]) if prep.eval_rows else None
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=prep.tokenizer, peft_config=lora_config(cfg, model, prep.fc.token_id),
+                             callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or [])])
+    _loss_on_the_bar(trainer)
     fit_trainable_tokens_to_fused_lm_head(trainer.model, upcast=not trainer.is_deepspeed_enabled)
     state = trainer.accelerator.state
     kind = state.distributed_type

@@ -13,11 +13,13 @@ request waits, the running batch admits no one and drains, so a busy adapter can
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -104,7 +106,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import ensure_fc_token, resolve_model
+        from fcdistill.models import PEFT_CHECKPOINTING_NOTICE, ensure_fc_token, resize_for_tokenizer, resolve_model
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,14 +126,18 @@ class HFEngine:
         self.tokenizer = tokenizer
         base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+            resize_for_tokenizer(base, len(tokenizer))
+        # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
+        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         if self.adapters:
             from peft import PeftModel
 
             names = list(self.adapters)
-            net = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
-            for name in names[1:]:
-                net.load_adapter(self.adapters[name], adapter_name=name)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+                net = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
+                for name in names[1:]:
+                    net.load_adapter(self.adapters[name], adapter_name=name)
             self.model = net
         else:
             self.model = base
@@ -165,9 +171,13 @@ class HFEngine:
             seq.cancelled.set()  # client gone or consumer stopped: the scheduler drops the row
 
     async def shutdown(self) -> None:
+        from fcdistill.serve.lifecycle import ENGINE_STOP_S
+
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._pending.put(None)  # type: ignore[arg-type]
-        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self._thread.join, ENGINE_STOP_S)  # a daemon thread: never holds the exit
 
     # -- scheduler -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -252,8 +262,8 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
+                            position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
+                            **{self._cache_kw: cache})
         return _Rows(list(seqs), cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
 
     def _run_batch(self, seqs: list[_Seq], adapter: str | None, backlog: list[_Seq]) -> None:
@@ -281,7 +291,7 @@ class HFEngine:
                 out = self._forward(adapter, input_ids=torch.tensor(next_tokens).unsqueeze(1).to(self.device),
                                     attention_mask=rows.mask.to(self.device),
                                     position_ids=rows.last_pos.unsqueeze(1).to(self.device),
-                                    past_key_values=rows.cache, use_cache=True)
+                                    use_cache=True, **{self._cache_kw: rows.cache})
                 rows.logits = out.logits[:, -1, :].float().cpu()
             if not self.continuous or not rows.mergeable():
                 continue

@@ -84,7 +84,7 @@ def with_fc_token(path: str, fc_token: str, cache_root: Path) -> str:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fcdistill.models import ensure_fc_token
+    from fcdistill.models import ensure_fc_token, resize_for_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not ensure_fc_token(tokenizer, fc_token).added:
@@ -96,7 +96,7 @@ def with_fc_token(path: str, fc_token: str, cache_root: Path) -> str:
         return str(out)
     log.warning("%s has no %r token: serving a copy with it added (%s)", path, fc_token, out)
     model = AutoModelForCausalLM.from_pretrained(path)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    resize_for_tokenizer(model, len(tokenizer))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -111,7 +111,8 @@ class VLLMEngine:
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, max_batch: int = 16, dtype: str | None = None,
-                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None):
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 enforce_eager: bool = False):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import AsyncEngineArgs
@@ -140,6 +141,7 @@ class VLLMEngine:
             # our logits processor reads each request's output ids, which must be real tokens, not
             # the placeholders asynchronous scheduling leaves for the step still in flight
             async_scheduling=False,
+            use_tqdm_on_load=False, enforce_eager=enforce_eager,
         )
         self.engine = AsyncLLM.from_engine_args(args)
         cfg = self.engine.model_config
@@ -176,7 +178,6 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter is not None and request.adapter not in self.adapters:
@@ -195,7 +196,7 @@ class VLLMEngine:
             extra_args=extra)
         rid = f"fcd-{next(self._ids)}"
         sent = ""
-        stream = self.engine.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, rid,
+        stream = self.engine.generate(_tokens_input(list(request.prompt_ids)), params, rid,
                                       lora_request=self._lora.get(request.adapter) if request.adapter else None)
         try:
             async for out in stream:
@@ -223,7 +224,25 @@ class VLLMEngine:
             await stream.aclose()  # a consumer that stops early (disconnect, stop string) aborts the request
 
     async def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop the EngineCore and its workers (vLLM terminates them, and kills them after
+        ENGINE_STOP_S); a second call does nothing. The AsyncLLM is let go here so that it is collected
+        while the interpreter is whole (its __del__ shuts down again and fails during interpreter exit)."""
+        from fcdistill.serve.lifecycle import ENGINE_STOP_S
+
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown(timeout=ENGINE_STOP_S)
+
+
+def _tokens_input(ids: list[int]) -> Any:
+    """Token ids as the engine's own input type (a raw TokensPrompt is deprecated and logged as such)."""
+    try:
+        from vllm.inputs.engine import tokens_input
+    except ImportError:  # older vLLM
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=ids)
+    return tokens_input(ids)
 
 
 def _lora_rank(path: str) -> int:

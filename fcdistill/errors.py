@@ -1,0 +1,37 @@
+"""One-line messages for pydantic validation errors, shared by every stage's config and options.
+
+Every problem is listed, not only the first, so a config with three mistakes is fixed in one round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def validation_problems(exc: Any) -> list[str]:
+    """Each error of a pydantic ValidationError as `loc: message` (our own text where we raised it)."""
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return [str(exc).splitlines()[0]]
+    out = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        inner = (err.get("ctx") or {}).get("error")
+        if inner is not None:
+            msg = str(inner)  # our own validators name their field or flag themselves
+        else:
+            msg = str(err.get("msg", "invalid"))
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown field (check the spelling; see configs/ for the known fields)"
+            elif err.get("type") == "missing":
+                msg = "required field is missing"
+            msg = f"{loc}: {msg}" if loc else msg
+        if msg not in out:
+            out.append(msg)
+    return out
+
+
+def validation_message(exc: Any) -> str:
+    """All problems on one line: the problem itself when there is one, else `N problems: a; b; c`."""
+    problems = validation_problems(exc)
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
