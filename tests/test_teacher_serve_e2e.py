@@ -103,7 +103,9 @@ def test_label_against_fcd_serve(serve, data):
     bad = subprocess.run([FCD, "label", "--data", str(data), "--out", str(data / "bad"), "--limit", "1", "--no-mix-in",
                           *_teacher(serve)], env={**_env(), "FCD_E2E_KEY": "wrong"}, capture_output=True, text=True,
                          timeout=300)
-    assert bad.returncode == 1 and "HTTP 401" in bad.stdout and "$FCD_E2E_KEY" in bad.stdout
+    # (refused up front, before any question is asked: exit 2 like every bad-input error)
+    said = bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "HTTP 401" in said and "FCD_E2E_KEY" in said, said
 
 
 def test_synth_then_verify_against_fcd_serve(serve, data, tmp_path):
