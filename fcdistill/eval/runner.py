@@ -154,15 +154,11 @@ def _prepare_run_dir(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]
 
 
 # -- asking ------------------------------------------------------------------------------------------
-def _safe_names(functions: list[dict[str, Any]]) -> dict[str, str]:
-    from fcdistill.tools import safe_tool_names
-
-    return safe_tool_names([f["name"] for f in functions])
-
-
 def fc_request(item: EvalItem, safe: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """OpenAI tools for one item (our JSON Schema, BFCL's hinted description) and the name map back."""
-    names = _safe_names(item.functions) if safe else {}
+    from fcdistill.tools import safe_tool_names
+
+    names = safe_tool_names([f["name"] for f in item.functions]) if safe else {}
     descriptions = {f["name"]: f.get("description", "") for f in item.shown_functions}
     tools = [{"type": "function", "function": {"name": names.get(t.name, t.name),
                                                "description": descriptions.get(t.name, t.description),
