@@ -5,7 +5,7 @@ Every problem is listed, not only the first, so a config with three mistakes is 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 
 def validation_problems(exc: Any) -> list[str]:
@@ -35,3 +35,12 @@ def validation_message(exc: Any) -> str:
     """All problems on one line: the problem itself when there is one, else `N problems: a; b; c`."""
     problems = validation_problems(exc)
     return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr naming the problem, then exit (2: bad input, as click does; 1: a run that
+    stopped and can be resumed). Every command reports bad input through this one function."""
+    import typer
+
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -240,7 +240,7 @@ def test_split_warns_about_ignored_caps_and_an_empty_mix_in(tmp_path):
 
 
 def test_help_shows_defaults_whole_when_not_a_terminal():
-    proc = subprocess.run([sys.executable, "-m", "fcdistill.cli", "data", "bfcl", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "fcdistill", "data", "bfcl", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "[default:" in proc.stdout and "simple_python,multiple,parallel,parallel_multiple,irrelevance]" in proc.stdout

@@ -357,7 +357,7 @@ def test_vllm_engine_refuses_an_adapter_that_added_the_fc_token(adapter_dir, tmp
     shutil.copytree(adapter_dir, added)
     (added / "fcdistill.json").write_text(json.dumps({"format": "adapter", "student": "smollm2-135m",
                                                       "fc_token": "<tool_call>", "fc_token_added": True}))
-    r = subprocess.run([python_for("vllm"), "-m", "fcdistill.cli", "serve", "--engine", "vllm", "--model", "smollm2-135m",
+    r = subprocess.run([python_for("vllm"), "-m", "fcdistill", "serve", "--engine", "vllm", "--model", "smollm2-135m",
                         "--adapter", f"tuned={added}", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr[-2000:]

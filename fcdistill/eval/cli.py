@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from fcdistill.errors import fail
 
 eval_app = typer.Typer(help="Evaluate any OpenAI-compatible endpoint on the BFCL eval split.", no_args_is_help=True)
 
@@ -24,11 +26,6 @@ MaxTokensOpt = Annotated[int, typer.Option(help="Max completion tokens per quest
 ToolChoiceOpt = Annotated[Optional[str], typer.Option(help="fc mode: send this tool_choice (auto|required|none); BFCL sends none.")]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -39,7 +36,7 @@ def _key(api_key: str | None, api_key_env: str | None) -> str | None:
     if api_key_env:
         value = os.environ.get(api_key_env)
         if not value:
-            _fail(f"--api-key-env {api_key_env}: the variable is not set")
+            fail(f"--api-key-env {api_key_env}: the variable is not set")
         return value
     return None
 
@@ -111,12 +108,12 @@ def run_cmd(
                            max_attempts=max_attempts, progress=progress, label=label)
         summary = execute(opts)
     except EvalError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_summary(summary, out)
     missing = summary["overall"]["total"] - summary["overall"]["answered"]
     if missing:
         last = summary["run"]["this_invocation"].get("last_transport_error", "")
-        _fail(f"{missing} questions have no answer ({last[:160]}); rerun the same command to resume", code=1)
+        fail(f"{missing} questions have no answer ({last[:160]}); rerun the same command to resume", code=1)
 
 
 @eval_app.command("compare")
@@ -134,7 +131,7 @@ def compare_cmd(
     try:
         data = compare_data(run_dirs)
     except EvalError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     target = out or run_dirs[0].resolve().parent
     write_compare(data, target)
     table = Table(title=f"BFCL accuracy (paired with {data['baseline']})", title_justify="left")
@@ -187,13 +184,13 @@ def official_cmd(
             agree = report["all_agree"]
         else:
             if not (endpoint and model and category):
-                _fail("give --endpoint, --model and --category (or --run RUN_DIR)")
+                fail("give --endpoint, --model and --category (or --run RUN_DIR)")
             report = official_check(endpoint, model, manifest, category, out, mode=mode, limit=limit,  # type: ignore[arg-type]
                                     max_tokens=max_tokens, api_key=_key(api_key, api_key_env), tool_choice=tool_choice)
             parts = [report]
             agree = report["same_accuracy"] and report["same_items"]
     except EvalError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for p in parts:
         o, u = p["official"], p["ours"]
         typer.echo(f"{p['category']}: bfcl evaluate {o['correct']}/{o['total']} = {100 * o['accuracy']:.1f}%; "
@@ -201,4 +198,4 @@ def official_cmd(
                                                           f"; items judged differently: {', '.join(p['disagreements'])}"))
     typer.echo(f"wrote {out}/crosscheck.json")
     if not agree:
-        _fail("bfcl-eval's own evaluation differs from ours", code=1)
+        fail("bfcl-eval's own evaluation differs from ours", code=1)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from fcdistill.errors import fail
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -39,7 +41,6 @@ def register(app: typer.Typer) -> None:
             "vllm: skip torch.compile (starts about a minute sooner on CPU, decodes slower)."))] = False,
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-        from fcdistill.cli import fail
 
         adapters: dict[str, str] = {}
         for item in adapter:

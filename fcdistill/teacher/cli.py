@@ -7,9 +7,11 @@ stderr and exit code 2; teacher errors that outlast the retries leave the run re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from fcdistill.errors import fail
 
 # Teacher endpoint options, shared by the commands (flags override --teacher-config).
 TeacherConfigOpt = Annotated[Optional[Path], typer.Option("--teacher-config", help="YAML with teacher settings (keys as the flags, snake_case).")]
@@ -28,11 +30,6 @@ PriceOutOpt = Annotated[Optional[float], typer.Option("--price-out", help="USD p
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache", help="SQLite cache of answered requests (default: in the output dir).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 TemplatesOpt = Annotated[Optional[Path], typer.Option("--templates", help="YAML prompt templates overriding the shipped defaults.")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _teacher(config: Path | None, **flags: Any) -> Any:

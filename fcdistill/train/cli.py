@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fcdistill.errors import fail
+
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to the top-level CLI."""
@@ -20,7 +22,6 @@ def register(app: typer.Typer) -> None:
         check: Annotated[bool, typer.Option(help="Validate the config and data, print their stats, load no model.")] = False,
     ) -> None:
         """LoRA SFT of the student around the FC token (TRL + PEFT); `accelerate launch -m fcdistill.train` runs the same."""
-        from fcdistill.cli import fail
         from fcdistill.train.config import ConfigError
         from fcdistill.train.sft import Prepared, run
 
@@ -47,7 +48,6 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
     ) -> None:
         """Write a merged full model (vLLM and `fcd serve --model` load it) from a trained adapter."""
-        from fcdistill.cli import fail
         from fcdistill.train.export import ExportError, merge_adapter
 
         if not merge:
