@@ -183,12 +183,10 @@ def test_json_response_format_uses_the_same_machinery(rig):
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
               "required": ["answer", "why"]}
     grammar, _ = compile_grammar(vocab, [], "none", True, json_schema=schema)
-    for seed in range(3):
-        text, done = _walk(rig, grammar, seed)
-        if done:
-            import json
-
-            jsonschema.validate(json.loads(text.removesuffix(rig[3].eos_token)), schema)
+    for seed in range(3):  # the budget makes every walk end: each one is checked
+        text, done = _walk(rig, grammar, seed, max_tokens=MAX_STEPS, guard=LoopGuard())
+        assert done, text[-200:]
+        jsonschema.validate(json.loads(text.removesuffix(rig[3].eos_token)), schema)
 
 
 def test_non_ascii_enums_compile_and_generate(smollm2_tokenizer):
@@ -224,10 +222,10 @@ def test_any_typed_parameters_compile_and_accept_any_value(rig):
                                          "epochs": {"type": "integer", "description": "How many passes."}},
         "required": ["data"]})]
     grammar, _ = compile_grammar(rig[0], tools, "required", True)
-    for seed in range(3):
-        text, finished = _walk(rig, grammar, seed)
-        if finished:
-            _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
+    for seed in range(3):  # the budget makes every walk end: each one is checked
+        text, finished = _walk(rig, grammar, seed, max_tokens=MAX_STEPS, guard=LoopGuard())
+        assert finished, text[-200:]
+        _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
 
 
 def _allowed_after(rig, grammar, text: str) -> list[str]:
@@ -258,10 +256,10 @@ def test_free_form_objects_and_arrays_get_flat_values(rig):
     assert not any(t.lstrip().startswith(("{", "[")) for t in _allowed_after(rig, grammar, head + "["))
     assert not any(t.lstrip().startswith("{") for t in _allowed_after(rig, grammar, head + '1},"boxes":[{"x":'))
     assert not any(t.lstrip().startswith(("{", "[")) for t in _allowed_after(rig, grammar, head + '1},"boxes":[],"tags":['))
-    for seed in range(3):
-        text, finished = _walk(rig, grammar, seed)
-        if finished:
-            _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
+    for seed in range(3):  # the budget makes every walk end: each one is checked
+        text, finished = _walk(rig, grammar, seed, max_tokens=MAX_STEPS, guard=LoopGuard())
+        assert finished, text[-200:]
+        _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
 
 
 # -- the budget: every forced answer is complete within max_tokens ---------------------------------------
