@@ -12,7 +12,7 @@ Claims measured (results in benchmarks/results/teacher_bench.json):
    endpoint throughput is bounded by CPU (client and server share this small box), so the maximum
    rate and the client's CPU per request are reported as well.
 
-The server is `python -m fcdistill.teacher.replay` in its own process (so it does not share the
+The server is `python -m fcdistill.devtools.replay_teacher` in its own process (so it does not share the
 client's GIL). Usage: .venv/bin/python benchmarks/teacher_bench.py [--quick]
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fcdistill.teacher.client import TeacherClient  # noqa: E402
+from fcdistill.devtools.replay_teacher import free_port  # noqa: E402
+from fcdistill.teacher.ask import TeacherClient  # noqa: E402
 from fcdistill.teacher.config import TeacherConfig  # noqa: E402
-from fcdistill.teacher.replay import free_port  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 REPLY = {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
@@ -46,7 +46,7 @@ def start_server(script: dict[str, Any]) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     path = Path(tempfile.mkdtemp()) / "script.json"
     path.write_text(json.dumps(script))
-    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.teacher.replay", "--port", str(port), "--script", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "fcdistill.devtools.replay_teacher", "--port", str(port), "--script", str(path)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 

@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import jsonschema
@@ -241,14 +242,72 @@ def _schema_problem(schema_text: str) -> str | None:
     return None
 
 
+# -- argument validation: ONE implementation, used by the server, the verifier and the data checks ----
+def _is_bfcl_integer(checker: Any, instance: Any) -> bool:
+    """JSON Schema `integer` as BFCL's checker reads it: a Python int, never 3.0 and never True.
+
+    bfcl_eval/eval_checker/ast_eval/ast_checker.py, `simple_function_checker` and `type_checker`:
+    a value passes when `type(value) == PYTHON_TYPE_MAPPING[type]` (`"integer": int`), so 3.0 (a
+    float) and True (a bool) fail an integer parameter; the only conversion it allows is the other
+    way ("Allow python auto conversion from int to float": an int passes a `float` parameter), which
+    JSON Schema's `number` already accepts. Plain JSON Schema would accept 3.0 as an integer; a
+    target we accept must be one BFCL scores as correct, so this rule wins.
+    """
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+@functools.lru_cache(maxsize=1)
+def _validator_class() -> Any:
+    """Draft 2020-12 with BFCL's integer rule (built once, on first use)."""
+    base = jsonschema.Draft202012Validator
+    return jsonschema.validators.extend(base, type_checker=base.TYPE_CHECKER.redefine("integer", _is_bfcl_integer))
+
+
+@functools.lru_cache(maxsize=2048)
+def _validators(tools_text: str) -> dict[str, Any]:
+    """name -> validator of the closed schema (no unknown arguments), with formats asserted; cached per
+    tool set, keyed by its canonical JSON: the server, labeling and augmentation check the same tools
+    thousands of times."""
+    cls = _validator_class()
+    return {name: cls(closed_schema(params), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+            for name, params in json.loads(tools_text)}
+
+
+def _tools_key(tools: list[ToolSpec]) -> str:
+    return json.dumps([[t.name, t.parameters] for t in tools], sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One way a call does not fit its tools: the JSON Schema keyword that failed (`unknown_function`
+    when the name is not among the tools), where in the arguments, and jsonschema's message."""
+
+    keyword: str
+    path: str
+    message: str
+
+
+def call_violations(call: ToolCall, tools: list[ToolSpec], validators: dict[str, Any] | None = None) -> list[Violation]:
+    """Every schema violation of one call, ordered by path then keyword; empty when it fits.
+
+    `validators` (from `tool_validators`) saves rebuilding the key when many calls share one tool set."""
+    v = (validators if validators is not None else tool_validators(tools)).get(call.name)
+    if v is None:
+        return [Violation("unknown_function", "", f"{call.name!r} is not among the tools")]
+    errors = sorted(v.iter_errors(call.arguments), key=lambda e: (list(map(str, e.absolute_path)), str(e.validator)))
+    return [Violation(str(e.validator), "/".join(map(str, e.absolute_path)) or "<arguments>", e.message)
+            for e in errors]
+
+
+def tool_validators(tools: list[ToolSpec]) -> dict[str, Any]:
+    """The cached validators of a tool set (see `_validators`)."""
+    return _validators(_tools_key(tools))
+
+
 def call_errors(call: ToolCall, tools: list[ToolSpec]) -> list[str]:
     """Why `call` does not fit `tools` (unknown function, schema violations); empty when it fits."""
-    spec = next((t for t in tools if t.name == call.name), None)
-    if spec is None:
-        return [f"unknown function {call.name!r}"]
-    validator = jsonschema.Draft202012Validator(closed_schema(spec.parameters))
-    return [f"{call.name}: {'/'.join(map(str, e.absolute_path)) or '<arguments>'}: {e.message}"
-            for e in sorted(validator.iter_errors(call.arguments), key=lambda e: list(map(str, e.path)))]
+    return [f"unknown function {call.name!r}" if v.keyword == "unknown_function" else f"{call.name}: {v.path}: {v.message}"
+            for v in call_violations(call, tools)]
 
 
 def closed_schema(schema: Any) -> Any:

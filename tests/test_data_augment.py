@@ -19,9 +19,9 @@ from fcdistill.data.augment_names import (NOUNS, QUALIFIERS, VERBS, name_words, 
                                           rename_value)
 from fcdistill.data.augment_ops import Pools, mask, substitute
 from fcdistill.data.augment_values import find_once, leaves, occurs
-from fcdistill.data.bfcl import IRRELEVANT_ANSWER, Record, SplitOptions, prepare_bfcl, read_records
-from fcdistill.teacher.dedup import DuplicateIndex, EvalIndex
-from fcdistill.teacher.verify import format_failures
+from fcdistill.data.bfcl import IRRELEVANT_ANSWER, Record, SplitOptions, eval_index, prepare_bfcl, read_records
+from fcdistill.data.checks import format_failures
+from fcdistill.data.dedup import DuplicateIndex
 from fcdistill.tools import ToolCall, ToolSpec, call_errors
 
 CATS = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance", "simple_java", "simple_javascript"]
@@ -129,7 +129,7 @@ def test_stats_add_up(runs):
 
 
 def test_every_record_passes_format_and_schema(runs):
-    from fcdistill.teacher.verify import category_style, style_failures
+    from fcdistill.data.checks import category_style, style_failures
 
     a, _, _ = runs
     for r in _records(a):
@@ -315,7 +315,7 @@ def test_substitution_keeps_kind_and_skips_ambiguous_values():
 def test_no_eval_id_or_overlap_and_no_duplicates(src, runs):
     a, _, _ = runs
     eval_ids = {r.id for r in read_records(src, "eval")}
-    index = EvalIndex.from_data_dir(src)
+    index = eval_index(src)
     records = _records(a)
     for r in records:
         assert r.id not in eval_ids and not set(r.source_ids or []) & eval_ids

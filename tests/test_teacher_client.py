@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from fcdistill.teacher.cache import ResponseCache
-from fcdistill.teacher.client import TeacherClient, run_bounded, safe_tool_names, strip_fences
+from fcdistill.client import Client, ClientConfig, ResponseCache, run_bounded
+from fcdistill.devtools.replay_teacher import ReplayServer
+from fcdistill.teacher.ask import TeacherClient, strip_fences
 from fcdistill.teacher.config import TeacherConfig, TeacherError, load_teacher_config
-from fcdistill.teacher.replay import ReplayServer
-from fcdistill.tools import ToolCall, normalize_tools
+from fcdistill.tools import ToolCall, normalize_tools, safe_tool_names
 
 Q = [{"role": "user", "content": "add two"}]
 TOOLS = normalize_tools([{"name": "math.add", "description": "add", "parameters": {
@@ -226,3 +226,48 @@ def test_strip_fences():
     assert strip_fences("```json\n[1]\n```") == "[1]"
     assert strip_fences("  {\"a\": 1} ") == "{\"a\": 1}"
     assert json.loads(strip_fences("```\n{}\n```")) == {}
+
+
+def _client_cfg(url: str, **kw) -> ClientConfig:
+    base = dict(base_url=url, model="replay", api_key_env=None, backoff_initial_s=0.01, backoff_max_s=0.05,
+                timeout_s=5, progress=False)
+    return ClientConfig(**{**base, **kw})
+
+
+def test_replies_carry_the_http_status_as_an_integer():
+    script = {"rules": [
+        {"match": ["fine"], "replies": [{"content": "ok"}]},
+        {"match": ["refused"], "replies": [{"content": "x"}], "faults": [{"status": 400}]},
+        {"match": ["down"], "replies": [{"content": "x"}], "faults": [{"status": 503}] * 2},
+        {"match": ["slow"], "replies": [{"content": "x"}], "faults": [{"delay_s": 1.0}] * 2}]}
+    with ReplayServer(script) as srv:
+        async def go():
+            async with Client(_client_cfg(srv.url, max_attempts=2, timeout_s=0.4)) as c:
+                return [await c.chat([{"role": "user", "content": q}]) for q in ("fine", "refused", "down", "slow")]
+        ok, refused, down, slow = run(go())
+    assert ok.status == 200 and ok.error is None
+    assert refused.status == 400 and refused.attempts == 1
+    assert down.status == 503 and down.error.startswith("gave up after 2 attempts")  # the last attempt's status
+    assert slow.status is None and "timed out" in slow.error  # no HTTP answer at all
+
+
+def test_neutral_config_takes_a_key_directly_and_never_dumps_it(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    direct = ClientConfig(base_url="http://x/v1", model="m", api_key="sk-direct")
+    assert direct.key() == "sk-direct" and "sk-direct" not in repr(direct) and "api_key" not in direct.model_dump()
+    assert ClientConfig(base_url="http://x/v1", model="m").key() == "from-env"
+    assert ClientConfig(base_url="http://x/v1", model="m", api_key_env=None).key() == "EMPTY"
+    with pytest.raises(TeacherError, match="api-key-env"):  # a teacher config names the variable, never the key
+        load_teacher_config(None, {"base_url": "http://x", "model": "m", "api_key": "sk"})
+
+
+def test_gather_keeps_order_under_the_clients_one_limit():
+    with ReplayServer({"default": {"content": "ok"}, "delay_s": 0.05}) as srv:
+        async def go():
+            async with Client(_client_cfg(srv.url, concurrency=3)) as c:
+                async def ask(i: int) -> int:
+                    await c.chat([{"role": "user", "content": f"q{i}"}])
+                    return i
+                return await c.gather(list(range(10)), ask, "ask"), c.stats.max_in_flight
+        out, peak = run(go())
+        assert out == list(range(10)) and peak == 3 and srv.stats()["max_in_flight"] == 3

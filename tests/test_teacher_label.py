@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl, read_records
-from fcdistill.teacher.cache import JsonlLog, repair_jsonl
-from fcdistill.teacher.client import safe_tool_names
+from fcdistill.data.labels import TEACHER_LABELED, apply_teacher_labels
+from fcdistill.devtools.replay_teacher import ReplayServer
+from fcdistill.jsonl import JsonlLog, repair_jsonl
+from fcdistill.teacher.ask import CallAnswer
 from fcdistill.teacher.config import TeacherConfig, TeacherError
 from fcdistill.teacher.label import LabelOptions, Sample, canonical_key, majority_vote, run_label
-from fcdistill.teacher.labels import TEACHER_LABELED, apply_teacher_labels
-from fcdistill.teacher.client import CallAnswer
-from fcdistill.teacher.replay import ReplayServer
 from fcdistill.teacher.templates import load_templates
-from fcdistill.tools import ToolCall
+from fcdistill.tools import ToolCall, safe_tool_names
 
 FCD = str(Path(sys.executable).with_name("fcd"))
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl, read_records
-from fcdistill.teacher.replay import free_port
+from fcdistill.devtools.replay_teacher import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 FCD = str(Path(sys.executable).with_name("fcd"))
@@ -127,7 +127,7 @@ def test_synth_then_verify_against_fcd_serve(serve, data, tmp_path):
     print((out / "report.md").read_text())
 
     # verify: the shipped seeds, judged by the same endpoint (verdicts via a forced schema-tool call)
-    from fcdistill.teacher.synth import example_domain
+    from fcdistill.teacher.inputs import example_domain
 
     dom = example_domain()
     seeds = dom.implementations.with_name("travel_seeds.jsonl").read_text().splitlines()[:2]

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from fcdistill.data.dedup import DuplicateIndex, EvalIndex, stratified_split, stratum
+from fcdistill.devtools.replay_teacher import ReplayServer
 from fcdistill.teacher.config import TeacherConfig, TeacherError
-from fcdistill.teacher.dedup import DuplicateIndex, EvalIndex, stratified_split, stratum
-from fcdistill.teacher.replay import ReplayServer
-from fcdistill.teacher.synth import (Domain, SynthOptions, example_domain, load_seeds, load_tools, plan_jobs,
-                                     run_synth)
+from fcdistill.teacher.inputs import Domain, SynthOptions, example_domain, load_seeds, load_tools
+from fcdistill.teacher.plan import plan_jobs
+from fcdistill.teacher.synth import run_synth
 from fcdistill.teacher.templates import load_templates
 from fcdistill.tools import ToolCall
 
@@ -315,7 +316,7 @@ def test_stratified_split_is_exact_proportional_and_seeded():
 
 
 def test_verify_command_on_outside_examples(tmp_path):
-    from fcdistill.teacher.synth import example_domain
+    from fcdistill.teacher.inputs import example_domain
 
     tools = example_domain().implementations.with_name("travel_tools.json")
     lines = [

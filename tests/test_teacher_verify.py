@@ -11,14 +11,15 @@ import textwrap
 
 import pytest
 
-from fcdistill.teacher.client import TeacherClient
+from fcdistill.data.checks import Failure, format_failures, style_failures
+from fcdistill.devtools.replay_teacher import ReplayServer
+from fcdistill.teacher.ask import TeacherClient
 from fcdistill.teacher.config import TeacherConfig
 from fcdistill.teacher.execute import Executor
-from fcdistill.teacher.replay import ReplayServer
-from fcdistill.teacher.synth import judge_answer
+from fcdistill.teacher.judge import judge_answer, parse_verdict
 from fcdistill.teacher.templates import load_templates
-from fcdistill.teacher.verify import (Failure, StageTable, format_failures, parse_verdict, style_failures)
-from fcdistill.tools import ToolCall, normalize_tools
+from fcdistill.teacher.verify import StageTable
+from fcdistill.tools import ToolCall, call_errors, normalize_tools
 
 TOOLS = normalize_tools([
     {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
@@ -88,6 +89,30 @@ def test_format_rules_on_recorded_replies(replay):
         assert answer.error is None, name
         got = [f.code for f in format_failures(answer.calls, TOOLS)]
         assert sorted(got) == sorted(expected), (name, [str(f) for f in format_failures(answer.calls, TOOLS)])
+
+
+SINGLE_CALL_CASES = [(name, calls[0], expected) for name, calls, expected in FORMAT_CASES if len(calls) == 1]
+SINGLE_CALL_CASES += [("int_for_number", {"name": "book", "arguments": {**OK, "price": 5}}, []),
+                      ("integer_valued_float_for_integer", {"name": "book", "arguments": {**OK, "n": 3.0}}, ["type"])]
+
+
+def test_server_check_and_verifier_agree_on_every_call():
+    """One validator: the check `fcd serve` runs on every call it returns (tools.call_errors), the format
+    stage of labels and data (data.checks.format_failures) and the Verifier of `fcd synth`/`fcd verify`
+    accept and reject exactly the same calls."""
+    from fcdistill.data.dedup import DuplicateIndex
+    from fcdistill.teacher.inputs import Example
+    from fcdistill.teacher.verify import Verifier
+
+    examples = [Example(id=name, style=None, query=f"query {name}", tools=TOOLS, calls=[ToolCall(**call)])
+                for name, call, _ in SINGLE_CALL_CASES]
+    verifier = Verifier(None, load_templates(), None, None, judge=False, progress=False)
+    asyncio.run(verifier.run(examples, DuplicateIndex(threshold=1.0)))  # distinct queries: only format decides
+    for (name, call, expected), ex in zip(SINGLE_CALL_CASES, examples):
+        served = call_errors(ToolCall(**call), TOOLS)
+        checked = format_failures([ToolCall(**call)], TOOLS)
+        assert bool(served) == bool(checked) == (not ex.ok) == bool(expected), (name, served, checked, ex.failures)
+        assert len(served) == len(checked), name
 
 
 def test_failures_name_the_call_and_path(replay):

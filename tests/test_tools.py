@@ -5,7 +5,8 @@ import pytest
 
 from fcdistill.bfcl_env import bfcl_data_dir
 from fcdistill.data.bfcl import category_language
-from fcdistill.tools import ToolCall, ToolSchemaError, call_errors, normalize_tool, normalize_tools
+from fcdistill.tools import (ToolCall, ToolSchemaError, call_errors, call_violations, normalize_tool, normalize_tools,
+                             tool_validators)
 
 BFCL_FN = {
     "name": "math.factorial",
@@ -89,6 +90,40 @@ def test_call_errors_cover_unknown_functions_and_arguments():
     assert any("required" in e for e in call_errors(ToolCall(name="math.factorial", arguments={}), tools))
     assert any("Additional properties" in e for e in call_errors(ToolCall(name="math.factorial", arguments={"n": 1, "zzz": 2}), tools))
     assert any("integer" in e for e in call_errors(ToolCall(name="math.factorial", arguments={"n": 1.5}), tools))
+
+
+# value for `n` (BFCL "integer") / `scale` (BFCL "float"); BFCL's own checker decides what is right
+NUMBER_CASES = [({"n": 5}, True), ({"n": 5.0}, False), ({"n": True}, False), ({"n": 5.5}, False),
+                ({"n": 5, "scale": 2}, True), ({"n": 5, "scale": 2.5}, True), ({"n": 5, "scale": False}, False)]
+
+
+@pytest.mark.parametrize("args,fits", NUMBER_CASES)
+def test_integer_and_float_follow_bfcls_checker(args, fits):
+    """Our one validator and bfcl_eval's ast_checker agree on integer-valued floats (rejected for an
+    integer), ints for a float (accepted) and booleans (never numbers): a target we accept is one BFCL
+    scores as correct."""
+    from fcdistill.bfcl_env import bfcl_import
+
+    checker = bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker", "simple_function_checker")
+    language = bfcl_import("bfcl_eval.constants.enums", "Language")
+    fn = {"name": "f", "parameters": {"type": "dict", "required": ["n"], "properties": {
+        "n": {"type": "integer"}, "scale": {"type": "float"}}}}
+    scale = args.get("scale")
+    answer = {"f": {"n": [5], "scale": [float(scale) if type(scale) in (int, float) else "", ""]}}  # correct values
+    bfcl = checker(fn, {"f": args}, answer, language.PYTHON, "gorilla-openfunctions-v2")
+    ours = call_errors(ToolCall(name="f", arguments=args), [normalize_tool(fn)])
+    assert (not ours) == fits, ours
+    assert bfcl["valid"] == fits, bfcl
+
+
+def test_validators_are_built_once_per_tool_set():
+    tools = [normalize_tool(BFCL_FN)]
+    same = [normalize_tool(BFCL_FN)]  # equal content, another object
+    assert tool_validators(tools) is tool_validators(same)
+    other = [normalize_tool({**BFCL_FN, "name": "g"})]
+    assert tool_validators(other) is not tool_validators(tools)
+    (v,) = call_violations(ToolCall(name="math.factorial", arguments={"n": 2.0}), tools)
+    assert (v.keyword, v.path) == ("type", "n")
 
 
 def _all_bfcl_functions():

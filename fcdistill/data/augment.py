@@ -9,10 +9,10 @@ with reasons). Every augmented record names its sources (`source_ids`) and its t
 Each source record gets `multiplier` slots; a slot tries the transforms in a seeded order per record
 and takes the first that applies. Every candidate then passes, in this order:
 - format: the tool schemas are valid JSON Schema, the names unique, the target valid against its
-  tools (teacher/verify.py), its shape the category's, and every value the source query stated
+  tools (data/checks.py), its shape the category's, and every value the source query stated
   verbatim is still stated by the new query (a swap or a rename kept query and target in step);
 - contamination: no eval id among its ids and sources, no 13-gram shared with an eval question
-  (teacher/dedup.py); originals are checked too, and a contaminated original is dropped;
+  (data/dedup.py); originals are checked too, and a contaminated original is dropped;
 - duplicates: no exact copy of another record (prompt and target), no query that is an exact or
   near duplicate (MinHash, Jaccard >= 0.8) of a query from other sources. Variants of one source
   share its query on purpose (masking, shuffles, distractors, deletion) or nearly (substitution);
@@ -35,9 +35,9 @@ from pydantic import BaseModel, Field
 
 from fcdistill.data.augment_ops import TRANSFORMS, NotApplicable, Pools, user_text
 from fcdistill.data.augment_values import leaves, occurs
-from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, read_manifest, read_records
-from fcdistill.teacher.dedup import DuplicateIndex, EvalIndex, normalize, question_text
-from fcdistill.teacher.verify import category_style, format_failures, style_failures
+from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, eval_index, read_manifest, read_records
+from fcdistill.data.checks import category_style, format_failures, style_failures
+from fcdistill.data.dedup import DuplicateIndex, normalize, question_text
 from fcdistill.tools import ToolCall, ToolSchemaError, check_schema
 
 STATS_FILE = "augment_stats.json"
@@ -124,7 +124,7 @@ class _Gate:
     """Contamination and duplicate checks over everything accepted so far, in a fixed order."""
 
     def __init__(self, data: Path, threshold: float, ngram: int):
-        self.eval = EvalIndex.from_data_dir(data, n=ngram)
+        self.eval = eval_index(data, n=ngram)
         self.queries = DuplicateIndex(threshold=threshold)
         self.family: dict[str, frozenset[str]] = {}  # query-index id -> the sources it came from
         self.examples: set[str] = set()

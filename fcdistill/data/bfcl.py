@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from fcdistill.bfcl_env import bfcl_data_dir, bfcl_version, with_language_hint
+from fcdistill.data.dedup import EvalIndex, normalize, question_text
 from fcdistill.tools import ToolCall, ToolSpec, call_errors, normalize_tools
 
 SINGLE_TURN_CATEGORIES = (
@@ -208,10 +209,8 @@ def _drop_eval_overlap(train: list[Record], evals: list[Record]) -> tuple[list[R
 
     BFCL repeats questions across categories (many `multiple` items ask a `simple_python` question
     with more tools), so a per-category split would train on held-out questions. The rule is the
-    one every later stage applies to new data (teacher/dedup.py's contamination check).
+    one every later stage applies to new data (data/dedup.py's contamination check).
     """
-    from fcdistill.teacher.dedup import EvalIndex, normalize, question_text
-
     index = EvalIndex({r.id for r in evals}, {r.id: question_text(r.messages) for r in evals})
     same = {normalize(question_text(r.messages)) for r in evals}  # short questions too: no 13-word span
     kept, dropped = [], []
@@ -318,3 +317,12 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} not found: run `fcd data bfcl --out {data_dir}` first")
     return json.loads(path.read_text())
+
+
+def eval_index(data_dir: Path, n: int = 13, min_words: int = 8) -> EvalIndex:
+    """What a data dir's eval split holds, for contamination checks: ids from the manifest, questions
+    (user turns) from eval.jsonl."""
+    ids = set(read_manifest(data_dir).get("splits", {}).get("eval", []))
+    path = Path(data_dir) / "eval.jsonl"
+    rows = _read_jsonl(path) if path.is_file() else []
+    return EvalIndex(ids, {r["id"]: question_text(r.get("messages", [])) for r in rows}, n=n, min_words=min_words)

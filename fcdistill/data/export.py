@@ -101,7 +101,7 @@ def select_records(records: list[Record], split: str, labels: str,
         return records, []
     notes: dict[str, str] = {}
     if labels == "labeled" and data_dir is not None:
-        from fcdistill.teacher.labels import apply_teacher_labels
+        from fcdistill.data.labels import apply_teacher_labels
 
         records, why = apply_teacher_labels(records, data_dir)
         notes = {n.split(": ", 1)[0]: n for n in why}

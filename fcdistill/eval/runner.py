@@ -1,8 +1,8 @@
 """`fcd eval run`: ask any OpenAI-compatible endpoint the eval questions, then score and report.
 
 Why it is built this way:
-- transport is the teacher's client (bounded concurrency, jittered retries, progress bar), without
-  its response cache: two servers that share a model name must not share answers;
+- transport is the neutral client (fcdistill.client: bounded concurrency, jittered retries, progress
+  bar), without its response cache: two servers that share a model name must not share answers;
 - every answer is appended to `outputs.jsonl` as it arrives, so a killed run resumes where it
   stopped and a rerun asks only the ids it has no answer for; scoring is cheap and redone from
   that file each time (items.jsonl, summary.json, report.md, chart.png);
@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,10 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import PrivateAttr
-
 from fcdistill.eval.dataset import EvalError, EvalItem, load_eval_set
-from fcdistill.teacher.config import TeacherConfig
+from fcdistill.jsonl import repair_jsonl, write_jsonl_atomic
 from fcdistill.tools import is_api_safe_name
 
 OUTPUTS = "outputs.jsonl"
@@ -88,18 +84,9 @@ def normalize_endpoint(url: str) -> str:
     return url + "/v1" if parsed.path in ("", "/") else url
 
 
-class _EndpointConfig(TeacherConfig):
-    """The teacher client's settings with the key given directly rather than through an env var."""
-
-    _key: str | None = PrivateAttr(default=None)
-
-    def api_key(self) -> str:
-        return self._key or "EMPTY"
-
-
 def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0) -> list[str] | None:
-    """The shared up-front check (teacher.client.check_endpoint), failing as an EvalError."""
-    from fcdistill.teacher.client import EndpointError, check_endpoint as check
+    """The shared up-front check (fcdistill.client.check_endpoint), failing as an EvalError."""
+    from fcdistill.client.endpoint import EndpointError, check_endpoint as check
 
     try:
         return check(endpoint, api_key, timeout_s, key_hint="--api-key")
@@ -110,21 +97,7 @@ def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0) 
 # -- per-item outputs (append-only, resumable) ----------------------------------------------------
 def read_outputs(path: Path) -> dict[str, dict[str, Any]]:
     """id -> answer; a line cut off by a killed run is dropped (and cut from the file) so it is re-asked."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[row["id"]] = row
-    return out
+    return {row["id"]: row for row in repair_jsonl(path)}
 
 
 def _identity(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +147,10 @@ def prompt_messages(item: EvalItem) -> list[dict[str, Any]]:
     return add_system(copy.deepcopy(item.record.messages), copy.deepcopy(item.shown_functions), item.id)
 
 
-def _status(error: str) -> int | None:
-    m = re.match(r"HTTP (\d{3})", error)
-    return int(m.group(1)) if m else None
+def _refused(status: int | None) -> bool:
+    """A final HTTP 4xx (the endpoint refused the question), as opposed to a transport failure that
+    outlasted the retries (5xx, 408/409/429, timeouts, dropped connections, a 200 without a usable body)."""
+    return status is not None and 400 <= status < 500 and status not in (408, 409, 429)
 
 
 @dataclass
@@ -193,12 +167,12 @@ class _Progress:
 
 
 async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any], outputs_path: Path) -> _Progress:
-    from fcdistill.teacher.client import TeacherClient, run_bounded
+    from fcdistill.client import Client, ClientConfig
 
-    cfg = _EndpointConfig(base_url=opts.endpoint, model=opts.model, api_key_env=None, temperature=opts.temperature,
-                          max_tokens=opts.max_tokens, concurrency=opts.concurrency, timeout_s=opts.timeout_s,
-                          max_attempts=opts.max_attempts, backoff_max_s=8.0, cache=None, progress=opts.progress)
-    cfg._key = opts.api_key
+    cfg = ClientConfig(base_url=opts.endpoint, model=opts.model, api_key=opts.api_key, api_key_env=None,
+                       temperature=opts.temperature, max_tokens=opts.max_tokens, concurrency=opts.concurrency,
+                       timeout_s=opts.timeout_s, max_attempts=opts.max_attempts, backoff_max_s=8.0, cache=None,
+                       progress=opts.progress)
     prog = _Progress()
     state = {"safe": info.get("tool_names") == "safe"}
 
@@ -214,8 +188,7 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
             tools, name_map = fc_request(item, safe)
             reply = await client.chat(copy.deepcopy(item.record.messages), tools, opts.tool_choice)
             unsafe = not all(is_api_safe_name(f["name"]) for f in item.functions)
-            if (reply.error and _status(reply.error) == 400 and not safe and unsafe
-                    and opts.tool_names == "auto"):
+            if reply.error and reply.status == 400 and not safe and unsafe and opts.tool_names == "auto":
                 tools, name_map = fc_request(item, True)
                 retry = await client.chat(copy.deepcopy(item.record.messages), tools, opts.tool_choice)
                 if not retry.error:
@@ -233,17 +206,17 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
             row["name_map"] = name_map
         if reply.error:
             row = {"id": item.id, "category": item.category, "mode": opts.mode, "error": reply.error,
-                   "status": _status(reply.error)}
+                   "status": reply.status}
         return row
 
     def on_result(item: EvalItem, row: dict[str, Any] | None) -> None:
-        bar.update(1)
         if row is None:
             return
         prog.asked += 1
         status = row.get("status")
-        if "error" in row and (status is None or status >= 500 or status in (408, 409, 429)):
-            # Transport failure after the retries: not an answer; a rerun asks again.
+        if "error" in row and not _refused(status):
+            # Transport failure after the retries (or a 200 without a usable answer): not an answer;
+            # a rerun asks again.
             prog.transport_errors += 1
             prog.consecutive_failures += 1
             prog.last_error = row["error"]
@@ -260,14 +233,9 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
         prog.completion_tokens += usage.get("completion_tokens", 0)
         with outputs_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        bar.set_postfix(tok=prog.prompt_tokens + prog.completion_tokens, fail=prog.transport_errors, refresh=False)
 
-    async with TeacherClient(cfg) as client:
-        bar = client.progress(len(todo), f"eval {opts.label or opts.model}")
-        try:
-            await run_bounded(todo, ask, opts.concurrency, on_result)
-        finally:
-            bar.close()
+    async with Client(cfg) as client:
+        await client.each(todo, ask, on_result, f"eval {opts.label or opts.model}")
     if state["safe"] and info.get("tool_names") != "safe":
         info["tool_names"] = "safe"
         (opts.out / RUN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -281,11 +249,7 @@ def score_outputs(items: list[EvalItem], outputs: dict[str, dict[str, Any]], out
 
     scorer = Scorer()
     scores = [scorer.score(it, outputs[it.id]) for it in items if it.id in outputs]
-    tmp = out / (ITEMS + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for s in scores:
-            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, out / ITEMS)
+    write_jsonl_atomic(out / ITEMS, [s.to_json() for s in scores], sort_keys=False)
     return scores
 
 

@@ -132,7 +132,8 @@ def register(app: typer.Typer) -> None:
 
         from fcdistill.errors import validation_message
         from fcdistill.teacher.config import TeacherError
-        from fcdistill.teacher.synth import Domain, SynthOptions, example_domain, load_seeds, load_tools, run_synth
+        from fcdistill.teacher.inputs import Domain, SynthOptions, example_domain, load_seeds, load_tools
+        from fcdistill.teacher.synth import run_synth
         from fcdistill.teacher.templates import load_templates
 
         try:
@@ -186,8 +187,9 @@ def register(app: typer.Typer) -> None:
 
         from fcdistill.errors import validation_message
         from fcdistill.teacher.config import TeacherError
-        from fcdistill.teacher.synth import VerifyOptions, run_verify
+        from fcdistill.teacher.inputs import VerifyOptions
         from fcdistill.teacher.templates import load_templates
+        from fcdistill.teacher.verify import run_verify
 
         try:
             cfg = None

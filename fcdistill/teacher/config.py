@@ -1,17 +1,18 @@
 """Teacher endpoint settings, from a YAML file and/or CLI flags, checked once by pydantic.
 
-The API key is never stored: the config names the environment variable that holds it, so configs,
-run directories and cache keys can be shared without leaking secrets.
+`TeacherConfig` is the neutral client's `ClientConfig` plus how the teacher is asked (tools or prompt
+mode, how JSON replies come back). The API key is never stored: the config names the environment
+variable that holds it, so configs, run directories and cache keys can be shared without leaking secrets.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from fcdistill.client.config import ClientConfig
 from fcdistill.errors import validation_message
 
 
@@ -19,33 +20,15 @@ class TeacherError(ValueError):
     """Bad teacher-stage input (config, files, options); the CLI prints it as one line and exits 2."""
 
 
-class TeacherConfig(BaseModel):
+class TeacherConfig(ClientConfig):
     """One OpenAI-compatible endpoint: local vLLM, our own `fcd serve`, or a hosted API."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(min_length=1)
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the key")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(512, gt=0)
-    concurrency: int = Field(8, ge=1, le=4096, description="requests in flight at most")
     mode: Literal["tools", "prompt"] = Field(
         "tools", description="tools: the `tools` parameter; prompt: BFCL's python-syntax system prompt")
     structured: Literal["text", "schema", "tool"] = Field(
         "text", description="how JSON replies (generated examples, judge verdicts) come back: as free message "
                             "text; as text constrained by response_format json_schema; or as the arguments "
                             "of a forced call to a schema tool")
-    timeout_s: float = Field(120.0, gt=0)
-    max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
-    backoff_initial_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0, description="longest wait between tries, a server's Retry-After included")
-    seed: int | None = Field(None, description="sent as `seed` (+ sample index when sampling several)")
-    price_input_per_mtok: float | None = Field(None, ge=0, description="USD per million prompt tokens")
-    price_output_per_mtok: float | None = Field(None, ge=0, description="USD per million completion tokens")
-    cache: Path | None = Field(None, description="SQLite file of answered requests; None: no cache")
-    progress: bool = True
-    extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields, sent as-is")
 
     @field_validator("base_url")
     @classmethod
@@ -54,23 +37,18 @@ class TeacherConfig(BaseModel):
             raise TeacherError(f"--base-url must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
 
-    def api_key(self) -> str:
-        """The key from the named variable; local servers accept any key, so 'EMPTY' when unset."""
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env) or "EMPTY"
-        return "EMPTY"
+    @field_validator("api_key")
+    @classmethod
+    def _no_key(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise TeacherError("api_key: a teacher config names the key's variable (--api-key-env), never the key")
+        return v
 
     def identity(self) -> dict[str, Any]:
         """What decides the teacher's answers (written next to labels; a change forbids silent resume)."""
         return {"model": self.model, "mode": self.mode, "structured": self.structured,
                 "temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed,
                 "extra_body": self.extra_body}
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
-        if self.price_input_per_mtok is None and self.price_output_per_mtok is None:
-            return None
-        return (prompt_tokens * (self.price_input_per_mtok or 0.0)
-                + completion_tokens * (self.price_output_per_mtok or 0.0)) / 1e6
 
 
 def load_teacher_config(path: Path | None, overrides: dict[str, Any]) -> TeacherConfig:
@@ -96,3 +74,18 @@ def load_teacher_config(path: Path | None, overrides: dict[str, Any]) -> Teacher
         return TeacherConfig.model_validate(data)
     except ValidationError as exc:
         raise TeacherError(validation_message(exc)) from None
+
+
+def check_teacher(cfg: TeacherConfig) -> None:
+    """The client's `check_endpoint` for the teacher stages: a TeacherError (exit 2) before any work, and
+    a warning when the endpoint lists its models and the teacher is not among them."""
+    import sys
+
+    from fcdistill.client.endpoint import EndpointError, check_endpoint
+
+    try:
+        served = check_endpoint(cfg.base_url, cfg.key(), key_hint=f"--api-key-env (now {cfg.api_key_env})")
+    except EndpointError as exc:
+        raise TeacherError(f"teacher {exc}") from None
+    if served and cfg.model not in served:
+        print(f"warning: {cfg.base_url} lists {', '.join(served[:8])}, not {cfg.model!r}", file=sys.stderr)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcdistill.teacher.cache import ResponseCache, request_key
+from fcdistill.client.cache import ResponseCache, request_key
+from fcdistill.data.checks import Failure
 from fcdistill.teacher.config import TeacherError
-from fcdistill.teacher.verify import Failure
 from fcdistill.tools import ToolCall
 
 RUNNER = Path(__file__).with_name("exec_runner.py")
@@ -43,7 +43,7 @@ class Executor:
     def __init__(self, module: Path | str, timeout_s: float = 5.0, limit: int = 2,
                  cache: ResponseCache | None = None):
         if str(module) == EXAMPLE_MODULE:
-            from fcdistill.teacher.synth import example_domain
+            from fcdistill.teacher.inputs import example_domain
 
             module = example_domain().implementations
         path = Path(module)
@@ -54,6 +54,7 @@ class Executor:
         self.path = path.resolve()
         self.timeout_s = timeout_s
         self.cache = cache
+        self.limit = limit  # processes at once: the executor's one limit
         self._sem = asyncio.Semaphore(limit)
         self._module_hash = hashlib.sha256(self.path.read_bytes()).hexdigest()
 

@@ -22,12 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fcdistill.teacher.cache import JsonlLog, ResponseCache, request_key, write_json_atomic
-from fcdistill.teacher.client import CallAnswer, TeacherClient, check_teacher, run_bounded
-from fcdistill.teacher.config import TeacherConfig, TeacherError
-from fcdistill.teacher.labels import ACCEPTED, LABELS_DIR, MIXIN, REJECTED, record_hash
+from fcdistill.client.cache import ResponseCache, request_key
+from fcdistill.data.checks import Failure, category_style, format_failures, style_failures
+from fcdistill.data.labels import ACCEPTED, LABELS_DIR, MIXIN, REJECTED, record_hash
+from fcdistill.jsonl import JsonlLog, write_json_atomic
+from fcdistill.teacher.ask import CallAnswer, TeacherClient
+from fcdistill.teacher.config import TeacherConfig, TeacherError, check_teacher
 from fcdistill.teacher.templates import Templates
-from fcdistill.teacher.verify import Failure, category_style, format_failures, style_failures
 from fcdistill.tools import ToolCall
 
 CHECKER_MODEL = "gorilla-openfunctions-v2"  # a registered model name: ast_checker then accepts dotted names
@@ -274,14 +275,10 @@ async def _label_async(cfg: TeacherConfig, opts: LabelOptions, templates: Templa
     scorer = MixinScorer(mixin) if any(r.label_source == "ground_truth" for r in todo) else None
     cache = ResponseCache(cfg.cache) if cfg.cache else None
     async with TeacherClient(cfg, cache=cache) as client:
-        bar = client.progress(len(todo), "label")
-
         async def one(rec: Any) -> dict[str, Any] | None:
             return await label_item(client, rec, opts, templates, scorer)
 
         def done_cb(rec: Any, row: dict[str, Any] | None) -> None:
-            bar.update(1)
-            bar.set_postfix(client.postfix(), refresh=False)
             if row is None:
                 return
             if row["status"] == "teacher_error":
@@ -292,9 +289,8 @@ async def _label_async(cfg: TeacherConfig, opts: LabelOptions, templates: Templa
             log.append(row)
 
         try:
-            await run_bounded(todo, one, 2 * cfg.concurrency, done_cb)
+            await client.each(todo, one, done_cb, "label")
         finally:
-            bar.close()
             summary.client = client.stats.as_dict(cfg)
             if cache is not None:
                 cache.close()
@@ -365,7 +361,7 @@ async def label_item(client: TeacherClient, rec: Any, opts: LabelOptions, templa
                                                         f"(< {opts.min_agreement:g}); tally {sorted(vote.tally.values(), reverse=True)}"))
     verdict = None
     if not reasons and opts.judge and vote.winner is not None:
-        from fcdistill.teacher.synth import judge_answer
+        from fcdistill.teacher.judge import judge_answer
 
         ok, failure, verdict = await judge_answer(client, templates, _user_text(rec), rec.tools,
                                                   vote.winner.answer.calls, None)

@@ -7,6 +7,7 @@ template's name, not as a silent literal `$tolls` in a thousand paid prompts.
 
 from __future__ import annotations
 
+import json
 import string
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from fcdistill.errors import validation_message
 from fcdistill.teacher.config import TeacherError
+from fcdistill.tools import ToolCall, ToolSpec
 
 _ALLOWED = {
     "generate.system": set(),
@@ -66,6 +68,16 @@ class Templates(BaseModel):
 
     def render(self, dotted: str, **values: Any) -> str:
         return string.Template(self.get(dotted)).substitute({k: str(v) for k, v in values.items()})
+
+
+def tools_text(tools: list[ToolSpec]) -> str:
+    """Tools as prompts show them ($tools): compact JSON, one tool a line."""
+    return "\n".join(json.dumps(t.model_dump(), ensure_ascii=False, separators=(",", ":")) for t in tools)
+
+
+def calls_json(calls: list[ToolCall]) -> str:
+    """Calls as the judge's prompt shows them ($calls)."""
+    return json.dumps([c.model_dump() for c in calls], ensure_ascii=False)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -1,158 +1,35 @@
-"""Verification of function-call answers, stage by stage, each failure with a stage, a code and a detail.
+"""Verification, stage by stage, of examples from `fcd synth` or from elsewhere (`fcd verify`).
 
-- format: every call (not only the first) against its tool's JSON Schema with jsonschema: required,
-  types (integer means a JSON integer, never 3.0 or true), null, enum, bounds incl. exclusive ones,
-  lengths, patterns, formats, nested objects and arrays, no unknown arguments (schemas are closed),
-  no unknown functions; plus the shape the query style asks for (one call, several, none).
-- execution (optional): see `execute.py`.
-- semantic: the teacher as judge, answering a strict JSON verdict `{"thought": str, "pass": bool}`
-  that is parsed as JSON and validated; an unparsable verdict is a failure with that reason (never
-  `"yes" in text`).
+Stages, in this order (the only one that pays a teacher comes last, on fewer examples):
+- format: data/checks.py (every call against its tool's JSON Schema, the query style's call count);
+- execution (optional): execute.py, each call run against user-given implementations;
+- duplicates: exact and near duplicates (data/dedup.py), the first occurrence kept;
+- contamination (optional): ids and 13-grams of a data dir's eval split;
+- semantic (optional): the teacher as judge (judge.py).
 
-`StageTable` counts outcomes like APIGen's table: generated, failures per stage with reasons, kept.
+Each failure has a stage, a code and a detail. `StageTable` counts outcomes like APIGen's table:
+generated, failures per stage with reasons, kept.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fcdistill.client.cache import ResponseCache
+from fcdistill.client.http import gather_bounded, progress_bar
+from fcdistill.data.checks import Failure, format_failures, style_failures
+from fcdistill.jsonl import write_json_atomic, write_jsonl_atomic
+from fcdistill.teacher.ask import TeacherClient
+from fcdistill.teacher.config import TeacherConfig, TeacherError, check_teacher
+from fcdistill.teacher.inputs import Example, VerifyOptions, load_examples, load_tools
+from fcdistill.teacher.judge import judge_answer
+from fcdistill.teacher.templates import Templates
 
-from fcdistill.tools import ToolCall, ToolSpec, closed_schema
-
-STYLES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 STAGES = ("format", "execution", "duplicates", "contamination", "semantic")
-
-_CODES = {
-    "required": "missing_required", "additionalProperties": "unknown_argument",
-    "unevaluatedProperties": "unknown_argument", "type": "type", "enum": "enum", "const": "enum",
-    "minimum": "bounds", "maximum": "bounds", "exclusiveMinimum": "bounds", "exclusiveMaximum": "bounds",
-    "minLength": "length", "maxLength": "length", "minItems": "length", "maxItems": "length",
-    "pattern": "pattern", "format": "format", "uniqueItems": "unique_items",
-}
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an answer was rejected: the stage, a short code to count by, and the detail."""
-
-    stage: str
-    code: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.stage}/{self.code}: {self.detail}"
-
-    def as_dict(self) -> dict[str, str]:
-        return {"stage": self.stage, "code": self.code, "detail": self.detail}
-
-
-def category_style(category: str) -> str | None:
-    """The query style of a BFCL category (simple_java -> simple, live_multiple -> multiple, ...)."""
-    base = category.removeprefix("live_")
-    if base.startswith("simple"):
-        return "simple"
-    if base in ("multiple", "parallel", "parallel_multiple"):
-        return base
-    if base == "irrelevance":
-        return "irrelevance"
-    return None
-
-
-# -- format ------------------------------------------------------------------------------------------
-def _is_strict_integer(checker: Any, instance: Any) -> bool:
-    return isinstance(instance, int) and not isinstance(instance, bool)
-
-
-_StrictValidator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer))
-
-
-@functools.lru_cache(maxsize=4096)
-def _validator(schema_text: str) -> Any:
-    """A closed-schema validator per tool schema, cached: the same tools are checked thousands of times."""
-    return _StrictValidator(closed_schema(json.loads(schema_text)),
-                            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-
-
-def format_failures(calls: list[ToolCall], tools: list[ToolSpec]) -> list[Failure]:
-    """Every schema violation of every call, and repeated identical calls."""
-    by_name = {t.name: t for t in tools}
-    out: list[Failure] = []
-    seen: set[str] = set()
-    for i, call in enumerate(calls):
-        spec = by_name.get(call.name)
-        if spec is None:
-            out.append(Failure("format", "unknown_function", f"call {i}: {call.name!r} is not among the tools"))
-            continue
-        v = _validator(json.dumps(spec.parameters, sort_keys=True))
-        for e in sorted(v.iter_errors(call.arguments), key=lambda e: (list(map(str, e.path)), e.validator)):
-            path = "/".join(map(str, e.absolute_path)) or "<arguments>"
-            out.append(Failure("format", _CODES.get(str(e.validator), str(e.validator)),
-                               f"call {i} {call.name}: {path}: {e.message}"))
-        key = json.dumps([call.name, call.arguments], sort_keys=True)
-        if key in seen:
-            out.append(Failure("format", "duplicate_call", f"call {i} {call.name} repeats an earlier call"))
-        seen.add(key)
-    return out
-
-
-def style_failures(calls: list[ToolCall], style: str | None, note: str | None = None) -> list[Failure]:
-    """The answer's shape against the style: simple/multiple one call, parallel >= 2 of one function,
-    parallel_multiple >= 2 across >= 2 functions, irrelevance none."""
-    n, names = len(calls), {c.name for c in calls}
-    why = f" ({note})" if note else ""
-    if style == "irrelevance":
-        return [Failure("format", "unexpected_call", f"{n} call(s) where no function fits")] if n else []
-    if style is None:
-        return []
-    if n == 0:
-        return [Failure("format", "no_call", f"a {style} query needs a call; the answer is text{why}")]
-    if style in ("simple", "multiple") and n != 1:
-        return [Failure("format", "call_count", f"a {style} query needs exactly 1 call, got {n}")]
-    if style == "parallel" and (n < 2 or len(names) != 1):
-        return [Failure("format", "call_count", f"a parallel query needs >= 2 calls of one function, got {n} "
-                                                f"call(s) of {sorted(names)}")]
-    if style == "parallel_multiple" and (n < 2 or len(names) < 2):
-        return [Failure("format", "call_count", f"a parallel_multiple query needs >= 2 calls of >= 2 functions, "
-                                                f"got {n} call(s) of {sorted(names)}")]
-    return []
-
-
-# -- semantic ----------------------------------------------------------------------------------------
-class Verdict(BaseModel):
-    """The judge's verdict; `pass` must be a JSON boolean ("yes", 1 or "true" are not verdicts)."""
-
-    model_config = ConfigDict(strict=True, populate_by_name=True, extra="ignore")
-
-    thought: str
-    passed: bool = Field(alias="pass")
-
-
-VERDICT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"thought": {"type": "string", "maxLength": 400, "description": "one or two sentences of reasoning"},
-                   "pass": {"type": "boolean"}},
-    "required": ["thought", "pass"],
-}
-
-
-def parse_verdict(value: Any) -> tuple[Verdict | None, str | None]:
-    """A decoded JSON value -> Verdict, or the reason it is not one."""
-    if not isinstance(value, dict):
-        return None, f"verdict is not a JSON object (got {type(value).__name__})"
-    try:
-        return Verdict.model_validate(value), None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "verdict"
-        return None, f"verdict field {loc!r}: {err.get('msg')}"
 
 
 # -- counting ----------------------------------------------------------------------------------------
@@ -199,3 +76,163 @@ class StageTable:
         for stage, why in self.skipped.items():
             lines.append(f"- {stage}: not run ({why})")
         return "\n".join(lines) + "\n"
+
+
+# -- the stages ------------------------------------------------------------------------------------
+class Verifier:
+    """The verification stages in order: format -> execution -> duplicates -> contamination -> semantic.
+
+    Each example keeps its failures (the first names the stage it was dropped at). Examples whose
+    judge call failed at the transport are removed and counted, not judged as data. Judge calls run
+    under the client's one concurrency limit, executions under the executor's process limit.
+    """
+
+    def __init__(self, client: TeacherClient | None, templates: Templates, executor: Any, eval_index: Any,
+                 judge: bool, progress: bool = True):
+        if judge and client is None:
+            raise TeacherError("the semantic check needs a teacher (--base-url and --model), or pass --no-judge")
+        self.client, self.templates, self.executor = client, templates, executor
+        self.eval_index, self.use_judge, self.progress = eval_index, judge, progress
+
+    async def run(self, examples: list[Example], dedup: Any) -> tuple[list[Example], int]:
+        for ex in examples:
+            if ex.ok:
+                ex.failures += style_failures(ex.calls, ex.style) + format_failures(ex.calls, ex.tools)
+        if self.executor is not None:
+            todo = [e for e in examples if e.ok]
+            bar = progress_bar(len(todo), "execute", self.progress)
+            try:
+                await gather_bounded(todo, self.execute, self.executor.limit, bar)
+            finally:
+                bar.close()
+        for ex in examples:  # in order: the first occurrence is the one kept
+            if ex.ok:
+                dedup_and_contamination(ex, dedup, self.eval_index)
+        if self.use_judge:
+            await self.judge_all([e for e in examples if e.ok], "judge")
+        errors = [e for e in examples if e.failures and e.failures[0].code == "teacher_error"]
+        return [e for e in examples if e not in errors], len(errors)
+
+    async def execute(self, ex: Example) -> None:
+        results, fails = await self.executor.check(ex.calls)
+        ex.exec_results = [r.as_dict() for r in results]
+        ex.failures += fails
+
+    async def judge_all(self, examples: list[Example], desc: str, irrelevance: bool = False) -> None:
+        """The judge on each example, as many at once as the client allows."""
+        assert self.client is not None
+
+        async def one(ex: Example) -> None:
+            await self.judge(ex, irrelevance)
+        await self.client.gather(examples, one, desc)
+
+    async def judge(self, ex: Example, irrelevance: bool = False) -> None:
+        assert self.client is not None
+        _, failure, ex.verdict = await judge_answer(self.client, self.templates, ex.query, ex.tools, ex.calls,
+                                                    ex.exec_results, irrelevance=irrelevance)
+        if failure is not None:
+            ex.failures.append(failure)
+
+
+def dedup_and_contamination(ex: Example, index: Any, eval_index: Any) -> None:
+    """The duplicates stage, then (for a unique example) the contamination stage."""
+    key = ex.query if not ex.masked else f"{ex.query}\n[tools] {' '.join(sorted(t.name for t in ex.tools))}"
+    kind, other, j = index.check(ex.id, key)
+    if kind != "unique":
+        ex.duplicate_of = other
+        ex.failures.append(Failure("duplicates", kind, f"{kind} duplicate of {other} (Jaccard {j:.2f})"))
+        return
+    if eval_index is not None:
+        why = eval_index.check([ex.id, *ex.seed_ids, *([ex.source_id] if ex.source_id else [])], ex.query)
+        if why is not None:
+            ex.failures.append(Failure("contamination", "eval_overlap", why))
+
+
+def load_eval_index(eval_data: Path | None, ngram: int) -> Any:
+    """The contamination index of --eval-data (None without it); a bad data dir is a TeacherError."""
+    if eval_data is None:
+        return None
+    from fcdistill.data.bfcl import DataError, eval_index
+
+    try:
+        return eval_index(eval_data, n=ngram)
+    except DataError as exc:
+        raise TeacherError(f"--eval-data: {exc}") from None
+
+
+def check_exec_module(exec_module: str | None) -> None:
+    """Fail fast on a bad --exec-module path, before any teacher call."""
+    if exec_module is not None:
+        from fcdistill.teacher.execute import Executor
+
+        Executor(exec_module)
+
+
+def skipped_stages(table: StageTable, executor: Any, eval_index: Any, judge: bool) -> None:
+    """Name the optional stages that will not run, and why (they show in the report)."""
+    if executor is None:
+        table.skipped["execution"] = "no --exec-module"
+    if eval_index is None:
+        table.skipped["contamination"] = "no --eval-data"
+    if not judge:
+        table.skipped["semantic"] = "--no-judge"
+
+
+# -- `fcd verify`: the stages on examples from elsewhere ----------------------------------------------
+def run_verify(cfg: TeacherConfig | None, opts: VerifyOptions, templates: Templates) -> StageTable:
+    """Verify examples from a file; writes verified.jsonl, rejected.jsonl and report.{json,md} to opts.out."""
+    default_tools = load_tools(opts.tools) if opts.tools is not None else None
+    examples = load_examples(opts.input, default_tools)
+    eval_index = load_eval_index(opts.eval_data, opts.ngram)
+    if opts.judge and cfg is None:
+        raise TeacherError("--judge needs a teacher: --base-url and --model (or --teacher-config)")
+    check_exec_module(opts.exec_module)
+    if cfg is not None and opts.judge:
+        check_teacher(cfg)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if cfg is not None and cfg.cache is None:
+        cfg = cfg.model_copy(update={"cache": opts.out / "cache.sqlite"})
+    table, client_stats = asyncio.run(_verify_async(cfg, opts, templates, examples, eval_index))
+    kept = [e for e in examples if e.ok]
+    for e in kept:
+        e.split = "train"
+    write_jsonl_atomic(opts.out / "verified.jsonl", [e.record() for e in kept])
+    write_jsonl_atomic(opts.out / "rejected.jsonl", [e.audit() for e in examples if not e.ok])
+    write_json_atomic(opts.out / "report.json", {"stage_table": table.as_dict(), "client": client_stats})
+    (opts.out / "report.md").write_text(table.markdown("verified examples"), encoding="utf-8")
+    return table
+
+
+async def _verify_async(cfg: TeacherConfig | None, opts: VerifyOptions, templates: Templates,
+                        examples: list[Example], eval_index: Any) -> tuple[StageTable, dict[str, Any]]:
+    from fcdistill.data.dedup import DuplicateIndex
+
+    cache = ResponseCache(cfg.cache) if cfg is not None and cfg.cache else None
+    executor = None
+    if opts.exec_module is not None:
+        from fcdistill.teacher.execute import Executor
+
+        executor = Executor(opts.exec_module, timeout_s=opts.exec_timeout_s, cache=cache)
+    table = StageTable()
+    skipped_stages(table, executor, eval_index, opts.judge)
+    client_stats: dict[str, Any] = {}
+    client = TeacherClient(cfg, cache=cache) if cfg is not None and opts.judge else None
+    try:
+        verifier = Verifier(client, templates, executor, eval_index, opts.judge, opts.progress)
+        _, errors = await verifier.run(examples, DuplicateIndex(threshold=opts.dedup_threshold))
+        if errors:
+            raise TeacherError(f"{errors} judge requests failed at the teacher after retries; rerun to resume")
+        if client is not None and cfg is not None:
+            client_stats = client.stats.as_dict(cfg)
+    finally:
+        if client is not None:
+            await client.aclose()
+        if cache is not None:
+            cache.close()
+    table.generated = len(examples)
+    for ex in examples:
+        if ex.ok:
+            table.kept += 1
+        else:
+            table.fail(ex.failures)
+    return table, client_stats

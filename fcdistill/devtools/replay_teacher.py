@@ -1,4 +1,5 @@
-"""A real local OpenAI-compatible HTTP server that replays recorded teacher replies and injects faults.
+"""Dev tool, not a pipeline stage: a real local OpenAI-compatible HTTP server that replays recorded
+teacher replies and injects faults. Tests and benchmarks/teacher_bench.py use it; no stage does.
 
 A paid teacher cannot run offline, so the client, the labeling resume and the retry paths are tested
 against this server over real HTTP (uvicorn + Starlette), through the real openai client. It serves
@@ -7,7 +8,7 @@ against this server over real HTTP (uvicorn + Starlette), through the real opena
 Retry-After, delays past the client's timeout, hangs until released) apply to the first requests of
 a given body. It counts every request by body hash, which is how tests prove nothing is asked twice.
 
-Run it alone with `python -m fcdistill.teacher.replay --script FILE --port PORT`.
+Run it alone with `python -m fcdistill.devtools.replay_teacher --script FILE --port PORT`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""The teacher client: any OpenAI-compatible endpoint, async, bounded, retried, cached, counted.
+"""The client: any OpenAI-compatible endpoint, async, bounded, retried, cached, counted.
 
 Why each part exists:
-- a semaphore bounds requests in flight (the synthesizer we replace fired them all at once);
+- a semaphore bounds requests in flight: the one concurrency limit of a stage; `run_bounded` and
+  `gather` only keep a large run from holding one task per item, and use the same number;
 - tenacity retries 408/409/429/5xx, timeouts and dropped connections with jittered exponential
   backoff, honouring `Retry-After`, while other 4xx fail at once (retrying a bad request only costs);
+- every reply carries the HTTP status as an integer (from the openai exception, never parsed back
+  out of the error text), so callers decide on codes, not on strings;
 - every answered request is committed to the SQLite cache, keyed by the request body (model,
   messages, tools, sampling settings, sample index; not the URL or key), so a killed run replays
   what it already paid for;
 - token counts are kept apart for paid and cached answers, with an optional cost estimate.
 
-`chat` is the transport; `ask_calls` (function calls, in tools or prompt mode) and `ask_json`
-(structured replies as text or a forced schema-tool call) interpret replies and never raise on
-malformed output: they return it with a reason.
+Heavy imports (openai, tenacity, tqdm) happen when a client is made, not when this module loads.
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
-from fcdistill.chat_format import parse_python_calls
-from fcdistill.teacher.cache import ResponseCache, request_key
-from fcdistill.teacher.config import TeacherConfig
-from fcdistill.tools import ToolCall, ToolSpec, safe_tool_names
+from fcdistill.client.cache import ResponseCache, request_key
+from fcdistill.client.config import ClientConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,28 +43,8 @@ class ChatReply:
     forced_close: str | None = None  # fcd serve: "budget" | "loop" when its constraint had to close the answer
     cached: bool = False
     error: str | None = None  # transport failure after all retries; never cached
+    status: int | None = None  # HTTP status of the last attempt; None: no HTTP answer (timeout, connection)
     attempts: int = 0
-
-
-@dataclass
-class CallAnswer:
-    """Function calls the teacher made (or its text), with why they could not be read if so."""
-
-    calls: list[ToolCall] = field(default_factory=list)
-    content: str | None = None
-    error: str | None = None  # malformed calls
-    truncated: bool = False  # the reply hit max_tokens (finish_reason "length") before its calls were whole
-    note: str | None = None  # prompt mode: why the text was not read as calls
-    transport_error: str | None = None
-    cached: bool = False
-
-
-@dataclass
-class JsonAnswer:
-    value: Any = None
-    error: str | None = None
-    transport_error: str | None = None
-    raw: str | None = None
 
 
 @dataclass
@@ -86,7 +64,7 @@ class ClientStats:
     own_samples: list[float] = field(default_factory=list)
     max_in_flight: int = 0
 
-    def as_dict(self, cfg: TeacherConfig) -> dict[str, Any]:
+    def as_dict(self, cfg: ClientConfig) -> dict[str, Any]:
         own = sorted(self.own_samples)
         return {
             "requests": self.requests, "http_attempts": self.http_attempts, "answered": self.answered,
@@ -104,12 +82,13 @@ class ClientStats:
 
 
 class _Retryable(Exception):
-    """Wraps a retryable failure so tenacity can read its Retry-After."""
+    """Wraps a retryable failure so tenacity can read its Retry-After (and the caller its status)."""
 
-    def __init__(self, reason: str, retry_after: float | None):
+    def __init__(self, reason: str, retry_after: float | None, status: int | None = None):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.status = status
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -120,57 +99,10 @@ def _retry_after(headers: Any) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def strip_fences(text: str) -> str:
-    """Text without one surrounding markdown code fence (```json ... ```), which chat models add."""
-    s = text.strip()
-    m = re.fullmatch(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```", s, flags=re.S)
-    return m.group(1).strip() if m else s
+class Client:
+    """Async client for one endpoint; use as `async with Client(cfg) as c:`."""
 
-
-class EndpointError(RuntimeError):
-    """An OpenAI-compatible endpoint that cannot be used at all: nothing answers, or it refuses the key."""
-
-
-def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0,
-                   key_hint: str = "--api-key") -> list[str] | None:
-    """Fail fast, naming the URL, when nothing answers at `endpoint` (a base URL ending in /v1) or it
-    refuses the key; returns the served model ids when the endpoint lists them. `fcd eval run`,
-    `fcd label` and `fcd synth` call it before their first question."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        resp = httpx.get(f"{endpoint}/models", headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise EndpointError(f"endpoint {endpoint} is unreachable: {type(exc).__name__}: "
-                            f"{str(exc) or 'no answer'}"[:300]) from None
-    if resp.status_code in (401, 403):
-        raise EndpointError(f"endpoint {endpoint} rejected the API key (HTTP {resp.status_code}); check {key_hint}")
-    try:
-        return [m["id"] for m in resp.json()["data"]] if resp.status_code == 200 else None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def check_teacher(cfg: TeacherConfig) -> None:
-    """`check_endpoint` for the teacher stages: a TeacherError (exit 2) before any work, and a warning
-    when the endpoint lists its models and the teacher is not among them."""
-    import sys
-
-    from fcdistill.teacher.config import TeacherError
-
-    try:
-        served = check_endpoint(cfg.base_url, cfg.api_key(), key_hint=f"--api-key-env (now {cfg.api_key_env})")
-    except EndpointError as exc:
-        raise TeacherError(f"teacher {exc}") from None
-    if served and cfg.model not in served:
-        print(f"warning: {cfg.base_url} lists {', '.join(served[:8])}, not {cfg.model!r}", file=sys.stderr)
-
-
-class TeacherClient:
-    """Async client for one teacher endpoint; use as `async with TeacherClient(cfg) as t:`."""
-
-    def __init__(self, cfg: TeacherConfig, cache: ResponseCache | None = None, measure: bool = False):
+    def __init__(self, cfg: ClientConfig, cache: ResponseCache | None = None, measure: bool = False):
         import openai
         import tenacity  # noqa: F401  (imported here so the first request does not pay for it)
 
@@ -186,11 +118,11 @@ class TeacherClient:
             import httpx as httpx_mod
         limits = httpx_mod.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         self._client = openai.AsyncOpenAI(
-            base_url=cfg.base_url, api_key=cfg.api_key(), max_retries=0, timeout=cfg.timeout_s,
+            base_url=cfg.base_url, api_key=cfg.key(), max_retries=0, timeout=cfg.timeout_s,
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=cfg.timeout_s))
         self._openai = openai
 
-    async def __aenter__(self) -> "TeacherClient":
+    async def __aenter__(self) -> "Client":
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -302,10 +234,10 @@ class TeacherClient:
                         self._count(str(code))
                         reason = f"HTTP {code}: {_error_text(exc)}"
                         if code in _RETRY_STATUS or code >= 500:
-                            raise _Retryable(reason, _retry_after(exc.response.headers)) from None
-                        if code in (401, 403) and cfg.api_key_env:
+                            raise _Retryable(reason, _retry_after(exc.response.headers), code) from None
+                        if code in (401, 403) and cfg.api_key_env and not cfg.api_key:
                             reason += f" (is ${cfg.api_key_env} set?)"
-                        return ChatReply(error=reason, attempts=attempts), outside
+                        return ChatReply(error=reason, status=code, attempts=attempts), outside
                     except self._openai.APITimeoutError:
                         outside += time.perf_counter() - t
                         self._count("timeout")
@@ -317,126 +249,53 @@ class TeacherClient:
                     outside += time.perf_counter() - t
                     self._count("200")
                     reply = _reply_from_json(data)
+                    reply.status = 200
                     reply.attempts = attempts
                     return reply, outside
         except RetryError as exc:
             last = exc.last_attempt.exception()
             reason = last.reason if isinstance(last, _Retryable) else str(last)
-            return ChatReply(error=f"gave up after {attempts} attempts: {reason}", attempts=attempts), outside
+            status = last.status if isinstance(last, _Retryable) else None
+            return ChatReply(error=f"gave up after {attempts} attempts: {reason}", status=status,
+                             attempts=attempts), outside
         return ChatReply(error="no attempt made", attempts=attempts), outside  # pragma: no cover
 
     def _count(self, status: str) -> None:
         self.stats.status_counts[status] = self.stats.status_counts.get(status, 0) + 1
 
-    # -- interpretation ---------------------------------------------------------------------------
-    async def ask_calls(self, messages: list[dict[str, Any]], tools: list[ToolSpec], *, sample: int | None = None,
-                        tool_choice: Any = "auto", record_id: str = "item", language: str = "python",
-                        system: str | None = None) -> CallAnswer:
-        """The teacher's answer to a question with tools: calls (names restored) or text."""
-        msgs = [dict(m) for m in messages]
-        if system:
-            msgs = _with_system(msgs, system)
-        if self.cfg.mode == "prompt":
-            from fcdistill.bfcl_env import bfcl_import
-
-            add_system = bfcl_import("bfcl_eval.model_handler.utils", "system_prompt_pre_processing_chat_model")
-            msgs = add_system(msgs, [t.model_dump() for t in tools], record_id.replace(":", "_"))
-            reply = await self.chat(msgs, sample=sample)
-            if reply.error:
-                return CallAnswer(transport_error=reply.error)
-            text = reply.content or ""
-            parsed = parse_python_calls(text, language) if text.strip() else None
-            if parsed is None or parsed.error or not parsed.tool_calls:
-                note = parsed.error if parsed is not None else "empty reply"
-                if reply.finish_reason == "length" and text.lstrip().startswith("["):
-                    return CallAnswer(content=text, cached=reply.cached, truncated=True,
-                                      error="calls cut off at max_tokens (finish_reason length)")
-                return CallAnswer(content=text, note=note, cached=reply.cached)
-            return CallAnswer(calls=parsed.tool_calls, cached=reply.cached)
-        names = safe_tool_names(tools)
-        back = {v: k for k, v in names.items()}
-        api_tools = [{"type": "function", "function": {"name": names[t.name], "description": t.description,
-                                                       "parameters": t.parameters}} for t in tools]
-        choice = tool_choice
-        if isinstance(tool_choice, dict) and tool_choice.get("function", {}).get("name") in names:
-            choice = {"type": "function", "function": {"name": names[tool_choice["function"]["name"]]}}
-        reply = await self.chat(msgs, api_tools, choice, sample=sample)
-        if reply.error:
-            return CallAnswer(transport_error=reply.error)
-        if reply.finish_reason == "length" and not reply.tool_calls:  # a cut-off answer is no target
-            return CallAnswer(content=reply.content, cached=reply.cached, truncated=True,
-                              error="reply cut off at max_tokens (finish_reason length)")
-        calls: list[ToolCall] = []
-        for i, tc in enumerate(reply.tool_calls):
-            name = back.get(tc["name"], tc["name"])
-            raw = tc.get("arguments") or "{}"
-            try:
-                args = json.loads(raw) if isinstance(raw, str) else raw
-            except json.JSONDecodeError as exc:
-                return CallAnswer(content=reply.content, cached=reply.cached,
-                                  error=f"call {i} ({name}): arguments are not JSON ({exc.msg})")
-            if not isinstance(args, dict):
-                return CallAnswer(content=reply.content, cached=reply.cached,
-                                  error=f"call {i} ({name}): arguments are not a JSON object")
-            try:
-                calls.append(ToolCall(name=name, arguments=args))
-            except ValueError:
-                return CallAnswer(content=reply.content, cached=reply.cached, error=f"call {i} has no function name")
-        return CallAnswer(calls=calls, content=reply.content, cached=reply.cached)
-
-    async def ask_json(self, messages: list[dict[str, Any]], schema: dict[str, Any], tool_name: str, *,
-                       sample: int | None = None, max_tokens: int | None = None,
-                       temperature: float | None = None) -> JsonAnswer:
-        """A JSON value: parsed from the message text (free, or constrained by response_format's
-        json_schema), or from the arguments of a forced call to a schema tool."""
-        if self.cfg.structured == "tool":
-            tool = {"type": "function", "function": {"name": tool_name, "description": "Submit the answer.",
-                                                     "parameters": schema}}
-            reply = await self.chat(messages, [tool], {"type": "function", "function": {"name": tool_name}},
-                                    sample=sample, max_tokens=max_tokens, temperature=temperature)
-            if reply.error:
-                return JsonAnswer(transport_error=reply.error)
-            call = next((c for c in reply.tool_calls if c["name"] == tool_name), None)
-            if call is None:
-                cut = " (cut off at max_tokens)" if reply.finish_reason == "length" else ""
-                return JsonAnswer(error=f"no {tool_name} call in the reply{cut}", raw=reply.content)
-            return _json_value(call.get("arguments") or "", reply.finish_reason)
-        fmt = {"type": "json_schema", "json_schema": {"name": tool_name, "schema": schema}} \
-            if self.cfg.structured == "schema" else None
-        reply = await self.chat(messages, sample=sample, max_tokens=max_tokens, temperature=temperature,
-                                response_format=fmt)
-        if reply.error:
-            return JsonAnswer(transport_error=reply.error)
-        return _json_value(reply.content or "", reply.finish_reason)
-
-    # -- progress -----------------------------------------------------------------------------------
+    # -- many requests ------------------------------------------------------------------------------
     def progress(self, total: int, desc: str) -> Any:
-        """A tqdm bar (stderr) that shows tokens and cache hits; disabled when cfg.progress is off."""
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not self.cfg.progress, unit="item", dynamic_ncols=True,
-                    leave=False)
+        """A progress bar (stderr), disabled when cfg.progress is off; `postfix()` is what it shows."""
+        return progress_bar(total, desc, self.cfg.progress)
 
     def postfix(self) -> dict[str, Any]:
         s = self.stats
         return {"tok": s.prompt_tokens + s.completion_tokens, "cached": s.cache_hits, "retries": s.retries,
                 "fail": s.failures}
 
+    async def each(self, items: Sequence[T], fn: Callable[[T], Awaitable[R]], on_result: Callable[[T, R], None],
+                   desc: str) -> None:
+        """fn over items behind a progress bar, on_result(item, result) as each finishes. Tasks alive are
+        bounded by the client's concurrency: the one limit, the same its requests are held to."""
+        bar = self.progress(len(items), desc)
 
-def _with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    if messages and messages[0].get("role") == "system":
-        return [{"role": "system", "content": f"{system}\n\n{messages[0].get('content') or ''}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
+        def done(item: T, result: R) -> None:
+            bar.update(1)
+            bar.set_postfix(self.postfix(), refresh=False)
+            on_result(item, result)
 
+        try:
+            await run_bounded(items, fn, self.cfg.concurrency, done)
+        finally:
+            bar.close()
 
-def _json_value(text: str, finish_reason: str | None = None) -> JsonAnswer:
-    """Strict JSON (one surrounding code fence allowed): anything else is an error with its reason."""
-    try:
-        return JsonAnswer(value=json.loads(strip_fences(text)), raw=text)
-    except json.JSONDecodeError as exc:
-        snippet = text.strip().replace("\n", " ")[:60]
-        cut = "cut off at max_tokens, " if finish_reason == "length" else ""
-        return JsonAnswer(error=f"not JSON ({cut}{exc.msg} at char {exc.pos}): {snippet!r}", raw=text)
+    async def gather(self, items: Sequence[T], fn: Callable[[T], Awaitable[R]], desc: str) -> list[R]:
+        """`each`, with the results returned in the order of `items`."""
+        bar = self.progress(len(items), desc)
+        try:
+            return await gather_bounded(items, fn, self.cfg.concurrency, bar, self.postfix)
+        finally:
+            bar.close()
 
 
 def _error_text(exc: Any) -> str:
@@ -480,7 +339,7 @@ def _reply_to_dict(r: ChatReply) -> dict[str, Any]:
 def _reply_from_dict(d: dict[str, Any], cached: bool) -> ChatReply:
     return ChatReply(content=d.get("content"), tool_calls=list(d.get("tool_calls") or []),
                      finish_reason=d.get("finish_reason"), usage=dict(d.get("usage") or {}),
-                     forced_close=d.get("forced_close"), cached=cached)
+                     forced_close=d.get("forced_close"), cached=cached, status=200)
 
 
 async def run_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int,
@@ -507,3 +366,29 @@ async def run_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit
             item = pending.pop(task)
             on_result(item, task.result())
         fill()
+
+
+async def gather_bounded(items: Sequence[T], fn: Callable[[T], Awaitable[R]], limit: int, bar: Any = None,
+                         postfix: Callable[[], dict[str, Any]] | None = None) -> list[R]:
+    """`run_bounded` with the results in the order of `items`, ticking `bar` (and its postfix) per item."""
+    out: list[Any] = [None] * len(items)
+
+    async def call(i: int) -> R:
+        return await fn(items[i])
+
+    def keep(i: int, result: R) -> None:
+        out[i] = result
+        if bar is not None:
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix(postfix(), refresh=False)
+
+    await run_bounded(range(len(items)), call, limit, keep)
+    return out
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr that does not linger after it closes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="item", dynamic_ncols=True, leave=False)

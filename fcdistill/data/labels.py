@@ -1,5 +1,8 @@
 """Teacher labels on disk, and how exports merge them into BFCL records (light imports only).
 
+The format is the contract between `fcd label` (teacher/label.py writes it) and `fcd data export`
+(export.py reads it), so it lives here, upstream of both.
+
 `fcd label --data DATA` writes DATA/labels/:
 - teacher.jsonl    accepted labels, one per record id: calls or text, agreement, votes, verification
 - rejected.jsonl   labels that failed verification, with every reason (never trained on)

@@ -1,5 +1,8 @@
 """Duplicate removal, contamination filtering against the eval split, and a stratified train/val split.
 
+Shared by the data stage (BFCL splits, augmentation) and the teacher stages (`fcd synth`, `fcd verify`);
+`bfcl.eval_index` builds the EvalIndex of a data directory.
+
 - exact duplicates: the same normalized text (NFKC, case, whitespace);
 - near duplicates: MinHash LSH (datasketch) over character 5-gram shingles proposes candidates
   (from a band below the threshold, for recall), each confirmed with the exact Jaccard similarity,
@@ -12,11 +15,9 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
-from pathlib import Path
 from typing import Any
 
 from fcdistill.tools import ToolCall
@@ -99,22 +100,6 @@ class EvalIndex:
         self.min_words = min_words
         self._tokens = {i: words(t) for i, t in texts.items()}
         self._by_len: dict[int, dict[tuple[str, ...], str]] = {}
-
-    @classmethod
-    def from_data_dir(cls, data_dir: Path, n: int = 13, min_words: int = 8) -> "EvalIndex":
-        """Ids from the manifest's eval split; questions (user turns) from eval.jsonl."""
-        from fcdistill.data.bfcl import read_manifest
-
-        manifest = read_manifest(data_dir)
-        ids = set(manifest.get("splits", {}).get("eval", []))
-        texts: dict[str, str] = {}
-        path = Path(data_dir) / "eval.jsonl"
-        if path.is_file():
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    row = json.loads(line)
-                    texts[row["id"]] = question_text(row.get("messages", []))
-        return cls(ids, texts, n=n, min_words=min_words)
 
     def _grams(self, length: int) -> dict[tuple[str, ...], str]:
         """All word `length`-grams of the eval questions (built once per length, on demand)."""

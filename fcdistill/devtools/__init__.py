@@ -1,0 +1,1 @@
+"""Tools for developing fcdistill (test doubles, benchmark helpers); no pipeline stage imports them."""
