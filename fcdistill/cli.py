@@ -78,7 +78,7 @@ for _register in (register_data, register_serve, register_train, register_teache
 
 def main() -> None:
     """The `fcd` script and `python -m fcdistill`."""
-    app()
+    app(prog_name="fcd")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from typing import Any, NoReturn
 
 
 def validation_problems(exc: Any) -> list[str]:
-    """Each error of a pydantic ValidationError as `loc: message` (our own text where we raised it)."""
-    errors = getattr(exc, "errors", lambda: [])()
+    """Each error of a pydantic ValidationError (or of its `.errors()` list, e.g. FastAPI's with the
+    leading `body` stripped) as `loc: message` (our own text where we raised it)."""
+    errors = exc if isinstance(exc, list) else getattr(exc, "errors", lambda: [])()
     if not errors:
         return [str(exc).splitlines()[0]]
     out = []

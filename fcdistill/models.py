@@ -17,6 +17,7 @@ from typing import Any
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_META = "fcdistill.json"  # written beside every adapter/merged export: FC token, base student
 
 
 class ModelResolveError(RuntimeError):
@@ -134,6 +135,22 @@ def resize_for_tokenizer(model: Any, n_tokens: int) -> None:
         model.resize_token_embeddings(n_tokens, mean_resizing=True)
     finally:
         hf_logger.setLevel(level)
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """fcdistill.json of an export; for a foreign PEFT adapter, what adapter_config.json tells.
+
+    Here, not in train/, because serving reads it too (the vllm engine checks how an adapter's FC
+    token was made) and must not import the trainer for it."""
+    d = Path(directory)
+    meta_path = d / ADAPTER_META
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    cfg_path = d / "adapter_config.json"
+    if cfg_path.is_file():
+        base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return {"format": "adapter", "student": base, "base_model": base}
+    return {"format": "merged"}
 
 
 def load_tokenizer(model: str) -> Any:

@@ -63,7 +63,10 @@ def start_server(args: list[str], log: Path, *, engine: str = "hf", port: int | 
                  env: dict[str, str] | None = None, timeout: float = 600) -> ServerProcess:
     """Run `fcd serve --engine ENGINE --port PORT ARGS...` and return once /health answers 200."""
     port = port or free_port()
-    cmd = [python_for(engine), "-m", "fcdistill", "serve", "--engine", engine, "--port", str(port), *args]
+    # `-m fcdistill.cli`, not `-m fcdistill`: the vllm engine's processes are spawned, and a spawned child
+    # imports the parent's main module again (which makes it die with the server and start quietly, see
+    # engines/vllm_env.py), except a package's __main__, which multiprocessing never re-imports
+    cmd = [python_for(engine), "-m", "fcdistill.cli", "serve", "--engine", engine, "--port", str(port), *args]
     handle = log.open("w")
     proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)

@@ -1,4 +1,9 @@
-"""OpenAI request/response shapes (pydantic) and OpenAI's error object."""
+"""OpenAI request shapes (pydantic) and OpenAI's error object.
+
+Responses are the `openai` package's own types (openai.types.chat.ChatCompletion, ...), built in
+serving.py; requests are ours because the server must accept (and check) what clients send, with
+unknown fields ignored, which the openai package's request TypedDicts do not do.
+"""
 
 from __future__ import annotations
 
@@ -93,8 +98,22 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+class APIError(Exception):
+    """A request the server refuses (or could not answer): its HTTP status and OpenAI's error object.
+
+    Raised by the serving logic, turned into a response by the app's exception handler."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

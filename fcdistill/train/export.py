@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fcdistill.train.sft import ADAPTER_META
+from fcdistill.models import ADAPTER_META, read_meta
 
 
 class ExportError(ValueError):
@@ -35,19 +35,6 @@ def adapter_dir_of(path: str | Path) -> Path:
     if (p / "adapter" / "adapter_config.json").is_file():
         return p / "adapter"
     raise ExportError(f"{p} is not an adapter directory (no adapter_config.json) nor a run directory with adapter/")
-
-
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """fcdistill.json of an export; for a foreign PEFT adapter, what adapter_config.json tells."""
-    d = Path(directory)
-    meta_path = d / ADAPTER_META
-    if meta_path.is_file():
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    cfg_path = d / "adapter_config.json"
-    if cfg_path.is_file():
-        base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        return {"format": "adapter", "student": base, "base_model": base}
-    return {"format": "merged"}
 
 
 def _base_dir(meta: dict[str, Any]) -> str:

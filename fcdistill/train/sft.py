@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdistill.models import PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, ensure_fc_token, resolve_model
+from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, ensure_fc_token,
+                              resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
 
 log = logging.getLogger("fcdistill.train")
 
-ADAPTER_META = "fcdistill.json"  # written beside every adapter/merged export: FC token, base student
 LOG_FILE = "train_log.jsonl"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

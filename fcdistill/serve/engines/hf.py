@@ -23,9 +23,35 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from tokenizers.decoders import DecodeStream
+
 from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest, check_fits, cut_at_stop
 
 log = logging.getLogger("fcdistill.serve")
+
+
+class Detokenizer:
+    """A sequence's text as its tokens arrive, through tokenizers' DecodeStream: a character split
+    across tokens (an emoji, CJK in byte-level BPE) is held back until the token that completes it."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)  # the FC token is part of the text
+        self._held: list[int] = []
+
+    def step(self, token: int) -> str:
+        """The text this token completes; "" while a character is still incomplete."""
+        piece = self._stream.step(self._tokenizer, token)
+        if piece is None:
+            self._held.append(token)
+            return ""
+        self._held.clear()
+        return piece
+
+    def rest(self) -> str:
+        """The held-back tokens' text (replacement characters for what they left incomplete): what a
+        sequence that ends mid-character still owes."""
+        return self._tokenizer.decode(self._held, skip_special_tokens=False) if self._held else ""
 
 
 @dataclass
@@ -33,11 +59,10 @@ class _Seq:
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    text: Detokenizer
     cancelled: threading.Event = field(default_factory=threading.Event)
-    out_ids: list[int] = field(default_factory=list)
+    n_out: int = 0  # tokens generated
     sent_text: str = ""
-    prefix_offset: int = 0  # incremental detokenization window (as TGI/vLLM do): decode only the tail
-    read_offset: int = 0
     generator: Any = None
 
     def emit(self, ev: GenerationEvent) -> None:
@@ -120,6 +145,8 @@ class HFEngine:
         # An adapter trained with an added FC token ships the tokenizer that has it; else the base's.
         with_tokenizer = [p for p in self.adapters.values() if os.path.isfile(os.path.join(p, "tokenizer_config.json"))]
         tokenizer = AutoTokenizer.from_pretrained(with_tokenizer[0] if with_tokenizer else path)
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise ValueError(f"{model}: the hf engine streams text through a fast (tokenizers) tokenizer; this model has none")
         self.fc_info = ensure_fc_token(tokenizer, fc_token)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -159,7 +186,7 @@ class HFEngine:
         if request.adapter is not None and request.adapter not in self.adapters:
             raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
         check_fits(request, self.context_length)
-        seq = _Seq(req=request, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        seq = _Seq(req=request, loop=asyncio.get_running_loop(), events=asyncio.Queue(), text=Detokenizer(self.tokenizer))
         self._pending.put(seq)
         try:
             while True:
@@ -331,29 +358,19 @@ class HFEngine:
             return True
         if c is not None:
             c.advance(token)
-        s.out_ids.append(token)
-        delta = self._detokenize(s)
+        s.n_out += 1
+        delta = s.text.step(token)
         if sp.stop and (c is None or not c.in_grammar):
             head = cut_at_stop(s.sent_text, delta, sp.stop)
             if head is not None:
                 s.emit(GenerationEvent(text=head, token_ids=[token], finish_reason="stop"))
                 return True
         s.sent_text += delta
-        if len(s.out_ids) >= sp.max_tokens:
-            rest = self.tokenizer.decode(s.out_ids[s.read_offset:], skip_special_tokens=False) if s.read_offset < len(s.out_ids) else ""
-            s.emit(GenerationEvent(text=delta + rest, token_ids=[token], finish_reason="length"))
+        if s.n_out >= sp.max_tokens:
+            s.emit(GenerationEvent(text=delta + s.text.rest(), token_ids=[token], finish_reason="length"))
             return True
         s.emit(GenerationEvent(text=delta, token_ids=[token]))
         return False
-
-    def _detokenize(self, s: _Seq) -> str:
-        """New text since the last call, decoding only a short window; holds back incomplete UTF-8."""
-        prefix = self.tokenizer.decode(s.out_ids[s.prefix_offset:s.read_offset], skip_special_tokens=False)
-        full = self.tokenizer.decode(s.out_ids[s.prefix_offset:], skip_special_tokens=False)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            s.prefix_offset, s.read_offset = s.read_offset, len(s.out_ids)
-            return full[len(prefix):]
-        return ""
 
 
 def _as_list(x: Any) -> list[int]:

@@ -43,7 +43,7 @@ class AdapterNotServable(ValueError):
 
 def lora_dir_for_vllm(name: str, path: str, cache_root: Path) -> str:
     """A vLLM-loadable LoRA directory for a PEFT adapter trained by `fcd train` (or any PEFT LoRA)."""
-    from fcdistill.train.export import read_meta
+    from fcdistill.models import read_meta
 
     meta = read_meta(path)
     if meta.get("fc_token_added"):
