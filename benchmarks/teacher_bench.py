@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fcdistill.devtools.replay_teacher import free_port  # noqa: E402
+from fcdistill.serve.process import free_port  # noqa: E402
 from fcdistill.teacher.ask import TeacherClient  # noqa: E402
 from fcdistill.teacher.config import TeacherConfig  # noqa: E402
 

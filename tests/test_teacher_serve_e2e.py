@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl, read_records
-from fcdistill.devtools.replay_teacher import free_port
+from fcdistill.serve.process import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 FCD = str(Path(sys.executable).with_name("fcd"))

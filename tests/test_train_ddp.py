@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,11 @@ import torch
 import yaml
 
 from fcdistill.chat_format import ChatFormat
+from fcdistill.serve.process import free_port
 from fcdistill.train import synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_on_cpu_with_gloo(tmp_path, smollm2_tokenizer, smollm2_dir):
@@ -47,7 +41,7 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path, smollm2_tokenizer, smollm2_d
            "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
            "--config_file", str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
            "-m", "fcdistill.train", "--config", str(config)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

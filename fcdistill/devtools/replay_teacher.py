@@ -17,13 +17,14 @@ import argparse
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 import time
 from collections import deque
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from fcdistill.serve.process import free_port
 
 
 class ReplySpec(BaseModel):
@@ -194,12 +195,6 @@ def build_app(state: ReplayState) -> Any:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                              Route("/health", health), Route("/stats", stats),
                              Route("/control", control, methods=["POST"])])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ReplayServer:
