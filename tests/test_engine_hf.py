@@ -123,7 +123,7 @@ def test_a_waiting_adapter_request_is_not_starved_by_joiners(adapter_dir):
         tuned = _request(eng, WEATHER, 4)
         tuned.adapter = "noisy"
         tuned_task = asyncio.create_task(_collect(eng, tuned, order, "adapter"))
-        await asyncio.sleep(0.3)  # the adapter request is queued first
+        await asyncio.sleep(0)  # one turn of the loop: the adapter task runs to its first wait, its request queued
         await _collect(eng, _request(eng, WEATHER, 4), order, "base2")
         await asyncio.gather(long, tuned_task)
         return order
