@@ -7,12 +7,17 @@ BFCL's distribution. Variants (`--variants`), measured side by side in one invoc
 own process so that peak RSS is its own:
   - unpacked: padded batches of `--batch` examples, shuffled;
   - unpacked-grouped-by-length: the same, batches drawn from examples of similar length (less padding);
-  - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step, attention
-    kept apart per example through position_ids (SDPA on CPU: a block-diagonal mask), fp32;
+  - packed: TRL's best-fit-decreasing packing into one `--pack-length`-token row per step, fp32, LoRA
+    dropout 0.05, attention over the whole row under a block-diagonal mask and the LM head scoring
+    every position: the quickstart's setting when issue 12 was filed (the baseline of its 3x goal);
   - packed-bf16: the same with the frozen base in bf16 and no autocast (LoRA weights stay fp32);
   - packed-bf16-nodropout: and LoRA dropout 0 (PEFT then skips the dropout copy of every input);
-  - grouped-bf16-nodropout: that precision and dropout on unpacked batches grouped by length (each
-    example attends only to itself: no block-diagonal mask over a whole packed row).
+  - +segments: and each packed example attended on its own (fcdistill/train/throughput.py);
+  - +labelled-head: packed-bf16-nodropout with the LM head projecting only labelled positions;
+  - fast: both (the training default now);
+  - grouped-bf16-nodropout: bf16, no dropout, unpacked batches grouped by length.
+The "packed*" variants without "+" run the old attention and LM head (the child process turns the
+two throughput changes off); the others run the training code as it is.
 Every variant trains one epoch over the same examples, so each sees the same tokens and steps, then
 reports its loss on `--eval-examples` held-out pairs. Reported: train tokens/s (real, non-padding
 tokens, steady state: from the end of step 1 to the end of the last step), peak RSS of the process
@@ -111,7 +116,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds_with_load": round(wall, 1), "loadavg_1min_after": round(os.getloadavg()[0], 2),
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
-        "lora_dropout": cfg.lora.dropout, "eval_loss": trained.metrics.get("eval_loss"),
+        "lora_dropout": cfg.lora.dropout, "segmented_attention": spec.get("segments", True),
+        "lm_head_labelled_only": spec.get("labelled_head", True), "eval_loss": trained.metrics.get("eval_loss"),
         "final_train_loss": trained.metrics.get("train_loss"),
     }
     return result
@@ -119,6 +125,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    use_throughput_changes(spec.get("segments", True), spec.get("labelled_head", True))
     if spec.get("threads"):
         import torch
 
@@ -148,15 +155,28 @@ def base_config(student: str, data: Path, eval_data: Path | None, out: Path, ste
             "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
 
 
-# name -> (batch, packing, sampling, precision, LoRA dropout); "packed" is the quickstart's setting before bf16
-VARIANTS: dict[str, tuple[int | None, bool, str, str, float]] = {
-    "unpacked": (None, False, "random", "fp32", 0.05),
-    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05),
-    "packed": (1, True, "random", "fp32", 0.05),
-    "packed-bf16": (1, True, "random", "bf16", 0.05),
-    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0),
-    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0),
+# name -> (batch, packing, sampling, precision, LoRA dropout, segmented attention, labelled-only LM head)
+VARIANTS: dict[str, tuple[int | None, bool, str, str, float, bool, bool]] = {
+    "unpacked": (None, False, "random", "fp32", 0.05, True, True),
+    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05, True, True),
+    "packed": (1, True, "random", "fp32", 0.05, False, False),
+    "packed-bf16": (1, True, "random", "bf16", 0.05, False, False),
+    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0, False, False),
+    "+segments": (1, True, "random", "bf16", 0.0, True, False),
+    "+labelled-head": (1, True, "random", "bf16", 0.0, False, True),
+    "fast": (1, True, "random", "bf16", 0.0, True, True),
+    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0, True, True),
 }
+
+
+def use_throughput_changes(segments: bool, labelled_head: bool) -> None:
+    """In a variant's own process: turn off what it measures without (the training code's old path)."""
+    import fcdistill.train.sft as sft
+
+    if not segments:
+        sft.register_packed_sdpa = lambda: "sdpa"
+    if not labelled_head:
+        sft.score_only_labelled_positions = lambda: False
 
 
 # -- parts -----------------------------------------------------------------------------------------
@@ -172,12 +192,13 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) 
     loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
     variants = {}
     for name in args.variants.split(","):
-        batch, packing, sampling, precision, dropout = VARIANTS[name]
+        batch, packing, sampling, precision, dropout, segments, labelled_head = VARIANTS[name]
         cfg = base_config("smollm2-135m", data, eval_data, work / name, args.steps, batch=batch or args.batch,
                           max_length=args.pack_length if packing else args.max_length, packing=packing,
                           precision=precision, attn="sdpa", threads=threads, sampling=sampling, dropout=dropout)
         print(f"cpu: {name} ...", file=sys.stderr, flush=True)
-        variants[name] = launch({"name": name, "config": cfg, "threads": threads}, work)
+        variants[name] = launch({"name": name, "config": cfg, "threads": threads, "segments": segments,
+                                 "labelled_head": labelled_head}, work)
         print(f"  {variants[name]}", file=sys.stderr, flush=True)
     base = variants.get("packed") or next(iter(variants.values()))
     ratios = {f"{n}_vs_{base['name']}": {
@@ -202,7 +223,7 @@ def main() -> None:
     parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--eval-examples", type=int, default=32, help="held-out pairs for each variant's eval loss")
-    parser.add_argument("--variants", default="packed,packed-bf16,packed-bf16-nodropout",
+    parser.add_argument("--variants", default="packed,packed-bf16-nodropout,+segments,+labelled-head,fast",
                         help=f"comma-separated, side by side in this order: {', '.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_bench.json")

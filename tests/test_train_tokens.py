@@ -15,6 +15,7 @@ import torch
 
 from fcdistill.chat_format import ChatFormat
 from fcdistill.train import synthetic
+from fcdistill.train.throughput import PACKED_SDPA
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +144,13 @@ def test_trl_fused_lm_head_still_needs_the_bias_fix(untied_dir, data, tmp_path):
 
 def test_packed_rows_keep_examples_apart(untied_dir, data, tmp_path):
     """Packing (TRL best-fit decreasing) with SDPA: several examples share a row without attending
-    to each other; position_ids restart per example and transformers masks block-diagonally."""
+    to each other; position_ids restart per example and attention runs per example (throughput.py)."""
     from fcdistill.train.sft import build_trainer, prepare
 
     # fp32, so that any difference is the mask's, not bf16 rounding over a longer row
     cfg = _config(untied_dir, data, tmp_path / "packed", packing=True, batch_size=1, max_length=1024, precision="fp32")
     trainer, info = build_trainer(cfg, prepare(cfg))
-    assert info["packing"] is True and info["attn_implementation"] == "sdpa"
+    assert info["packing"] is True and info["attn_implementation"] == PACKED_SDPA
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     pos = batch["position_ids"][0]

@@ -29,6 +29,7 @@ from typing import Any
 from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, ensure_fc_token,
                               resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
+from fcdistill.train.throughput import register_packed_sdpa, score_only_labelled_positions
 
 log = logging.getLogger("fcdistill.train")
 
@@ -415,9 +416,10 @@ def _resolve_packing(cfg: TrainConfig) -> bool:
     """auto: pack when the attention implementation keeps packed examples apart.
 
     TRL's padding-free packing passes position_ids that restart per example and no attention mask;
-    flash attention reads them as variable-length sequences, and transformers builds a
-    block-diagonal mask from them for SDPA and eager (tests/test_train_tokens.py checks that a
-    packed row gives each example the logits it has alone). Other implementations are not trusted.
+    flash attention reads them as variable-length sequences, SDPA is run per example
+    (throughput.packed_sdpa_forward) and eager gets transformers' block-diagonal mask
+    (tests/test_train_tokens.py checks that a packed row gives each example the logits it has
+    alone). Other implementations are not trusted.
     """
     if cfg.packing != "auto":
         return bool(cfg.packing)
@@ -479,9 +481,13 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     )
     # The model loads after the training arguments: under DeepSpeed ZeRO-3 they register the config
     # that makes from_pretrained partition the weights as they load.
+    attn = cfg.attn_implementation
+    if packing and attn == "sdpa":  # the same attention, each packed example on its own (throughput.py)
+        attn = register_packed_sdpa()
+    compact_head = score_only_labelled_positions()
     with _quiet_preparation():
         model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=attn)
         resized = grow_for_fc_token(model, prep.tokenizer, prep.fc, prep.fc_pieces)
         tied = embeddings_tied(model)
         columns = ("prompt", "completion")
@@ -498,7 +504,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         "student": cfg.student, "model_dir": prep.model_dir,
         "fc_token": prep.fc.token, "fc_token_id": prep.fc.token_id, "fc_token_added": prep.fc.added,
         "embeddings_resized": resized, "tied_embeddings": tied, "vocab_size": len(prep.tokenizer),
-        "precision": precision.name, "packing": packing, "attn_implementation": cfg.attn_implementation,
+        "precision": precision.name, "packing": packing, "attn_implementation": attn,
+        "lm_head_scores_labelled_only": compact_head,
         "device": str(trainer.args.device), "world_size": trainer.args.world_size,
         "distributed_type": str(getattr(kind, "value", kind)), "backend": state.backend, "report_to": report_to,
         "data": prep.stats,

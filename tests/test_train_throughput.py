@@ -1,0 +1,126 @@
+"""The two throughput changes of fcdistill/train/throughput.py compute what they replace.
+
+A small randomly initialised llama (grouped key/value heads, as SmolLM2 and Qwen have) runs a
+packed row three ways: transformers' SDPA with its block-diagonal mask, our per-example SDPA, and
+each example alone. TRL's fused LM head, made compact on CPU, gives the loss and gradients of the
+plain cross-entropy over full logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fcdistill.train.throughput import PACKED_SDPA, packed_sdpa_forward, register_packed_sdpa, score_only_labelled_positions
+
+LENGTHS = [37, 90, 5, 61]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    return out
+
+
+def _load(path: Path, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn).train()
+
+
+def _packed_row() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 512, (1, sum(LENGTHS)))
+    pos = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    return ids, pos
+
+
+def test_packed_sdpa_matches_masked_sdpa_and_each_example_alone(llama_dir):
+    ids, pos = _packed_row()
+    name = register_packed_sdpa()
+    outs, grads = {}, {}
+    for attn in ("sdpa", name):
+        model = _load(llama_dir, attn)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.pow(2).mean().backward()
+        outs[attn] = logits.detach()
+        grads[attn] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    assert torch.allclose(outs["sdpa"], outs[name], atol=1e-5)
+    assert torch.allclose(grads["sdpa"], grads[name], atol=1e-6, rtol=1e-4)
+
+    model = _load(llama_dir, name).eval()
+    start = 0
+    with torch.no_grad():
+        for n in LENGTHS:
+            alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
+            assert torch.allclose(outs[name][:, start:start + n], alone, atol=1e-5), (start, n)
+            start += n
+    # the check can fail: the same row without restarting positions attends across examples
+    with torch.no_grad():
+        unpacked = model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(unpacked[:, LENGTHS[0]:], outs[name][:, LENGTHS[0]:], atol=1e-3)
+
+
+def test_padded_batches_and_generation_take_transformers_sdpa(llama_dir):
+    """No packed row (a padding mask, a batch of two, a cache): the result is transformers' SDPA."""
+    register_packed_sdpa()
+    ours, theirs = _load(llama_dir, PACKED_SDPA).eval(), _load(llama_dir, "sdpa").eval()
+    ids = torch.randint(0, 512, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = theirs(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+    with torch.no_grad():
+        gen_ours = ours.generate(ids[:1], max_new_tokens=5, do_sample=False)
+        gen_theirs = theirs.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    assert torch.equal(gen_ours, gen_theirs)
+
+
+def test_one_segment_falls_back_without_error():
+    """A row holding one example is plain causal attention."""
+    class Module:
+        num_key_value_groups = 2
+        is_causal = True
+
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    out, _ = packed_sdpa_forward(Module(), q, k, v, None, position_ids=torch.arange(12).unsqueeze(0))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+
+
+def test_compact_lm_head_gives_the_plain_loss_and_gradients(llama_dir):
+    """TRL's fused head scoring only labelled positions on CPU == cross-entropy over full logits."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    assert score_only_labelled_positions() is True
+    assert trl_utils._use_triton(torch.device("cpu")) is True  # TRL still decides compaction by this name
+    ids, pos = _packed_row()
+    labels = ids.clone()
+    labels[:, :50] = -100  # a prompt: no loss there
+    labels[:, 100:120] = -100
+    results = []
+    for fused in (False, True):
+        model = _load(llama_dir, "sdpa")
+        if fused:
+            add_fused_lm_head(model)
+            out = model(input_ids=ids, position_ids=pos, labels=labels, fused_lm_head=True, use_cache=False)
+        else:
+            out = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+        out.loss.backward()
+        results.append((out.loss.detach(), model.model.layers[1].mlp.down_proj.weight.grad.clone(),
+                        model.lm_head.weight.grad.clone()))
+    (loss_a, grad_a, head_a), (loss_b, grad_b, head_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5), (loss_a, loss_b)
+    assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(head_a, head_b, atol=1e-6, rtol=1e-4)
