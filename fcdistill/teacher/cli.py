@@ -6,6 +6,8 @@ stderr and exit code 2; teacher errors that outlast the retries leave the run re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,12 +34,34 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 TemplatesOpt = Annotated[Optional[Path], typer.Option("--templates", help="YAML prompt templates overriding the shipped defaults.")]
 
 
-def _teacher(config: Path | None, **flags: Any) -> Any:
+TEACHER_FLAGS = ("base_url", "model", "api_key_env", "temperature", "max_tokens", "concurrency", "mode", "structured",
+                 "timeout", "max_attempts", "price_in", "price_out", "cache", "progress")
+
+
+def _teacher(config: Path | None, given: dict[str, Any]) -> Any:
+    """The teacher settings: --teacher-config overridden by the teacher flags among a command's arguments."""
     from fcdistill.teacher.config import load_teacher_config
 
+    flags = {k: given[k] for k in TEACHER_FLAGS if k in given}
     renamed = {"timeout_s": flags.pop("timeout", None), "price_input_per_mtok": flags.pop("price_in", None),
                "price_output_per_mtok": flags.pop("price_out", None)}
     return load_teacher_config(config, {**flags, **renamed})
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad settings or input, and teacher failures, as one line on stderr (exit 2)."""
+    from pydantic import ValidationError
+
+    from fcdistill.errors import validation_message
+    from fcdistill.teacher.config import TeacherError
+
+    try:
+        yield
+    except ValidationError as exc:
+        fail(validation_message(exc))
+    except TeacherError as exc:
+        fail(str(exc))
 
 
 def _styles(text: str) -> dict[str, float]:
@@ -74,25 +98,15 @@ def register(app: typer.Typer) -> None:
         price_out: PriceOutOpt = None, cache: CacheOpt = None, progress: ProgressOpt = True,
     ) -> None:
         """Label the BFCL train items marked for the teacher (resumable); score the teacher on mix-in."""
-        from pydantic import ValidationError
-
-        from fcdistill.errors import validation_message
-        from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.label import LabelOptions, run_label
         from fcdistill.teacher.templates import load_templates
 
-        try:
-            cfg = _teacher(teacher_config, base_url=base_url, model=model, api_key_env=api_key_env,
-                           temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, mode=mode,
-                           structured=structured, timeout=timeout, max_attempts=max_attempts, price_in=price_in,
-                           price_out=price_out, cache=cache, progress=progress)
+        given = locals()
+        with _one_line_errors():
+            cfg = _teacher(teacher_config, given)
             opts = LabelOptions(data=data, out=out, samples=samples, min_agreement=min_agreement, judge=judge,
                                 mix_in=mix_in, limit=limit, overwrite=overwrite)
             summary = run_label(cfg, opts, load_templates(templates))
-        except ValidationError as exc:
-            fail(validation_message(exc))
-        except TeacherError as exc:
-            fail(str(exc))
         typer.echo(summary.text())
         if summary.teacher_errors:
             fail(f"{summary.teacher_errors} items failed at the teacher after retries; rerun to resume", code=1)
@@ -128,15 +142,13 @@ def register(app: typer.Typer) -> None:
         price_out: PriceOutOpt = None, cache: CacheOpt = None, progress: ProgressOpt = True,
     ) -> None:
         """Generate query/call pairs from tools + seeds, verify them, dedup, filter, split and export."""
-        from pydantic import ValidationError
-
-        from fcdistill.errors import validation_message
         from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.inputs import Domain, SynthOptions, example_domain, load_seeds, load_tools
         from fcdistill.teacher.synth import run_synth
         from fcdistill.teacher.templates import load_templates
 
-        try:
+        given = locals()
+        with _one_line_errors():
             if (tools is None) != (seeds is None):
                 raise TeacherError("give both --tools and --seeds, or neither (the shipped example domain)")
             if tools is not None and seeds is not None:
@@ -144,10 +156,7 @@ def register(app: typer.Typer) -> None:
                 domain = Domain(specs, load_seeds(seeds, specs))
             else:
                 domain = example_domain()
-            cfg = _teacher(teacher_config, base_url=base_url, model=model, api_key_env=api_key_env,
-                           temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, mode=mode,
-                           structured=structured, timeout=timeout, max_attempts=max_attempts, price_in=price_in,
-                           price_out=price_out, cache=cache, progress=progress)
+            cfg = _teacher(teacher_config, given)
             opts = SynthOptions(out=out, count=count, per_request=per_request, styles=_styles(styles),
                                 irrelevance_ratio=irrelevance_ratio, answer=answer, shots=shots,
                                 gen_temperature=gen_temperature, gen_max_tokens=gen_max_tokens,
@@ -156,10 +165,6 @@ def register(app: typer.Typer) -> None:
                                 val_fraction=val_fraction, seed=seed,
                                 export=[e.strip() for e in export.split(",") if e.strip()], model=student)
             result = run_synth(cfg, opts, load_templates(templates), domain)
-        except ValidationError as exc:
-            fail(validation_message(exc))
-        except TeacherError as exc:
-            fail(str(exc))
         typer.echo(result.text())
         if result.teacher_errors:
             fail(f"{result.teacher_errors} examples failed at the teacher after retries; rerun to resume", code=1)
@@ -183,27 +188,17 @@ def register(app: typer.Typer) -> None:
         cache: CacheOpt = None, progress: ProgressOpt = True,
     ) -> None:
         """Run the verification stages (format, execution, duplicates, contamination, judge) on any examples."""
-        from pydantic import ValidationError
-
-        from fcdistill.errors import validation_message
-        from fcdistill.teacher.config import TeacherError
         from fcdistill.teacher.inputs import VerifyOptions
         from fcdistill.teacher.templates import load_templates
         from fcdistill.teacher.verify import run_verify
 
-        try:
+        given = locals()
+        with _one_line_errors():
             cfg = None
             if teacher_config is not None or base_url is not None or model is not None:
-                cfg = _teacher(teacher_config, base_url=base_url, model=model, api_key_env=api_key_env,
-                               temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                               structured=structured, timeout=timeout, max_attempts=max_attempts, price_in=price_in,
-                               price_out=price_out, cache=cache, progress=progress)
+                cfg = _teacher(teacher_config, given)
             opts = VerifyOptions(input=input, out=out, tools=tools, exec_module=exec_module,
                                  exec_timeout_s=exec_timeout, judge=judge, eval_data=eval_data,
                                  dedup_threshold=dedup_threshold, ngram=ngram, progress=progress)
             table = run_verify(cfg, opts, load_templates(templates))
-        except ValidationError as exc:
-            fail(validation_message(exc))
-        except TeacherError as exc:
-            fail(str(exc))
         typer.echo(table.markdown("verified examples") + f"wrote {out}/verified.jsonl, rejected.jsonl, report.json")
