@@ -138,12 +138,8 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
             dedup_rel.check(f"seed:{s.id}", s.query)
         examples, errors = await verifier.run(examples, dedup_rel)
         teacher_errors += errors
-        rel.generated = len(examples)
         for ex in examples:
-            if ex.ok:
-                rel.kept += 1
-            else:
-                rel.fail(ex.failures)
+            rel.count(ex)
 
         # 7. irrelevance by function masking, in rounds until the target share is kept
         kept_rel = [e for e in examples if e.ok]
@@ -173,11 +169,7 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
                 if ex.failures and ex.failures[0].code == "teacher_error":
                     teacher_errors += 1
                     continue
-                irr.generated += 1
-                if ex.ok:
-                    irr.kept += 1
-                else:
-                    irr.fail(ex.failures)
+                irr.count(ex)
                 masked_examples.append(ex)
         client_stats = client.stats.as_dict(cfg)
     if cache is not None:

@@ -53,6 +53,14 @@ class StageTable:
             if f.stage == stage:
                 self.reasons[stage][f.code] += 1
 
+    def count(self, example: Example) -> None:
+        """One more generated example: kept, or rejected at its first failing stage."""
+        self.generated += 1
+        if example.ok:
+            self.kept += 1
+        else:
+            self.fail(example.failures)
+
     def as_dict(self) -> dict[str, Any]:
         return {"generated": self.generated, "failed": dict(self.failed),
                 "reasons": {s: dict(sorted(c.items())) for s, c in self.reasons.items() if c},
@@ -229,10 +237,6 @@ async def _verify_async(cfg: TeacherConfig | None, opts: VerifyOptions, template
             await client.aclose()
         if cache is not None:
             cache.close()
-    table.generated = len(examples)
     for ex in examples:
-        if ex.ok:
-            table.kept += 1
-        else:
-            table.fail(ex.failures)
+        table.count(ex)
     return table, client_stats
