@@ -400,6 +400,36 @@ def test_cli_bad_input_exits_2_with_one_line(src, tmp_path, args, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_killed_at_a_random_point_then_rerun_gives_the_same_files(src, runs, tmp_path):
+    """SIGKILL mid-run (a seeded-random moment within a run's duration): no manifest means the
+    directory is incomplete; the rerun writes exactly what an uninterrupted run does."""
+    import random
+    import signal
+    import time
+
+    reference = runs[0]  # seed 3, uninterrupted
+    out = tmp_path / "killed"
+    code = "from fcdistill.cli import app; import sys; sys.argv = ['fcd', *sys.argv[1:]]; app()"
+    base = [sys.executable, "-c", code, "data", "augment", "--data", str(src), "--seed", "3", "--no-progress"]
+    args = [*base, "--out", str(out)]
+    started = time.monotonic()
+    probe = subprocess.run([*base, "--out", str(tmp_path / "timed")], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    duration = time.monotonic() - started
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(11).uniform(0.3, 0.95) * duration)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if (out / "manifest.json").is_file():  # it got to the end: then every file is whole already
+        assert (out / "train.jsonl").read_bytes() == (reference / "train.jsonl").read_bytes()
+    assert not list(out.glob("*.tmp")) or not (out / "manifest.json").is_file()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name in ("train.jsonl", "eval.jsonl", "manifest.json", "augment_stats.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not list(out.glob("*.tmp"))
+
+
 def test_cli_refuses_to_overwrite_its_source(src):
     proc = _fcd("data", "augment", "--data", str(src), "--out", str(src))
     assert proc.returncode == 2 and "--out must differ from --data" in proc.stderr

@@ -142,6 +142,40 @@ def test_rerun_resumes_and_asks_only_missing_ids(fc_run, server, data_dir):
     assert r.exit_code == 2 and "model='smollm2-135m'" in r.output
 
 
+def test_a_run_killed_at_a_random_answer_resumes_with_nothing_lost_or_repeated(server, data_dir, tmp_path):
+    """SIGKILL of `fcd eval run` once a seeded-random number of answers is on disk; the rerun asks
+    only the rest, and every item is answered exactly once."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "fcdistill", "eval", "run", "--endpoint", server, "--model", MODEL, "--manifest",
+            str(data_dir / "manifest.json"), "--categories", ",".join(CATS), "--limit", "3", "--max-tokens", "24",
+            "--out", str(out), "--no-progress", "--concurrency", "1"]
+    kill_after = random.Random(17).randint(1, 7)  # of the 9 answers
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while first.poll() is None and time.monotonic() < deadline:
+        if (out / OUTPUTS).is_file() and len((out / OUTPUTS).read_text().splitlines()) >= kill_after:
+            first.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, first.stderr.read()[-2000:]
+    done_before = {o["id"] for o in _lines(out / OUTPUTS)}
+    assert kill_after <= len(done_before) < 9
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ids = [o["id"] for o in _lines(out / OUTPUTS)]
+    assert len(ids) == len(set(ids)) == 9 and done_before <= set(ids)  # none lost, none twice
+    assert f"asked {9 - len(done_before)}, kept {len(done_before)} earlier answers" in again.stdout + again.stderr
+    assert json.loads((out / "summary.json").read_text())["complete"]
+
+
 def test_prompt_mode_uses_bfcl_prompt_and_decoder(server, data_dir, tmp_path):
     summary = run_eval(server, MODEL, data_dir, ["simple_python"], tmp_path / "prompt", mode="prompt",
                        max_tokens=24, limit_per_category=2, progress=False, label="base-prompt")

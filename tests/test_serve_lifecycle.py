@@ -20,6 +20,7 @@ class _NoEngine:
     adapters: dict[str, str] = {}
     fc_token = "<tool_call>"
     context_length = 2048
+    failure = None
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

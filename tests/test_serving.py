@@ -105,6 +105,9 @@ def test_unknown_model_and_overlong_prompt_are_openai_errors(serving):
     assert (unknown.status, unknown.param, unknown.code) == (404, "model", "model_not_found")
     long = _refusal(serving, _chat_request(messages=[{"role": "user", "content": "hello " * 9000}]))
     assert long.status == 400 and long.code == "context_length_exceeded"
+    # prompt plus max_tokens over the context: refused while preparing, so a stream never starts with it
+    room = _refusal(serving, _chat_request(max_tokens=serving.engine.context_length, stream=True))
+    assert (room.status, room.param, room.code) == (400, "max_tokens", "context_length_exceeded")
 
 
 def test_stream_chunks_concatenate_to_the_non_stream_text(serving):
@@ -147,9 +150,9 @@ def test_completions_echo_and_stream(serving):
     prompt = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
 
     async def go():
-        whole = await serving.completion(serving.prepare_completion(
+        whole = await serving.completion(await serving.prepare_completion(
             CompletionRequest(model="smollm2-135m", prompt=[prompt, "Once upon"], max_tokens=8, temperature=0, echo=True)))
-        streamed = [c async for c in serving.completion_stream(serving.prepare_completion(
+        streamed = [c async for c in serving.completion_stream(await serving.prepare_completion(
             CompletionRequest(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0, stream=True)))]
         return whole, streamed
 
@@ -159,7 +162,7 @@ def test_completions_echo_and_stream(serving):
     assert all(isinstance(c, Completion) for c in streamed) and streamed[-1].choices[0].finish_reason
     assert prompt + "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     with pytest.raises(APIError) as err:
-        serving.prepare_completion(CompletionRequest(model="smollm2-135m", prompt=["a"] * 17))
+        asyncio.run(serving.prepare_completion(CompletionRequest(model="smollm2-135m", prompt=["a"] * 17)))
     assert err.value.param == "prompt"
 
 
@@ -220,3 +223,16 @@ def test_sse_ends_with_done_unless_an_error_ended_it():
     assert ok == [f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n", "data: [DONE]\n\n"]
     failed = asyncio.run(lines(chunk, error_body("boom", "server_error")))
     assert len(failed) == 2 and json.loads(failed[-1][len("data: "):])["error"]["message"] == "boom"
+
+    async def broken():  # a bug after the first chunk: an error event ends the stream, the place is given back
+        yield chunk
+        raise KeyError("oops")
+
+    released = []
+
+    async def collect() -> list[str]:
+        return [line async for line in sse(broken(), lambda: released.append(True))]
+
+    crashed = asyncio.run(collect())
+    assert len(crashed) == 2 and "KeyError" in json.loads(crashed[-1][len("data: "):])["error"]["message"]
+    assert released == [True]

@@ -23,6 +23,7 @@ The same seed gives byte-identical files: every RNG is seeded by (seed, record i
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -38,6 +39,7 @@ from fcdistill.data.augment_values import leaves, occurs
 from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, eval_index, read_manifest, read_records
 from fcdistill.data.checks import category_style, format_failures, style_failures
 from fcdistill.data.dedup import DuplicateIndex, normalize, question_text
+from fcdistill.jsonl import write_json_atomic
 from fcdistill.tools import ToolCall, ToolSchemaError, check_schema
 
 STATS_FILE = "augment_stats.json"
@@ -242,12 +244,18 @@ def _admit(cand: Record, src: Record, transform: str, gate: _Gate, counters: Cou
 
 def _write(opts: AugmentOptions, manifest: dict[str, Any], records: list[Record],
            stats: dict[str, TransformStats]) -> None:
+    """Every file whole (a temporary name, then a rename), manifest.json last: a directory with a
+    manifest is complete, so a run killed anywhere is simply run again (stages look for the manifest)."""
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
-    _dump_jsonl(out / "train.jsonl", records)
+    (out / "manifest.json").unlink(missing_ok=True)  # the completion marker goes first and comes back last
+    tmp = out / "train.jsonl.tmp"
+    _dump_jsonl(tmp, records)
+    os.replace(tmp, out / "train.jsonl")
     for name in ("eval.jsonl", "test_case_ids_to_generate.json"):
         if (opts.data / name).is_file():
-            shutil.copyfile(opts.data / name, out / name)
+            shutil.copyfile(opts.data / name, out / f"{name}.tmp")
+            os.replace(out / f"{name}.tmp", out / name)
     originals = set(manifest.get("splits", {}).get("train", []))
     kept_ids = {r.id for r in records}
     manifest = dict(manifest)
@@ -261,9 +269,8 @@ def _write(opts: AugmentOptions, manifest: dict[str, Any], records: list[Record]
         "dropped_originals": sorted(originals - kept_ids),
         "counts": {k: v.kept for k, v in stats.items()},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    table = {k: v.as_dict() for k, v in stats.items()}
-    (out / STATS_FILE).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out / STATS_FILE, {k: v.as_dict() for k, v in stats.items()})
+    write_json_atomic(out / "manifest.json", manifest)
 
 
 def stats_table(stats: dict[str, dict[str, Any]]) -> Any:

@@ -17,6 +17,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,6 +59,7 @@ class CompiledGrammar:
 
 _cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
 _cache_lock = threading.Lock()
+_compiling: dict[tuple[Any, ...], Future] = {}  # grammars being compiled now, by cache key
 _stats = {"hits": 0, "misses": 0}
 
 
@@ -104,16 +106,34 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
             _cache.move_to_end(key)
             _stats["hits"] += 1
             return hit, True
-    start = time.perf_counter()
-    index = _compile_index(schema, vocab) if schema is not None else None
-    table = build_close_table(index, vocab.eot_id) if index is not None else None
-    compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
-                               table=table)
+        # one compile per new grammar: requests that bring it while it compiles wait for that one
+        compiling = _compiling.get(key)
+        if compiling is None:
+            compiling = _compiling[key] = Future()
+            owner = True
+        else:
+            owner = False
+            _stats["hits"] += 1
+    if not owner:
+        return compiling.result(), True  # raises the compile's GrammarError too
+    try:
+        start = time.perf_counter()
+        index = _compile_index(schema, vocab) if schema is not None else None
+        table = build_close_table(index, vocab.eot_id) if index is not None else None
+        compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
+                                   table=table)
+    except BaseException as exc:
+        with _cache_lock:
+            del _compiling[key]
+        compiling.set_exception(exc)
+        raise
     with _cache_lock:
         _stats["misses"] += 1
         _cache[key] = compiled
+        del _compiling[key]
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
+    compiling.set_result(compiled)
     return compiled, False
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -39,6 +41,21 @@ def register(app: typer.Typer) -> None:
             "Access log on stderr: client, method, path, status, seconds, model and tokens of each request."))] = False,
         enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help=(
             "vllm: skip torch.compile (starts about a minute sooner on CPU, decodes slower)."))] = False,
+        max_concurrent_requests: Annotated[int, typer.Option(min=1, help=(
+            "Requests in flight at once (waiting or generating); one more gets a 429 with Retry-After."))] = 64,
+        max_tools: Annotated[int, typer.Option(min=1, help="Tools one request may carry (400 above).")] = 128,
+        max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body (413 above).")] = 8 * 1024 * 1024,
+        max_tokens: Annotated[int | None, typer.Option(min=1, help=(
+            "Cap on a request's max_tokens (400 above; the default when a request gives none) [default: the context].")
+        )] = None,
+        max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
+            "Longest prompt in tokens (400 above) [default: the context length less one]."))] = None,
+        grammar_timeout: Annotated[float, typer.Option(min=0.001, help=(
+            "Seconds a new tool set's grammar may take to compile; longer is a 400 (the compile still "
+            "finishes and is cached)."))] = 60.0,
+        on_engine_failure: Annotated[str, typer.Option(help=(
+            "exit: stop the server with exit code 3 when the engine dies (a supervisor restarts it); restart "
+            "(hf engine): start a new scheduler, at most 3 times a minute, then exit."))] = "exit",
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
 
@@ -54,6 +71,16 @@ def register(app: typer.Typer) -> None:
             fail(f"unknown --batching {batching!r}; choose continuous or static")
         if engine not in ("hf", "vllm"):
             fail(f"unknown --engine {engine!r}; choose hf or vllm")
+        if on_engine_failure not in ("exit", "restart"):
+            fail(f"unknown --on-engine-failure {on_engine_failure!r}; choose exit or restart")
+        if on_engine_failure == "restart" and engine == "vllm":
+            fail("--on-engine-failure restart is for the hf engine; vLLM's engine core cannot be restarted in "
+                 "place (use exit and a supervisor)")
+        from fcdistill.serve.limits import ServeLimits
+
+        limits = ServeLimits(max_concurrent_requests=max_concurrent_requests, max_tools=max_tools,
+                             max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                             grammar_timeout_s=grammar_timeout)
         if engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail("--engine vllm needs vLLM in this environment: on GPU `pip install vllm`; on CPU run "
                  "scripts/setup_vllm.sh and use .venv-vllm/bin/fcd")
@@ -85,12 +112,21 @@ def register(app: typer.Typer) -> None:
                 from fcdistill.serve.engines.hf import HFEngine
 
                 eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
-                               continuous=batching == "continuous")
+                               continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart")
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         key = api_key or os.environ.get("FCD_API_KEY") or None
         loop_guard = (LoopGuard(value_tokens=value_token_limit) if value_token_limit else LoopGuard()) if guard else None
         shown_host = f"[{host}]" if ":" in host else host
         announce = start_line(f"http://{shown_host}:{port}", engine, eng.model_name, eng.adapters, bool(key))
-        run_server(create_app(eng, api_key=key, guard=loop_guard), host, port, announce, log_requests=log_requests,
-                   stop_engine=lambda: asyncio.run(eng.shutdown()))
+        failed: list[str] = []
+
+        def engine_failed(reason: str) -> None:  # the server stops as on SIGTERM, then exits 3
+            failed.append(reason)
+            print(f"fcd serve: {reason}; stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        run_server(create_app(eng, api_key=key, guard=loop_guard, limits=limits, on_engine_failure=engine_failed),
+                   host, port, announce, log_requests=log_requests, stop_engine=lambda: asyncio.run(eng.shutdown()))
+        if failed:
+            raise typer.Exit(3)

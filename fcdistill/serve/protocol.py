@@ -104,9 +104,10 @@ class APIError(Exception):
     Raised by the serving logic, turned into a response by the app's exception handler."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # e.g. Retry-After on a 429 or 503
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)

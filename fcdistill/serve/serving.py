@@ -37,9 +37,10 @@ from openai.types.chat.chat_completion_message_tool_call import Function
 
 from fcdistill.chat_format import ChatFormat, as_messages
 from fcdistill.grammars import CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar, token_vocabulary
-from fcdistill.serve.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingParams
+from fcdistill.serve.engines.base import Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams
+from fcdistill.serve.limits import ServeLimits
 from fcdistill.serve.metrics import Metrics
-from fcdistill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from fcdistill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, new_id, now
 from fcdistill.tools import ToolCall, ToolSchemaError, ToolSpec, call_errors, normalize_tools
 
 Disconnected = Callable[[], Awaitable[bool]]  # Request.is_disconnected: polled while a whole answer generates
@@ -78,14 +79,40 @@ class OpenAIServing:
     logic of each endpoint.
 
     `guard` None turns off the budget and the loop guard (constrained answers may then be cut at
-    max_tokens, as before them): for measuring what they change."""
+    max_tokens, as before them): for measuring what they change. `limits`: what a request may ask
+    (limits.py)."""
 
-    def __init__(self, engine: Engine, guard: LoopGuard | None = LoopGuard(), metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, guard: LoopGuard | None = LoopGuard(), metrics: Metrics | None = None,
+                 limits: ServeLimits | None = None):
         self.engine = engine
         self.guard = guard
         self.metrics = metrics or Metrics()
+        self.limits = limits or ServeLimits()
         self.chat = ChatFormat(engine.tokenizer, fc_token=engine.fc_token)
         self.vocab = token_vocabulary(engine.tokenizer, engine.fc_token, engine.logits_size)
+        self.in_flight = 0  # requests admitted and not yet answered (streams: until their last event)
+
+    # -- admission -----------------------------------------------------------------------------------
+    def admit(self) -> Callable[[], None]:
+        """Take a place among the requests in flight, or refuse at once: 429 with Retry-After when
+        they are all taken, 503 when the engine has failed. Returns the call that gives the place back
+        (idempotent)."""
+        if (failure := self.engine.failure) is not None:
+            raise unavailable(failure, self.limits.retry_after_s)
+        limit = self.limits.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise APIError(429, f"The server is busy: {limit} requests are in flight (--max-concurrent-requests); "
+                                f"retry after {self.limits.retry_after_s} s.", "rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(self.limits.retry_after_s)})
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+        return release
 
     # -- /v1/models ----------------------------------------------------------------------------------
     def models(self) -> list[Model]:
@@ -102,6 +129,9 @@ class OpenAIServing:
         The grammar is compiled here (in a thread: a new tool set takes a while), so a tool set or
         tool_choice the grammar cannot take, or a budget too small for a forced answer, is a 400."""
         adapter = self.adapter_for(req.model)
+        if req.tools and len(req.tools) > self.limits.max_tools:
+            raise APIError(400, f"{len(req.tools)} tools given; this server takes at most {self.limits.max_tools} "
+                                "a request (--max-tools)", param="tools")
         try:
             tools = normalize_tools(req.tools or [])
         except ToolSchemaError as exc:
@@ -111,11 +141,12 @@ class OpenAIServing:
         try:
             messages = as_messages([m.model_dump(exclude_none=True) | {"role": "system" if m.role == "developer" else m.role}
                                     for m in req.messages])
-            prompt = self.chat.render_prompt(messages, tools)
-        except (ValueError, ToolSchemaError) as exc:
+        except ValueError as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
-        prompt_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
-        sp = self.sampling(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens)
+        # rendering a long conversation and tokenizing it take milliseconds each: not on the event loop
+        prompt_ids = await asyncio.to_thread(self._render_ids, messages, tools)
+        sp = self.sampling(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens,
+                           "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         if req.stream and req.n > 1:
             raise APIError(400, "n > 1 is not supported with stream", param="n")
         grammar = await self.grammar_for(tools, choice, req.parallel_tool_calls, json_schema)
@@ -129,6 +160,13 @@ class OpenAIServing:
                 for i in range(req.n)]
         return ChatPlan(model=req.model, gens=gens, tools=tools, prompt_tokens=len(prompt_ids),
                         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+
+    def _render_ids(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> list[int]:
+        try:
+            prompt = self.chat.render_prompt(messages, tools)
+        except (ValueError, ToolSchemaError) as exc:
+            raise APIError(400, f"invalid messages: {exc}", param="messages") from None
+        return self.engine.tokenizer.encode(prompt, add_special_tokens=False)
 
     async def chat_completion(self, plan: ChatPlan, disconnected: Disconnected | None = None) -> ChatCompletion:
         """Every choice generated whole; a call that fails its schema comes back as text."""
@@ -172,9 +210,9 @@ class OpenAIServing:
                 if ev.finish_reason:
                     reason = ev.finish_reason
                     if reason == "error":
-                        yield error_body(ev.error or "generation failed", "server_error")
+                        yield generation_error(ev.error, ev.engine_failed).body()
                         return
-        except EngineRequestError as exc:
+        except (EngineRequestError, EngineUnavailable) as exc:
             yield engine_error(exc).body()
             return
         _, calls = self.checked_calls(text, tools)
@@ -193,7 +231,7 @@ class OpenAIServing:
                                       choices=[], usage=_usage(plan.prompt_tokens, n_tokens))
 
     # -- /v1/completions -----------------------------------------------------------------------------
-    def prepare_completion(self, req: CompletionRequest) -> CompletionPlan:
+    async def prepare_completion(self, req: CompletionRequest) -> CompletionPlan:
         """Every check that can refuse a raw-prompt request, and its generations (no grammar: raw
         prompts are free text)."""
         adapter = self.adapter_for(req.model)
@@ -203,9 +241,12 @@ class OpenAIServing:
         gens: list[GenerationRequest] = []
         echoes: list[str] = []
         prompt_tokens = 0
-        for p in prompts:
-            ids = self.engine.tokenizer.encode(p, add_special_tokens=False)
-            sp = self.sampling(req, len(ids), req.max_tokens)
+        encoded = await asyncio.to_thread(lambda: [self.engine.tokenizer.encode(p, add_special_tokens=False)
+                                                   for p in prompts])
+        for p, ids in zip(prompts, encoded):
+            if not ids:
+                raise APIError(400, "prompt is empty: give at least one token of text", param="prompt")
+            sp = self.sampling(req, len(ids), req.max_tokens, "max_tokens")
             prompt_tokens += len(ids)
             gens += [GenerationRequest(prompt_ids=ids, sampling=sp, adapter=adapter) for _ in range(req.n)]
             echoes += [p if req.echo else ""] * req.n
@@ -237,11 +278,11 @@ class OpenAIServing:
         try:
             async for ev in self.engine.generate(plan.gens[0]):
                 if ev.finish_reason == "error":
-                    yield error_body(ev.error or "generation failed", "server_error")
+                    yield generation_error(ev.error, ev.engine_failed).body()
                     return
                 if ev.text or ev.finish_reason:
                     yield chunk(ev.text, ev.finish_reason)
-        except EngineRequestError as exc:
+        except (EngineRequestError, EngineUnavailable) as exc:
             yield engine_error(exc).body()
 
     # -- shared steps --------------------------------------------------------------------------------
@@ -256,10 +297,18 @@ class OpenAIServing:
     async def grammar_for(self, tools: list[ToolSpec], choice: str, parallel: bool,
                           json_schema: dict[str, Any] | None) -> CompiledGrammar:
         """The compiled constraint (cached across requests); a 400 naming tool_choice or tools when it cannot be built."""
+        timeout = self.limits.grammar_timeout_s
         try:
-            grammar, hit = await asyncio.to_thread(compile_grammar, self.vocab, tools, choice, parallel, json_schema)
+            grammar, hit = await asyncio.wait_for(
+                asyncio.to_thread(compile_grammar, self.vocab, tools, choice, parallel, json_schema), timeout)
         except GrammarError as exc:
             raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools") from None
+        except asyncio.TimeoutError:
+            # the compile goes on in its thread and is cached when it ends: a retry may find it ready
+            what = "response_format json_schema" if json_schema is not None else "tool set"
+            raise APIError(400, f"the {what} is too complex: its grammar did not compile within {timeout:g} s "
+                                "(--grammar-timeout); simplify the schemas or send fewer tools",
+                           param="response_format" if json_schema is not None else "tools") from None
         self.metrics.grammar(grammar.compile_ms / 1000, hit)
         return grammar
 
@@ -281,15 +330,30 @@ class OpenAIServing:
                        param=param)
 
     def sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-                 max_tokens: int | None) -> SamplingParams:
-        """The request's sampling; without max_tokens, the rest of the context. A prompt that fills the
-        context is refused with OpenAI's message and code."""
+                 max_tokens: int | None, max_tokens_param: str) -> SamplingParams:
+        """The request's sampling; without max_tokens, the rest of the context (within the server's
+        cap). A prompt that fills the context, or passes --max-prompt-tokens, is refused with OpenAI's
+        message and code; a max_tokens over --max-tokens with the cap."""
         context = self.engine.context_length
+        param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         if prompt_len >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, "
-                                f"your messages resulted in {prompt_len} tokens.", param="messages",
+                                f"your messages resulted in {prompt_len} tokens.", param=param,
                            code="context_length_exceeded")
-        return SamplingParams(max_tokens=max_tokens or context - prompt_len, temperature=req.temperature,
+        limit = self.limits.max_prompt_tokens
+        if limit is not None and prompt_len > limit:
+            raise APIError(400, f"The prompt has {prompt_len} tokens; this server takes at most {limit} "
+                                "(--max-prompt-tokens).", param=param, code="context_length_exceeded")
+        cap = self.limits.max_tokens
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            raise APIError(400, f"{max_tokens_param} is {max_tokens}; this server allows at most {cap} (--max-tokens).",
+                           param=max_tokens_param)
+        if max_tokens is not None and prompt_len + max_tokens > context:  # refused here, before a stream's first byte
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
+                                "completion).", param=max_tokens_param, code="context_length_exceeded")
+        room = context - prompt_len if cap is None else min(cap, context - prompt_len)
+        return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, stop=req.stop_list())
 
     def checked_calls(self, text: str, tools: list[ToolSpec]) -> tuple[str | None, list[ToolCall]]:
@@ -326,7 +390,7 @@ class OpenAIServing:
                 n += len(ev.token_ids)
                 if ev.finish_reason:
                     if ev.finish_reason == "error":
-                        raise APIError(500, ev.error or "generation failed", "server_error")
+                        raise generation_error(ev.error, ev.engine_failed)
                     reason = ev.finish_reason
             return "".join(text), n, reason
 
@@ -338,7 +402,7 @@ class OpenAIServing:
                     task.cancel()
                     raise APIError(499, "client disconnected")
             return task.result()
-        except EngineRequestError as exc:
+        except (EngineRequestError, EngineUnavailable) as exc:
             raise engine_error(exc) from None
         finally:
             if not task.done():
@@ -376,9 +440,25 @@ def tool_call_objects(calls: list[ToolCall]) -> list[ChatCompletionMessageToolCa
         name=c.name, arguments=json.dumps(c.arguments, ensure_ascii=False))) for c in calls]
 
 
-def engine_error(exc: EngineRequestError) -> APIError:
-    """A request the engine refused (unknown adapter, prompt plus max_tokens over the context)."""
+def engine_error(exc: EngineRequestError | EngineUnavailable) -> APIError:
+    """A request the engine refused (unknown adapter, prompt plus max_tokens over the context), or
+    could not take because it has failed (503)."""
+    if isinstance(exc, EngineUnavailable):
+        return unavailable(str(exc))
     return APIError(404 if exc.code == "model_not_found" else 400, str(exc), param=exc.param, code=exc.code)
+
+
+def unavailable(reason: str, retry_after_s: int = 1) -> APIError:
+    """The engine has failed: 503, which the openai client retries (after Retry-After)."""
+    return APIError(503, f"The engine is unavailable: {reason}", "server_error", code="engine_unavailable",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+def generation_error(error: str | None, engine_failed: bool) -> APIError:
+    """A generation that ended in an error: the engine's failure (503) or this request's (500)."""
+    if engine_failed:
+        return unavailable(error or "the engine failed")
+    return APIError(500, error or "generation failed", "server_error")
 
 
 def _usage(prompt: int, completion: int) -> CompletionUsage:

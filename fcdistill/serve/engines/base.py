@@ -15,6 +15,10 @@ class EngineRequestError(ValueError):
         self.code, self.param = code, param
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine has failed (its scheduler or core died): a 503 for the client, and /health unhealthy."""
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -40,6 +44,7 @@ class GenerationEvent:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    engine_failed: bool = False  # with "error": the engine itself died, not this request (a 503)
 
 
 class Engine(Protocol):
@@ -49,6 +54,11 @@ class Engine(Protocol):
     fc_token: str
     context_length: int
     logits_size: int
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (None while it can): requests get a 503, /health says unhealthy."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
 

@@ -8,6 +8,12 @@ left-padded to the batch's width, so it does not wait for the batch to finish. `
 (`--batching static`) runs each batch to the end first. A batch holds one adapter (or the base),
 because PEFT trainable-token layers do not take mixed-adapter batches; while another adapter's
 request waits, the running batch admits no one and drains, so a busy adapter cannot starve the rest.
+
+The scheduler thread is supervised: a batch that raises fails only its own requests, and should the
+thread itself die, every request it held or had waiting ends at once with an engine failure (a 503),
+`failure` says why (so /health turns unhealthy and new requests get a 503), and with
+`restart_on_failure` a new scheduler thread takes over (at most MAX_RESTARTS in RESTART_WINDOW_S;
+past that the engine stays failed and the server, watching `failure`, exits).
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from typing import Any, AsyncIterator
 
 from tokenizers.decoders import DecodeStream
 
-from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest, check_fits, cut_at_stop
+from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable, GenerationEvent, GenerationRequest,
+                                          check_fits, cut_at_stop)
 
 log = logging.getLogger("fcdistill.serve")
+
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
 
 
 class Detokenizer:
@@ -54,7 +64,7 @@ class Detokenizer:
         return self._tokenizer.decode(self._held, skip_special_tokens=False) if self._held else ""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the engine keeps a set of live ones
 class _Seq:
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop
@@ -127,7 +137,7 @@ class HFEngine:
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
-                 batch_window_ms: float = 20.0, continuous: bool = True):
+                 batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,18 +186,30 @@ class HFEngine:
         self.default_temperature = float(getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
+        self.restart_on_failure = restart_on_failure
+        self._failure: str | None = None
+        self._restarts: list[float] = []
+        self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
+        self._live: set[_Seq] = set()  # submitted and not yet ended: what a dying scheduler must fail
         self._pending: queue.Queue[_Seq] = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
-        self._thread.start()
+        self._start_scheduler()
 
     # -- public ----------------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if request.adapter is not None and request.adapter not in self.adapters:
             raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
         check_fits(request, self.context_length)
         seq = _Seq(req=request, loop=asyncio.get_running_loop(), events=asyncio.Queue(), text=Detokenizer(self.tokenizer))
-        self._pending.put(seq)
+        with self._lock:
+            if self._failure is not None:
+                raise EngineUnavailable(self._failure)
+            self._live.add(seq)
+            self._pending.put(seq)
         try:
             while True:
                 ev = await seq.events.get()
@@ -196,6 +218,8 @@ class HFEngine:
                     return
         finally:
             seq.cancelled.set()  # client gone or consumer stopped: the scheduler drops the row
+            with self._lock:
+                self._live.discard(seq)
 
     async def shutdown(self) -> None:
         from fcdistill.serve.lifecycle import ENGINE_STOP_S
@@ -205,6 +229,39 @@ class HFEngine:
         self._stop.set()
         self._pending.put(None)  # type: ignore[arg-type]
         await asyncio.to_thread(self._thread.join, ENGINE_STOP_S)  # a daemon thread: never holds the exit
+
+    # -- supervision -----------------------------------------------------------------------------
+    def _start_scheduler(self) -> None:
+        self._thread = threading.Thread(target=self._supervised, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    def _supervised(self) -> None:
+        """The scheduler, and what happens when it dies: nothing it held may wait forever."""
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - whatever ended the thread, requests must hear of it
+            if self._stop.is_set():
+                return
+            self._scheduler_died(f"the hf engine's scheduler died: {type(exc).__name__}: {exc}")
+
+    def _scheduler_died(self, reason: str) -> None:
+        log.error("%s", reason)
+        with self._lock:
+            self._failure = reason
+            doomed, self._live = self._live, set()
+            self._pending = queue.Queue()  # what was waiting is failed below, not picked up later
+        for s in doomed:
+            s.emit(GenerationEvent(finish_reason="error", error=reason, engine_failed=True))
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        if not self.restart_on_failure or len(self._restarts) >= MAX_RESTARTS:
+            return  # failed for good: the server sees `failure` and exits non-zero
+        self._restarts.append(now)
+        log.warning("restarting the hf engine's scheduler (%d of %d within %.0f s)", len(self._restarts),
+                    MAX_RESTARTS, RESTART_WINDOW_S)
+        with self._lock:
+            self._failure = None
+        self._start_scheduler()
 
     # -- scheduler -------------------------------------------------------------------------------
     def _run(self) -> None:

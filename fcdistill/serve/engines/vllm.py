@@ -31,7 +31,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fcdistill.serve.engines.base import EngineRequestError, GenerationEvent, GenerationRequest, check_fits, cut_at_stop
+from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable, GenerationEvent, GenerationRequest,
+                                          check_fits, cut_at_stop)
 
 log = logging.getLogger("fcdistill.serve")
 _PICKLE_CACHE_SIZE = 256
@@ -176,10 +177,21 @@ class VLLMEngine:
                 self._pickled.move_to_end(id(g))
         return {EXTRA_KEY: grammar_args(constraint, hit[1], hit[2])}
 
+    @property
+    def failure(self) -> str | None:
+        """vLLM's own verdict: the EngineCore process died (or the engine stopped); it cannot restart."""
+        engine = self.engine
+        if engine is not None and engine.errored:
+            return "the vLLM engine core died"
+        return None
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        if (failure := self.failure) is not None:
+            raise EngineUnavailable(failure)
         if request.adapter is not None and request.adapter not in self.adapters:
             raise EngineRequestError(f"unknown adapter {request.adapter!r}", code="model_not_found")
         check_fits(request, self.context_length)
@@ -220,6 +232,8 @@ class VLLMEngine:
                 yield GenerationEvent(text=delta, token_ids=ids, finish_reason=reason)
                 if reason is not None:
                     return
+        except EngineDeadError:
+            raise EngineUnavailable("the vLLM engine core died") from None
         finally:
             await stream.aclose()  # a consumer that stops early (disconnect, stop string) aborts the request
 
