@@ -9,7 +9,10 @@ be answered with 429s, not queued without end.
 Reported per window (default 60 s): requests by status, p50/p99 latency of the answered ones. Over
 the run: the server's RSS at the start, after warm-up and at the end (goal: growth after warm-up
 <= 5%), the count of 5xx answers (goal 0) and of hung requests (no answer within `--timeout`; goal 0),
-and the grammar cache size from /metrics. Writes benchmarks/results/soak.json.
+and the grammar cache's entries and memory from /metrics. The new tool sets fill the grammar cache
+(bounded by `--grammar-cache-mb`, 32 MB here, about 1 MB a small tool set) during the warm-up (a
+quarter of the run); what grows after that is what the server does not bound. Writes
+benchmarks/results/soak.json.
 
     .venv/bin/python benchmarks/soak.py [--minutes 20] [--workers 4] [--window-s 60] [--engine hf]
 """
@@ -179,9 +182,12 @@ def main() -> None:
     ap.add_argument("--burst-every-s", type=float, default=90.0)
     ap.add_argument("--burst-size", type=int, default=16, help="requests fired at once (more than the limit below)")
     ap.add_argument("--max-concurrent-requests", type=int, default=8, help="the server's limit")
+    ap.add_argument("--grammar-cache-mb", type=float, default=32.0,
+                    help="the server's grammar cache: small enough that the new tool sets fill it during warm-up")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as hung")
     ap.add_argument("--window-s", type=float, default=60.0)
-    ap.add_argument("--warmup-minutes", type=float, default=None, help="default: a tenth of the run, at least 1")
+    ap.add_argument("--warmup-minutes", type=float, default=None,
+                    help="default: a quarter of the run (the grammar cache fills), at least 1")
     ap.add_argument("--engine", default="hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
@@ -191,10 +197,11 @@ def main() -> None:
 
     from fcdistill.serve.process import start_server
 
-    warmup = args.warmup_minutes if args.warmup_minutes is not None else max(1.0, args.minutes / 10)
+    warmup = args.warmup_minutes if args.warmup_minutes is not None else max(1.0, args.minutes / 4)
     log_path = args.out.with_suffix(".serve.log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with start_server(["--model", MODEL, "--max-concurrent-requests", str(args.max_concurrent_requests)], log_path,
+    with start_server(["--model", MODEL, "--max-concurrent-requests", str(args.max_concurrent_requests),
+                       "--grammar-cache-mb", str(args.grammar_cache_mb)], log_path,
                       engine=args.engine, timeout=900) as server:
         pid = server.proc.pid
         started = time.time()
@@ -215,6 +222,7 @@ def main() -> None:
         metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
         healthy = httpx.get(f"{server.url}/health", timeout=30).json()
     cache = re.search(r"^fcd_grammar_cache_entries (\S+)$", metrics, re.M)
+    cache_bytes = re.search(r"^fcd_grammar_cache_bytes (\S+)$", metrics, re.M)
     statuses: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
     for r in log:
@@ -229,7 +237,9 @@ def main() -> None:
         "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
         "stream_server_errors": sum(1 for r in log if r.get("stream_error")),
         "hung": statuses.get("hung", 0), "rss": rss, "warmup_minutes": warmup,
-        "grammar_cache_entries": float(cache.group(1)) if cache else None, "healthy_at_end": healthy,
+        "grammar_cache_entries": float(cache.group(1)) if cache else None,
+        "grammar_cache_mb": round(float(cache_bytes.group(1)) / 2**20, 1) if cache_bytes else None,
+        "grammar_cache_limit_mb": args.grammar_cache_mb, "healthy_at_end": healthy,
         "windows": windows(log, started, args.window_s),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")

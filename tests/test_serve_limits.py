@@ -318,3 +318,26 @@ def test_a_grammar_over_the_compile_timeout_is_a_400_and_is_cached_for_later(smo
     patient = OpenAIServing(_Engine(smollm2_tokenizer))
     plan = asyncio.run(patient.prepare_chat(req))  # the compile finished in its thread, or finishes now
     assert plan.gens and plan.gens[0].constraint is not None
+
+
+def test_the_grammar_cache_is_bounded_by_memory(smollm2_tokenizer):
+    """--grammar-cache-mb: least recently used grammars leave once the cache holds more than its limit."""
+    from fcdistill.grammars import compile_grammar, grammar_cache_info, set_grammar_cache_limit
+    from fcdistill.grammars.constraint import DEFAULT_CACHE_MB
+    from fcdistill.serve.serving import OpenAIServing
+    from fcdistill.tools import normalize_tools
+
+    vocab = OpenAIServing(_Engine(smollm2_tokenizer)).vocab
+    fresh = [normalize_tools([_tool(f"bounded_{uuid.uuid4().hex[:8]}", city={"type": "string"}, n={"type": "integer"})])
+             for _ in range(6)]
+    try:
+        set_grammar_cache_limit(1.5)
+        for tools in fresh:
+            compile_grammar(vocab, tools, "required")
+            info = grammar_cache_info()
+            assert info["bytes"] <= info["limit_bytes"] or info["size"] == 1, info
+        assert 1 <= grammar_cache_info()["size"] < 6
+        assert compile_grammar(vocab, fresh[-1], "required")[1] is True  # the newest stayed
+        assert compile_grammar(vocab, fresh[0], "required")[1] is False  # the oldest was dropped
+    finally:
+        set_grammar_cache_limit(DEFAULT_CACHE_MB)

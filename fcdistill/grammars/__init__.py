@@ -15,11 +15,12 @@ from fcdistill.grammars.constraint import (
     ToolChoice,
     compile_grammar,
     grammar_cache_info,
+    set_grammar_cache_limit,
 )
 from fcdistill.grammars.guard import LoopGuard
 from fcdistill.grammars.vocabulary import TokenVocabulary, token_vocabulary
 
 __all__ = [
     "CompiledGrammar", "GrammarError", "LoopGuard", "SequenceConstraint", "ToolChoice", "TokenVocabulary",
-    "compile_grammar", "grammar_cache_info", "token_vocabulary",
+    "compile_grammar", "grammar_cache_info", "set_grammar_cache_limit", "token_vocabulary",
 ]

@@ -31,7 +31,7 @@ WHITESPACE = ""
 # outlines-core's number has unbounded digits and exponent: `4e+836045` is valid JSON but overflows to
 # inf, which no client can read back. Bounded, the largest number is about 1e115.
 BOUNDED_NUMBER = r"((-)?(0|[1-9][0-9]{0,15}))(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?"
-_CACHE_SIZE = 256
+DEFAULT_CACHE_MB = 256.0  # compiled grammars kept (LRU); a small tool set's takes about 1 MB
 
 
 class GrammarError(ValueError):
@@ -57,7 +57,8 @@ class CompiledGrammar:
         return self.table.start + (2 if self.mode in ("auto", "forced") else 1)
 
 
-_cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
+_cache: OrderedDict[tuple, tuple[CompiledGrammar, int]] = OrderedDict()  # key -> (grammar, approximate bytes)
+_cache_limit = [int(DEFAULT_CACHE_MB * 2**20)]
 _cache_lock = threading.Lock()
 _compiling: dict[tuple[Any, ...], Future] = {}  # grammars being compiled now, by cache key
 _stats = {"hits": 0, "misses": 0}
@@ -65,7 +66,32 @@ _stats = {"hits": 0, "misses": 0}
 
 def grammar_cache_info() -> dict[str, int]:
     with _cache_lock:
-        return {**_stats, "size": len(_cache)}
+        return {**_stats, "size": len(_cache), "bytes": sum(n for _, n in _cache.values()), "limit_bytes": _cache_limit[0]}
+
+
+def set_grammar_cache_limit(megabytes: float) -> None:
+    """Bound the compiled-grammar cache by memory (`fcd serve --grammar-cache-mb`); the least recently
+    used grammars go first. The newest one always stays, however large."""
+    with _cache_lock:
+        _cache_limit[0] = int(megabytes * 2**20)
+        _evict()
+
+
+def _evict() -> None:
+    total = sum(n for _, n in _cache.values())
+    while len(_cache) > 1 and total > _cache_limit[0]:
+        total -= _cache.popitem(last=False)[1][1]
+
+
+def _approx_bytes(g: CompiledGrammar) -> int:
+    """What a cached grammar holds in memory, roughly: its Index as serialized (every state's token
+    transitions) and its close table (the token array plus a few dict entries a state)."""
+    import pickle
+
+    size = len(pickle.dumps(g.index)) if g.index is not None else 0
+    if g.table is not None:
+        size += g.table.tokens.nbytes + 200 * len(g.table.groups)
+    return size + 1024
 
 
 def calls_schema(tools: list[ToolSpec], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
@@ -105,7 +131,7 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
         if hit is not None:
             _cache.move_to_end(key)
             _stats["hits"] += 1
-            return hit, True
+            return hit[0], True
         # one compile per new grammar: requests that bring it while it compiles wait for that one
         compiling = _compiling.get(key)
         if compiling is None:
@@ -127,12 +153,12 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
             del _compiling[key]
         compiling.set_exception(exc)
         raise
+    size = _approx_bytes(compiled)
     with _cache_lock:
         _stats["misses"] += 1
-        _cache[key] = compiled
+        _cache[key] = (compiled, size)
         del _compiling[key]
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        _evict()
     compiling.set_result(compiled)
     return compiled, False
 

@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         grammar_timeout: Annotated[float, typer.Option(min=0.001, help=(
             "Seconds a new tool set's grammar may take to compile; longer is a 400 (the compile still "
             "finishes and is cached)."))] = 60.0,
+        grammar_cache_mb: Annotated[float, typer.Option(min=1, help=(
+            "Memory for compiled grammars, least recently used dropped first (a small tool set's takes ~1 MB)."))] = 256.0,
         on_engine_failure: Annotated[str, typer.Option(help=(
             "exit: stop the server with exit code 3 when the engine dies (a supervisor restarts it); restart "
             "(hf engine): start a new scheduler, at most 3 times a minute, then exit."))] = "exit",
@@ -96,7 +98,7 @@ def register(app: typer.Typer) -> None:
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars: the start-up line says what loaded
 
-        from fcdistill.grammars import LoopGuard
+        from fcdistill.grammars import LoopGuard, set_grammar_cache_limit
         from fcdistill.serve.app import create_app
         from fcdistill.serve.lifecycle import serve as run_server
         from fcdistill.serve.lifecycle import start_line
@@ -115,6 +117,7 @@ def register(app: typer.Typer) -> None:
                                continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart")
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
+        set_grammar_cache_limit(grammar_cache_mb)
         key = api_key or os.environ.get("FCD_API_KEY") or None
         loop_guard = (LoopGuard(value_tokens=value_token_limit) if value_token_limit else LoopGuard()) if guard else None
         shown_host = f"[{host}]" if ":" in host else host

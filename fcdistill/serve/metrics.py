@@ -23,15 +23,17 @@ class Metrics:
         self.cache_misses = Counter("fcd_grammar_cache_misses", "Grammar cache misses", registry=r)
         self.rejected_calls = Counter("fcd_rejected_calls", "Completions whose calls failed a schema rule the grammar cannot express", registry=r)
         self.cache_size = Gauge("fcd_grammar_cache_entries", "Compiled grammars held", registry=r)
+        self.cache_bytes = Gauge("fcd_grammar_cache_bytes", "Approximate memory of the compiled grammars held "
+                                 "(bounded by --grammar-cache-mb)", registry=r)
         self.forced_close = Counter("fcd_forced_close", "Constrained answers the token budget or the loop guard closed",
                                     ["reason"], registry=r)
         for reason in ("budget", "loop"):
             self.forced_close.labels(reason)  # exported at 0 before the first one
 
-    def request(self, path: str, status: int, seconds: float) -> None:
-        label = path if path.startswith(("/v1/", "/health", "/metrics")) else "other"
-        self.requests.labels(label, str(status)).inc()
-        self.latency.labels(label).observe(seconds)
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """`route`: one of the app's own paths, or "other" (labels never come from what clients send)."""
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)
@@ -46,4 +48,5 @@ class Metrics:
 
     def render(self, cache_info: dict[str, Any]) -> tuple[bytes, str]:
         self.cache_size.set(cache_info.get("size", 0))
+        self.cache_bytes.set(cache_info.get("bytes", 0))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
