@@ -10,10 +10,10 @@ because PEFT trainable-token layers do not take mixed-adapter batches; while ano
 request waits, the running batch admits no one and drains, so a busy adapter cannot starve the rest.
 
 The scheduler thread is supervised: a batch that raises fails only its own requests, and should the
-thread itself die, every request it held or had waiting ends at once with an engine failure (a 503),
-`failure` says why (so /health turns unhealthy and new requests get a 503), and with
-`restart_on_failure` a new scheduler thread takes over (at most MAX_RESTARTS in RESTART_WINDOW_S;
-past that the engine stays failed and the server, watching `failure`, exits).
+thread itself die, every request it held or had waiting ends at once with an engine failure (a 503).
+With `restart_on_failure` a new scheduler thread then takes over (at most MAX_RESTARTS in
+RESTART_WINDOW_S); otherwise, or past that, `failure` says why: /health turns unhealthy, new
+requests get a 503, and the server, watching `failure`, exits.
 """
 
 from __future__ import annotations
@@ -246,22 +246,21 @@ class HFEngine:
 
     def _scheduler_died(self, reason: str) -> None:
         log.error("%s", reason)
-        with self._lock:
-            self._failure = reason
-            doomed, self._live = self._live, set()
-            self._pending = queue.Queue()  # what was waiting is failed below, not picked up later
-        for s in doomed:
-            s.emit(GenerationEvent(finish_reason="error", error=reason, engine_failed=True))
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
-        if not self.restart_on_failure or len(self._restarts) >= MAX_RESTARTS:
-            return  # failed for good: the server sees `failure` and exits non-zero
-        self._restarts.append(now)
-        log.warning("restarting the hf engine's scheduler (%d of %d within %.0f s)", len(self._restarts),
-                    MAX_RESTARTS, RESTART_WINDOW_S)
+        restart = self.restart_on_failure and len(self._restarts) < MAX_RESTARTS
         with self._lock:
-            self._failure = None
-        self._start_scheduler()
+            if not restart:
+                self._failure = reason  # failed for good: the server sees it and exits non-zero
+            doomed, self._live = self._live, set()
+            self._pending = queue.Queue()  # what was waiting is failed below; later requests wait here
+        for s in doomed:
+            s.emit(GenerationEvent(finish_reason="error", error=reason, engine_failed=True))
+        if restart:
+            self._restarts.append(now)
+            log.warning("restarting the hf engine's scheduler (%d of %d within %.0f s)", len(self._restarts),
+                        MAX_RESTARTS, RESTART_WINDOW_S)
+            self._start_scheduler()
 
     # -- scheduler -------------------------------------------------------------------------------
     def _run(self) -> None:
