@@ -4,7 +4,8 @@ What an agent fleet does to a local endpoint for hours, compressed: good request
 tool_choice mode (auto, required, none, a named function) whole and streamed; clients that leave
 mid-stream; bad requests (unknown model, broken JSON, wrong types, too many tools); tool sets never
 seen before (each a new grammar compile); and bursts beyond `--max-concurrent-requests`, which must
-be answered with 429s, not queued without end.
+be answered with 429s, not queued without end (a client told 429 waits its Retry-After, as the
+openai client does).
 
 Reported per window (default 60 s): requests by status, p50/p99 latency of the answered ones. Over
 the run: the server's RSS at the start, after warm-up and at the end (goal: growth after warm-up
@@ -125,6 +126,8 @@ async def one(client: Any, url: str, rng: random.Random, timeout: float, log: li
             else:
                 r = await client.post(url + path, content=content, headers={"content-type": "application/json"})
                 rec["status"] = r.status_code
+                if r.status_code == 429:  # as the openai client does: wait what the server asks, then go on
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
     except TimeoutError:
         rec["status"] = "hung"
     except httpx.HTTPError as exc:

@@ -341,3 +341,19 @@ def test_the_grammar_cache_is_bounded_by_memory(smollm2_tokenizer):
         assert compile_grammar(vocab, fresh[0], "required")[1] is False  # the oldest was dropped
     finally:
         set_grammar_cache_limit(DEFAULT_CACHE_MB)
+
+
+def test_malloc_is_tuned_for_a_flat_rss_unless_the_user_chose(monkeypatch):
+    """glibc: the settings apply in process and are exported for child processes; a user's own win."""
+    import ctypes.util
+
+    from fcdistill.serve.memory import tune_malloc
+
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    applied = tune_malloc()
+    if not ctypes.util.find_library("c") or not applied:
+        pytest.skip("not glibc")
+    assert applied == {"MALLOC_MMAP_THRESHOLD_": 65536, "MALLOC_TRIM_THRESHOLD_": 131072}
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "65536" and os.environ["MALLOC_ARENA_MAX"] == "4"

@@ -60,6 +60,9 @@ def register(app: typer.Typer) -> None:
             "(hf engine): start a new scheduler, at most 3 times a minute, then exit."))] = "exit",
     ) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+        from fcdistill.serve.memory import tune_malloc
+
+        tune_malloc()  # before anything allocates much: RSS stays flat over hours (serve/memory.py)
 
         adapters: dict[str, str] = {}
         for item in adapter:

@@ -1,0 +1,46 @@
+"""glibc malloc settings for a long-running server, so that RSS stays flat instead of creeping up.
+
+A 20-minute soak (benchmarks/soak.py) of the hf engine grew 18% after warm-up with glibc's
+defaults, while the compiled-grammar cache stayed within its bound: each thread that tokenizes,
+renders or compiles gets its own malloc arena, and the dynamic mmap threshold moves the KV cache's
+large, variable-sized tensors onto the heap after their first free, where freed memory is
+fragmented and rarely returned. Side by side, 4 minutes each: +10.8% with the defaults, -1.7% with
+two arenas, a fixed 64 KiB mmap threshold and a 128 KiB trim threshold.
+
+`mallopt` applies them to this process at once; the environment variables carry them to child
+processes (the vllm engine's core), whose glibc reads them at start. Settings the user already
+exported win. Not glibc (macOS, musl): nothing happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start
+_SETTINGS = {  # name: (mallopt param, value)
+    "MALLOC_ARENA_MAX": (-8, 2),
+    "MALLOC_MMAP_THRESHOLD_": (-3, 64 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": (-1, 128 * 1024),
+}
+
+
+def tune_malloc() -> dict[str, int]:
+    """Apply the settings (those the environment does not already set); returns what was applied."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+            return {}
+    except OSError:
+        return {}
+    applied = {}
+    for env, (param, value) in _SETTINGS.items():
+        if env in os.environ:
+            continue
+        if mallopt(param, value) == 1:  # 1: accepted
+            os.environ[env] = str(value)
+            applied[env] = value
+    return applied
