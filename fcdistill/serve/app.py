@@ -138,16 +138,17 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in serving.models()]})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    async def answer(request: Request, req: ChatCompletionRequest | CompletionRequest, prepare: Callable[[Any], Any],
+                     whole: Callable[..., Any], stream: Callable[[Any], AsyncIterator[Any]]) -> Response:
+        """One request through admission, checks and generation; its place in flight is given back
+        when the answer (or, for a stream, its last event) has gone, whatever happened."""
         request.state.log = f"model={req.model}" + (" stream" if req.stream else "")
         release = serving.admit()
         try:
-            plan = await serving.prepare_chat(req)
+            plan = await prepare(req)
             if req.stream:
-                return StreamingResponse(sse(serving.chat_completion_stream(plan), release),
-                                         media_type="text/event-stream")
-            response = await serving.chat_completion(plan, request.is_disconnected)
+                return StreamingResponse(sse(stream(plan), release), media_type="text/event-stream")
+            response = await whole(plan, request.is_disconnected)
         except BaseException:
             release()
             raise
@@ -155,21 +156,13 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
         request.state.log += f" tokens={response.usage.prompt_tokens}+{response.usage.completion_tokens}"
         return openai_json(response)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await answer(request, req, serving.prepare_chat, serving.chat_completion, serving.chat_completion_stream)
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        request.state.log = f"model={req.model}" + (" stream" if req.stream else "")
-        release = serving.admit()
-        try:
-            plan = await serving.prepare_completion(req)
-            if req.stream:
-                return StreamingResponse(sse(serving.completion_stream(plan), release), media_type="text/event-stream")
-            response = await serving.completion(plan, request.is_disconnected)
-        except BaseException:
-            release()
-            raise
-        release()
-        request.state.log += f" tokens={response.usage.prompt_tokens}+{response.usage.completion_tokens}"
-        return openai_json(response)
+        return await answer(request, req, serving.prepare_completion, serving.completion, serving.completion_stream)
 
     routes.update(r.path for r in app.routes if isinstance(getattr(r, "path", None), str))
     return app
