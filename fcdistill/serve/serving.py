@@ -37,7 +37,8 @@ from openai.types.chat.chat_completion_message_tool_call import Function
 
 from fcdistill.chat_format import ChatFormat, as_messages
 from fcdistill.grammars import CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar, token_vocabulary
-from fcdistill.serve.engines.base import Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams
+from fcdistill.serve.engines.base import (Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams,
+                                          over_context)
 from fcdistill.serve.limits import ServeLimits
 from fcdistill.serve.metrics import Metrics
 from fcdistill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, new_id, now
@@ -348,10 +349,9 @@ class OpenAIServing:
         if cap is not None and max_tokens is not None and max_tokens > cap:
             raise APIError(400, f"{max_tokens_param} is {max_tokens}; this server allows at most {cap} (--max-tokens).",
                            param=max_tokens_param)
-        if max_tokens is not None and prompt_len + max_tokens > context:  # refused here, before a stream's first byte
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
-                                "completion).", param=max_tokens_param, code="context_length_exceeded")
+        # the engine's own check, made here so that it refuses before a stream's first byte
+        if max_tokens is not None and (message := over_context(prompt_len, max_tokens, context)) is not None:
+            raise APIError(400, message, param=max_tokens_param, code="context_length_exceeded")
         room = context - prompt_len if cap is None else min(cap, context - prompt_len)
         return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, stop=req.stop_list())

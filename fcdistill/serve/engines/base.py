@@ -65,13 +65,19 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def over_context(prompt_len: int, budget: int, context_length: int) -> str | None:
+    """OpenAI's message when prompt plus completion budget exceed the context, else None."""
+    if prompt_len + budget <= context_length:
+        return None
+    return (f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_len + budget} tokens ({prompt_len} in the messages, {budget} in the completion).")
+
+
 def check_fits(request: GenerationRequest, context_length: int) -> None:
     """Prompt plus completion budget must fit the context; OpenAI's message and code when not."""
-    n, budget = len(request.prompt_ids), request.sampling.max_tokens
-    if n + budget > context_length:
-        raise EngineRequestError(
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
-            f"{n + budget} tokens ({n} in the messages, {budget} in the completion).", code="context_length_exceeded")
+    message = over_context(len(request.prompt_ids), request.sampling.max_tokens, context_length)
+    if message is not None:
+        raise EngineRequestError(message, code="context_length_exceeded")
 
 
 def cut_at_stop(sent: str, delta: str, stops: list[str]) -> str | None:
