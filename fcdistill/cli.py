@@ -20,6 +20,7 @@ if os.environ.get("FCD_KILL_WITH_PARENT"):
 from fcdistill.data.cli import register as register_data
 from fcdistill.errors import fail
 from fcdistill.eval.cli import register as register_eval
+from fcdistill.recipe.cli import register as register_recipe
 from fcdistill.serve.cli import register as register_serve
 from fcdistill.teacher.cli import register as register_teacher
 from fcdistill.train.cli import register as register_train
@@ -71,7 +72,7 @@ def quickstart(
 
 # Every stage's commands are registered here and only here; stage modules never import this one, so
 # the command line has no import cycle. Each keeps its heavy imports inside its commands.
-for _register in (register_data, register_serve, register_train, register_teacher, register_eval):
+for _register in (register_data, register_serve, register_train, register_teacher, register_eval, register_recipe):
     _register(app)
 
 

@@ -27,6 +27,11 @@ from fcdistill.data.bfcl import (
     read_records,
 )
 
+# The held-out split of `fcd synth` (its val.jsonl), scored like BFCL's: the irrelevance style
+# by "no call", the others by bfcl_eval's ast_checker over the tools converted to BFCL's docs.
+SYNTH_SPLIT = "val.jsonl"
+SYNTH_IRRELEVANCE = "synth_irrelevance"
+
 # A model name registered in bfcl_eval whose config keeps dots in function names: ast_checker
 # looks the name up, and dotted BFCL names (`math.factorial`) are then compared as they are.
 CHECKER_MODEL = "gorilla-openfunctions-v2"
@@ -38,7 +43,7 @@ class EvalError(ValueError):
 
 def category_kind(category: str) -> str:
     """`irrelevance` (correct: no call), `relevance` (correct: any call) or `ast` (BFCL's checker)."""
-    if category in NO_CALL_CATEGORIES:
+    if category in NO_CALL_CATEGORIES or category == SYNTH_IRRELEVANCE:
         return "irrelevance"
     if category in RELEVANCE_CATEGORIES:
         return "relevance"
@@ -64,6 +69,13 @@ class EvalItem:
     @property
     def language(self) -> str:
         return category_language(self.record.category)
+
+    @property
+    def checker_category(self) -> str:
+        """The category bfcl_eval's ast_checker dispatches on. A synthetic example offers several tools
+        even when it calls one: it is checked as `multiple` (the simple checker reads the first tool)."""
+        c = self.record.category
+        return "multiple" if c.startswith("synth_") and "parallel" not in c else c
 
 
 def resolve_data_dir(manifest: str | Path) -> Path:
@@ -119,10 +131,71 @@ def bfcl_functions(category: str, ids: set[str]) -> dict[str, list[dict[str, Any
     return out
 
 
+_BFCL_TYPES = {"object": "dict", "number": "float"}
+
+
+def bfcl_doc_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema in the shape of BFCL's function docs (dict, float; nested items and properties
+    converted too), which bfcl_eval's checker reads types and required parameters from."""
+    out = dict(schema)
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: the checker takes one type
+        kind = next((k for k in kind if k != "null"), "string")
+    out["type"] = _BFCL_TYPES.get(kind, kind) if kind else "any"
+    if isinstance(schema.get("items"), dict):
+        out["items"] = bfcl_doc_schema(schema["items"])
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: bfcl_doc_schema(v) for k, v in schema["properties"].items()}
+    return out
+
+
+def synth_item(rec: Record) -> EvalItem:
+    """A synthetic example as an eval item: BFCL-shaped docs, and a possible answer in which every
+    argument of the target is required as given and an optional parameter left out may be omitted
+    (or given its default)."""
+    functions = [{"name": t.name, "description": t.description, "parameters": bfcl_doc_schema(t.parameters)}
+                 for t in rec.tools]
+    answer = None
+    if rec.ground_truth:
+        params = {t.name: t.parameters.get("properties") or {} for t in rec.tools}
+        answer = []
+        for call in rec.ground_truth:
+            args: dict[str, list[Any]] = {k: [v] for k, v in call.arguments.items()}
+            for name, spec in params.get(call.name, {}).items():
+                if name not in args:
+                    args[name] = ([spec["default"]] if "default" in spec else []) + [""]
+            answer.append({call.name: args})
+    return EvalItem(record=rec.model_copy(update={"possible_answer": answer}), functions=functions,
+                    shown_functions=functions)
+
+
+def load_synth_eval_set(data_dir: Path, categories: list[str] | None,
+                        limit_per_category: int | None) -> tuple[Path, dict[str, Any], list[EvalItem]]:
+    """(dir, manifest, items) of a `fcd synth` output's held-out split (val.jsonl)."""
+    path = data_dir / SYNTH_SPLIT
+    records = [Record.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    present = list(dict.fromkeys(r.category for r in records))
+    if not records:
+        raise EvalError(f"{path} holds no example: fcd synth kept none for its val split (raise val_fraction)")
+    unknown = [c for c in categories or [] if c not in present]
+    if unknown:
+        raise EvalError(f"categories {', '.join(unknown)} have no items in {path}; it has: {', '.join(present)}")
+    items: list[EvalItem] = []
+    for category in categories or present:
+        recs = [r for r in records if r.category == category]
+        items += [synth_item(r) for r in recs[:limit_per_category]]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return data_dir, {"kind": "synth", "split_sha256": digest, "seed": None}, items
+
+
 def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
                   limit_per_category: int | None = None) -> tuple[Path, dict[str, Any], list[EvalItem]]:
-    """(data dir, manifest, items) for the chosen categories of the eval split, in file order."""
+    """(data dir, manifest, items) for the chosen categories of the eval split, in file order; a
+    `fcd synth` output directory gives its held-out val split instead."""
     data_dir = resolve_data_dir(manifest)
+    if not (data_dir / "manifest.json").is_file() and (data_dir / SYNTH_SPLIT).is_file():
+        return load_synth_eval_set(data_dir, categories, limit_per_category)
     try:
         records = read_records(data_dir, "eval")
     except DataError as exc:

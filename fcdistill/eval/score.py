@@ -140,7 +140,7 @@ class Scorer:
         try:
             result = self._checker(copy.deepcopy(item.functions), copy.deepcopy(decoded),
                                    copy.deepcopy(item.record.possible_answer), self._language(item.language),
-                                   item.category, CHECKER_MODEL)
+                                   item.checker_category, CHECKER_MODEL)
         except Exception as exc:  # the checker asserts on shapes it does not expect: wrong, with why
             return ItemScore(**base, valid=False, error_type="checker:exception",
                              error=f"ast_checker raised {type(exc).__name__}: {exc}"[:300])

@@ -12,6 +12,7 @@ path option.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -190,6 +191,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`key.sub=value` pairs (value parsed as YAML) applied on top of the file's mapping."""
     for item in overrides:
@@ -200,6 +204,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 5e-4 as text; YAML 1.2 and users read a number
         _set_path(tree, key.strip(), value)
     return tree
 

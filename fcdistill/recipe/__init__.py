@@ -1,0 +1,1 @@
+"""Recipes: one YAML file describing a whole distillation run, and `fcd run`, which runs it."""
