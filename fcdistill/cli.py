@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -34,40 +34,89 @@ app = typer.Typer(help="fcdistill: distill function calling into a small local m
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def quickstart_overrides(*, full: bool, eval_per_category: int | None, train_examples: int | None,
+                         train_steps: int | None, concurrency: int | None, augment_multiplier: int | None,
+                         epochs: float | None, seed: int | None, engine: str | None) -> list[str]:
+    """`fcd quickstart`'s flags as `--set` overrides of its recipe; a flag not given leaves the recipe's value."""
+    if engine not in (None, "hf", "vllm"):
+        fail(f"unknown --engine {engine!r}; choose hf or vllm")
+    given = [v for v in (eval_per_category, train_examples, train_steps, concurrency, epochs) if v is not None]
+    if any(v <= 0 for v in given):
+        fail("--eval-per-category, --train-examples, --train-steps, --concurrency and --epochs must be positive")
+    if augment_multiplier is not None and not 0 <= augment_multiplier <= 20:
+        fail(f"--augment-multiplier must be between 0 and 20, got {augment_multiplier}")
+    if full and (train_examples is not None or train_steps is not None):
+        fail("--train-examples and --train-steps size the default run; --full trains on everything for --epochs")
+    if not full and epochs is not None:
+        fail("--epochs applies to --full; the default run trains --train-steps steps")
+    sets = [f"eval.limit_per_category={eval_per_category}"] if eval_per_category is not None else []
+    if train_examples is not None:
+        sets.append(f"train.sample.examples={train_examples}")
+    if train_steps is not None:
+        sets += [f"train.set.max_steps={train_steps}", f"train.set.save_steps={max(1, train_steps // 3)}"]
+    if epochs is not None:
+        sets.append(f"train.set.epochs={epochs}")
+    if concurrency is not None:
+        sets.append(f"eval.concurrency={concurrency}")
+    if augment_multiplier is not None:
+        sets.append("augment=null" if augment_multiplier == 0 else f"augment.multiplier={augment_multiplier}")
+    if seed is not None:
+        sets.append(f"seed={seed}")
+    if engine == "vllm":  # vLLM's LoRA cannot add the FC token: the tuned student is served merged
+        sets += ["serve.engine=vllm", "export.merge=true"]
+    return sets
+
+
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run directory; a rerun resumes where a killed one stopped.")] = Path("runs/quickstart"),
-    full: Annotated[bool, typer.Option(help="Train on the whole train split and evaluate every held-out item.")] = False,
-    eval_per_category: Annotated[int | None, typer.Option(
-        help="Eval items per category (default run: 5; --full: every held-out item).")] = None,
-    train_examples: Annotated[int, typer.Option(help="Train examples sampled from the split (default run).")] = 96,
-    train_steps: Annotated[int, typer.Option(help="Training steps, one packed 1024-token row each (default run).")] = 32,
-    concurrency: Annotated[int, typer.Option(help="Eval requests in flight (the server batches them).")] = 8,
-    augment_multiplier: Annotated[int, typer.Option(
-        help="Augmented records tried per train record (fcd data augment); 0 trains on BFCL's pairs alone.")] = 2,
-    epochs: Annotated[float, typer.Option(help="--full: passes over the augmented train split.")] = 3.0,
-    seed: Annotated[int, typer.Option(help="Seed of the split and samples.")] = 42,
-    engine: Annotated[str, typer.Option(help="Serving engine for the evaluation: hf (embedded) or vllm "
-                                             "(needs vLLM; on CPU scripts/setup_vllm.sh).")] = "hf",
+    full: Annotated[bool, typer.Option(help="recipes/quality-cpu.yaml instead: train on the whole augmented train "
+                                            "split for 3 epochs and evaluate every held-out item (hours).")] = False,
+    eval_per_category: Annotated[Optional[int], typer.Option(
+        help="Eval items per category [recipe: 5; --full: every held-out item].", show_default=False)] = None,
+    train_examples: Annotated[Optional[int], typer.Option(help="Train examples sampled from the split [recipe: 96].",
+                                                          show_default=False)] = None,
+    train_steps: Annotated[Optional[int], typer.Option(help="Training steps, one packed 1024-token row each "
+                                                            "[recipe: 32].", show_default=False)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Eval requests in flight [recipe: 8].",
+                                                       show_default=False)] = None,
+    augment_multiplier: Annotated[Optional[int], typer.Option(
+        help="Augmented records tried per train record [recipe: 2]; 0 trains on BFCL's pairs alone.",
+        show_default=False)] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="--full: passes over the train split [recipe: 3].",
+                                                    show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and samples [recipe: 42].",
+                                                show_default=False)] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Serving engine for the evaluation: hf (embedded) or vllm "
+                                                       "(needs vLLM; on CPU scripts/setup_vllm.sh) [recipe: hf].",
+                                                  show_default=False)] = None,
 ) -> None:
-    """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU)."""
-    from fcdistill.pipeline import QuickstartError, QuickstartOptions, run_quickstart
+    """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU).
+    The same as `fcd run recipes/quickstart-cpu.yaml` (--full: recipes/quality-cpu.yaml), flags as --set."""
+    import yaml
 
-    if engine not in ("hf", "vllm"):
-        fail(f"unknown --engine {engine!r}; choose hf or vllm")
-    if min(1 if eval_per_category is None else eval_per_category, train_examples, train_steps, concurrency, epochs) <= 0:
-        fail("--eval-per-category, --train-examples, --train-steps, --concurrency and --epochs must be positive")
-    if not 0 <= augment_multiplier <= 20:
-        fail(f"--augment-multiplier must be between 0 and 20, got {augment_multiplier}")
+    from fcdistill.recipe.model import RecipeError, load_recipe
+    from fcdistill.recipe.runner import run_recipe
+    from fcdistill.recipe.stages import StageFailed
+
+    sets = quickstart_overrides(full=full, eval_per_category=eval_per_category, train_examples=train_examples,
+                                train_steps=train_steps, concurrency=concurrency,
+                                augment_multiplier=augment_multiplier, epochs=epochs, seed=seed, engine=engine)
+    recipe = RECIPES / ("quality-cpu.yaml" if full else "quickstart-cpu.yaml")
+    # the recipe names its training config from the repository root; the alias works from anywhere
+    sets.append(f"train.config={RECIPES.parent / yaml.safe_load(recipe.read_text())['train']['config']}")
     try:
-        table = run_quickstart(QuickstartOptions(out=out, full=full, eval_per_category=eval_per_category,
-                                                 train_examples=train_examples, train_steps=train_steps, seed=seed,
-                                                 concurrency=concurrency, engine=engine,
-                                                 augment_multiplier=augment_multiplier, epochs=epochs),
-                               say=lambda m: typer.echo(m, err=True))
-    except QuickstartError as exc:
+        run_recipe(load_recipe(recipe, sets), out, say=lambda m: typer.echo(m, err=True))
+    except RecipeError as exc:
         fail(str(exc))
-    typer.echo(table)
+    except StageFailed as exc:
+        fail(str(exc), code=1)
+    except ValueError as exc:  # a stage's own bad-input error
+        fail(str(exc))
+    typer.echo((out / "report" / "compare.md").read_text(encoding="utf-8"))
 
 
 # Every stage's commands are registered here and only here; stage modules never import this one, so

@@ -328,3 +328,53 @@ def test_transport_failures_leave_questions_unanswered_for_the_next_run(data_dir
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+SYNTH_TOOLS = [
+    {"name": "set_timer", "description": "Start a kitchen timer.", "parameters": {
+        "type": "object", "properties": {"minutes": {"type": "integer"}, "label": {"type": "string"},
+                                         "loud": {"type": "boolean", "default": False}}, "required": ["minutes"]}},
+    {"name": "convert", "description": "Convert an amount.", "parameters": {
+        "type": "object", "properties": {"amount": {"type": "number"}, "to": {"type": "string", "enum": ["EUR", "USD"]},
+                                         "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["amount", "to"]}},
+]
+
+
+def _synth_dir(tmp_path: Path) -> Path:
+    rows = [
+        {"id": "s1", "category": "synth_simple", "split": "val", "messages": [{"role": "user", "content": "Timer 5 min, eggs"}],
+         "tools": SYNTH_TOOLS, "ground_truth": [{"name": "set_timer", "arguments": {"minutes": 5, "label": "eggs"}}]},
+        {"id": "s2", "category": "synth_parallel", "split": "val", "messages": [{"role": "user", "content": "two"}],
+         "tools": SYNTH_TOOLS, "ground_truth": [{"name": "convert", "arguments": {"amount": 2.5, "to": "EUR"}},
+                                                {"name": "convert", "arguments": {"amount": 3, "to": "USD"}}]},
+        {"id": "s3", "category": "synth_irrelevance", "split": "val", "messages": [{"role": "user", "content": "poem"}],
+         "tools": SYNTH_TOOLS[:1], "target_content": "I cannot."},
+    ]
+    d = tmp_path / "synth"
+    d.mkdir()
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_fcd_synth_held_out_split_is_scored_by_bfcl_eval(tmp_path, scorer):
+    _, manifest, loaded = load_eval_set(_synth_dir(tmp_path))
+    assert manifest["kind"] == "synth" and [it.category for it in loaded] == ["synth_simple", "synth_parallel",
+                                                                             "synth_irrelevance"]
+    simple, parallel, irrelevant = loaded
+    assert simple.functions[1]["parameters"]["properties"]["amount"]["type"] == "float"  # BFCL's doc types
+    assert simple.functions[0]["parameters"]["type"] == "dict"
+    verdicts = {
+        "right, in the second tool's list position": (simple, [("set_timer", '{"minutes": 5, "label": "eggs"}')], True),
+        "an optional parameter at its default": (simple, [("set_timer", '{"minutes": 5, "label": "eggs", "loud": false}')], True),
+        "an optional parameter left out": (simple, [("set_timer", '{"minutes": 5}')], False),  # the target states it
+        "wrong value": (simple, [("set_timer", '{"minutes": 6, "label": "eggs"}')], False),
+        "the other tool": (simple, [("convert", '{"amount": 5, "to": "EUR"}')], False),
+        "parallel in any order, int for float": (parallel, [("convert", '{"amount": 3.0, "to": "USD"}'),
+                                                            ("convert", '{"amount": 2.5, "to": "EUR"}')], True),
+        "parallel, one call missing": (parallel, [("convert", '{"amount": 2.5, "to": "EUR"}')], False),
+        "irrelevance, text": (irrelevant, [], True),
+        "irrelevance, a call": (irrelevant, [("set_timer", '{"minutes": 1}')], False),
+    }
+    got = {name: scorer.score(item, _fc(item, calls, content="no")).valid for name, (item, calls, _) in verdicts.items()}
+    assert got == {name: want for name, (_, _, want) in verdicts.items()}

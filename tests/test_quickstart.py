@@ -1,6 +1,7 @@
 """`fcd quickstart` end to end on a tiny slice: the real BFCL split, real training steps, a real
-server process with base and adapter, the real evaluation and comparison. Then a rerun into the same
-directory reuses every stage instead of redoing it."""
+server process with base and adapter, the real evaluation and comparison. It is `fcd run
+recipes/quickstart-cpu.yaml` with its flags as overrides; a rerun into the same directory skips
+every stage, and a changed flag reruns what it changes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from fcdistill.cli import quickstart_overrides
 
 CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance",
               "live_simple", "live_multiple", "live_irrelevance"]
@@ -19,19 +20,24 @@ CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irr
 def _quickstart(out, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fcdistill", "quickstart", "--out", str(out), "--train-examples", "8",
                            "--train-steps", "2", "--eval-per-category", "1", "--augment-multiplier", "0", *extra],
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1200, cwd="/")  # the alias works from anywhere
 
 
-def test_quickstart_on_a_tiny_slice_then_a_rerun_reuses_it(tmp_path):
+@pytest.mark.slow
+def test_quickstart_on_a_tiny_slice_then_a_rerun_skips_it(tmp_path):
     out = tmp_path / "q"
     first = _quickstart(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("1/5 data", "2/5 train", "3/5 serve", "4/5 eval: base", "5/5 eval: tuned", "done in"):
-        assert stage in first.stderr, (stage, first.stderr[-2000:])
+    for line in ("data: run (new)", "train: run (new)", "eval: serving base, tuned on the hf engine",
+                 "eval: base on the bfcl held-out split", "eval: tuned on the bfcl held-out split", "report: run",
+                 "done:"):
+        assert line in first.stderr, (line, first.stderr[-2000:])
+    assert "augment" not in first.stderr  # --augment-multiplier 0: no augment stage
 
     assert (out / "train" / "adapter" / "adapter_config.json").is_file()
     log = [json.loads(line) for line in (out / "train" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) == 2
+    assert len((out / "train" / "data" / "train.trl.jsonl").read_text().splitlines()) == 8
     for label in ("base", "tuned"):
         answers = [json.loads(line) for line in (out / "eval" / label / "outputs.jsonl").read_text().splitlines()]
         assert sorted(a["category"] for a in answers) == sorted(CATEGORIES), label
@@ -39,12 +45,22 @@ def test_quickstart_on_a_tiny_slice_then_a_rerun_reuses_it(tmp_path):
     # the comparison printed on stdout names both runs and every category
     assert "base" in first.stdout and "tuned" in first.stdout
     assert all(c in first.stdout for c in CATEGORIES), first.stdout
-    stages = json.loads((out / "stages.json").read_text())
-    assert {"data", "export", "sample", "train", "eval/base", "eval/tuned"} <= set(stages)
+    assert {p.parent.name for p in out.glob("*/stage.json")} == {"data", "train", "eval", "report"}
 
     adapter_mtime = (out / "train" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     again = _quickstart(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert not [line for line in again.stderr.splitlines() if line.startswith(("rerunning", "warning"))], again.stderr
+    assert [line.split("] ", 1)[1].split(" (")[0] for line in again.stderr.splitlines() if ": skipped" in line] == \
+        ["data: skipped", "train: skipped", "eval: skipped", "report: skipped"], again.stderr
     assert (out / "train" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
     assert again.stdout == first.stdout  # the same answers, compared again
+
+
+def test_flags_become_recipe_overrides():
+    kw = dict(full=False, eval_per_category=None, train_examples=None, train_steps=None, concurrency=None,
+              augment_multiplier=None, epochs=None, seed=None, engine=None)
+    assert quickstart_overrides(**kw) == []  # the recipe's own values
+    assert quickstart_overrides(**{**kw, "train_steps": 9, "augment_multiplier": 0, "engine": "vllm"}) == [
+        "train.set.max_steps=9", "train.set.save_steps=3", "augment=null", "serve.engine=vllm", "export.merge=true"]
+    assert quickstart_overrides(**{**kw, "full": True, "epochs": 2.0, "eval_per_category": 7}) == [
+        "eval.limit_per_category=7", "train.set.epochs=2.0"]

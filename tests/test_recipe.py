@@ -199,6 +199,7 @@ def test_tiny_recipe_end_to_end_skip_rerun_and_resume(tmp_path):
 def test_shipped_recipes_plan(tmp_path):
     expected = {
         "quickstart-cpu.yaml": ["data", "augment", "train", "eval", "report"],
+        "quality-cpu.yaml": ["data", "augment", "train", "eval", "report"],
         "bfcl-teacher-gpu.yaml": ["data", "label", "augment", "train", "export", "eval", "report"],
         "my-tools.yaml": ["data", "synth", "train", "eval", "report"],
     }

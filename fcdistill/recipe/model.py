@@ -376,9 +376,19 @@ class Recipe(_Strict):
                     problems.append(f"eval.categories: {', '.join(missing)} not in data.bfcl")
         if self.report is not None and self.eval is None:
             problems.append("report: compares eval results; add an eval section")
+        elif self.report is not None and self.report.baseline is not None and \
+                self.report.baseline not in [m.name for m in self.eval.models]:
+            problems.append(f"report.baseline: {self.report.baseline!r} is not one of the eval models "
+                            f"({', '.join(m.name for m in self.eval.models)})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def eval_order(self) -> list[str]:
+        """The eval models' names, the report's baseline (default: the first) first."""
+        names = [m.name for m in self.eval.models] if self.eval else []
+        first = self.report.baseline if self.report and self.report.baseline in names else names[0]
+        return [first] + [n for n in names if n != first]
 
     def enabled(self) -> list[str]:
         """The stages this recipe runs, in order."""

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fcdistill.recipe.manifest import read_stage
 from fcdistill.recipe.model import STAGES
 
 LOSS_CHART = "loss.png"
@@ -17,8 +18,6 @@ LOSS_CHART = "loss.png"
 
 def stage_rows(out: Path) -> list[dict[str, Any]]:
     """One row per stage folder with a manifest, in stage order."""
-    from fcdistill.recipe.runner import read_stage
-
     rows = []
     for stage in STAGES:
         rec = read_stage(out, stage)
@@ -80,11 +79,9 @@ def loss_chart(train_dir: Path, path: Path) -> bool:
 def write_report(ctx: Any) -> dict[str, Any]:
     """The report stage: compare the eval runs, chart the loss, write report.md with links."""
     from fcdistill.eval.report import compare_runs
-    from fcdistill.recipe.stages import _models_order
-
     recipe, out = ctx.recipe, ctx.dir("report")
     out.mkdir(parents=True, exist_ok=True)
-    order = _models_order(recipe)
+    order = recipe.eval_order()
     table = compare_runs([ctx.dir("eval") / name for name in order], out)
     has_loss = recipe.train is not None and loss_chart(ctx.dir("train"), out / LOSS_CHART)
     parts = [f"# {recipe.name}", ""]

@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
+from fcdistill.recipe.manifest import STAGE_FILE, read_stage, write_stage
 from fcdistill.recipe.model import STAGES, Recipe, RecipeError
 from fcdistill.recipe.stages import STAGE_DEFS, Context
 
-STAGE_FILE = "stage.json"
 RECIPE_FILE = "recipe.yaml"
 _VERSIONED = ("fcdistill", "torch", "transformers", "trl", "peft", "accelerate", "bfcl-eval", "outlines-core", "vllm")
 
@@ -42,19 +42,6 @@ class Step:
     action: str  # skip | run | rerun | resume
     why: str
     describe: str
-
-
-def read_stage(out: Path, stage: str) -> dict[str, Any] | None:
-    path = out / stage / STAGE_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _write_stage(out: Path, stage: str, record: dict[str, Any]) -> None:
-    path = out / stage / STAGE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _sha256(path: Path) -> str:
@@ -161,6 +148,10 @@ class Planner:
         if rec.get("key") != key:
             return Step(stage, "rerun", self.why_changed(stage, rec), describe)
         if rec.get("status") == "done":
+            ctx = Context(self.recipe, self.out, print)
+            missing = [p for p in STAGE_DEFS[stage].outputs(ctx) if not p.exists()]
+            if missing:
+                return Step(stage, "rerun", f"its output {missing[0].relative_to(self.out)} is missing", describe)
             return Step(stage, "skip", f"done {rec.get('finished', '')}".strip(), describe)
         return Step(stage, "resume", f"stopped while {rec.get('status')}", describe)
 
@@ -227,6 +218,10 @@ def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: st
                 continue
             say(f"[{time.time() - started:6.0f}s] {stage}: {step.action} ({step.why}): {step.describe}")
             if step.action in ("run", "rerun"):
+                if read_stage(out, stage) is None and (out / stage).is_dir() and any((out / stage).iterdir()):
+                    raise RecipeError(f"{out / stage} holds files that no recipe run made (no {STAGE_FILE}), e.g. "
+                                      "from an older `fcd quickstart`; not deleting them: move them away or give "
+                                      "another --out")
                 _clear(out / stage)
             key, inputs = planner.key(stage), planner.inputs(stage)
             record = {"stage": stage, "key": key, "status": "running", "config": STAGE_DEFS[stage].config(recipe),
@@ -236,19 +231,19 @@ def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: st
             if step.action == "resume" and previous:
                 record["attempts"] = int(previous.get("attempts", 1)) + 1
                 record["seconds_before"] = previous.get("seconds", 0) + previous.get("seconds_before", 0)
-            _write_stage(out, stage, record)
+            write_stage(out, stage, record)
             t0 = time.time()
             try:
                 counts = STAGE_DEFS[stage].run(ctx)
             except BaseException as exc:
                 record.update(status="failed" if isinstance(exc, Exception) else "stopped",
                               error=f"{type(exc).__name__}: {exc}"[:500], seconds=round(time.time() - t0, 1))
-                _write_stage(out, stage, record)
+                write_stage(out, stage, record)
                 raise
             record.update(status="done", counts=counts, seconds=round(time.time() - t0, 1),
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                           outputs=digest(STAGE_DEFS[stage].outputs(ctx), out))
-            _write_stage(out, stage, record)
+            write_stage(out, stage, record)
             planner.forget(stage)
         say(f"[{time.time() - started:6.0f}s] done: {out}")
         return done

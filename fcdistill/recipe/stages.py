@@ -401,25 +401,19 @@ def _report_run(ctx: Context) -> dict[str, Any]:
     return write_report(ctx)
 
 
-def _models_order(r: Recipe) -> list[str]:
-    names = [m.name for m in r.eval.models]
-    first = r.report.baseline if r.report and r.report.baseline in names else names[0]
-    return [first] + [n for n in names if n != first]
-
-
 STAGE_DEFS: dict[str, Stage] = {
     "data": Stage(after=lambda r: [], files=lambda r: [p for p in (r.data.tools, r.data.seeds) if p],
                   config=_data_config, describe=_data_describe, run=_data_run,
                   outputs=lambda c: [c.dir("data")]),
     "label": Stage(after=lambda r: ["data"], files=lambda r: [],
                    config=lambda r: {"options": r.label.options, "teacher": _teacher_identity(r)},
-                   describe=lambda r: f"teacher {(r.teacher or {}).get('model')} labels the BFCL train items "
+                   describe=lambda r: f"the teacher ({(r.teacher or {}).get('model')}) labels the BFCL train items "
                                       f"({r.label.options or 'defaults'})",
                    run=_label_run, outputs=lambda c: [c.dir("label") / n for n in ("train.jsonl", "eval.jsonl")]),
     "synth": Stage(after=lambda r: ["data"], files=lambda r: [],
                    config=lambda r: {"options": r.synth.options, "teacher": _teacher_identity(r), "seed": r.seed,
                                      "student": r.student, "fc_token": r.fc_token},
-                   describe=lambda r: f"teacher {(r.teacher or {}).get('model')} writes examples for your tools "
+                   describe=lambda r: f"the teacher ({(r.teacher or {}).get('model')}) writes examples for your tools "
                                       f"({r.synth.options or 'defaults'})",
                    run=_synth_run, outputs=lambda c: [c.dir("synth") / n for n in ("train.jsonl", "val.jsonl")]),
     "verify": Stage(after=lambda r: ["data"],
@@ -447,7 +441,7 @@ STAGE_DEFS: dict[str, Stage] = {
                   describe=_eval_describe, run=_eval_run,
                   outputs=lambda c: [c.dir("eval") / m.name / "outputs.jsonl" for m in c.recipe.eval.models]),
     "report": Stage(after=lambda r: ["eval"] + (["train"] if r.train is not None else []), files=lambda r: [],
-                    config=lambda r: {"report": _dump(r.report), "order": _models_order(r)},
-                    describe=lambda r: f"report.md: {' vs '.join(_models_order(r))}, charts, links", run=_report_run,
+                    config=lambda r: {"report": _dump(r.report), "order": r.eval_order()},
+                    describe=lambda r: f"report.md: {' vs '.join(r.eval_order())}, charts, links", run=_report_run,
                     outputs=lambda c: [c.dir("report") / "report.md"]),
 }

@@ -1,0 +1,171 @@
+"""The recipe runner's bookkeeping, with each stage's work replaced by a fake that writes its outputs:
+what is skipped, what runs again and why, how a stopped stage resumes, --from, --until, the lock.
+(tests/test_recipe.py runs the real stages end to end.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from fcdistill.recipe import runner as runner_mod
+from fcdistill.recipe import stages as stages_mod
+from fcdistill.recipe.model import RecipeError, load_recipe
+from fcdistill.recipe.runner import Planner, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fake_stages(monkeypatch):
+    """Each stage's run writes one file per call into its folder and returns its call number."""
+    calls: list[str] = []
+    fail_once: set[str] = set()
+
+    def make(name: str):
+        def run(ctx):
+            calls.append(name)
+            out = ctx.dir(name)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "progress.txt").open("a").write("x")  # what a killed attempt leaves behind
+            if name in fail_once:
+                fail_once.discard(name)
+                raise KeyboardInterrupt  # stopped mid-way (Ctrl-C, or a kill the runner sees)
+            for path in stages_mod.STAGE_DEFS[name].outputs(ctx):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.suffix:
+                    path.mkdir(exist_ok=True)
+                    path = path / "weights.bin"
+                path.write_text(f"{name} {(out / 'progress.txt').read_text()}")
+            return {"calls": calls.count(name)}
+        return run
+
+    patched = {k: dataclasses.replace(v, run=make(k)) for k, v in stages_mod.STAGE_DEFS.items()}
+    monkeypatch.setattr(stages_mod, "STAGE_DEFS", patched)
+    monkeypatch.setattr(runner_mod, "STAGE_DEFS", patched)
+    return calls, fail_once
+
+
+def _recipe(*sets: str):
+    return load_recipe(ROOT / "recipes" / "quickstart-cpu.yaml", list(sets))
+
+
+def _run(out: Path, *sets: str, **kw) -> list[str]:
+    said: list[str] = []
+    run_recipe(_recipe(*sets), out, say=said.append, **kw)
+    return said
+
+
+def _actions(out: Path, *sets: str, start=None, until=None) -> dict[str, str]:
+    return {s.stage: s.action for s in Planner(_recipe(*sets), out).plan(start, until)}
+
+
+ALL = ["data", "augment", "train", "eval", "report"]
+
+
+def test_a_finished_recipe_is_skipped_whole(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(tmp_path)
+    assert calls == ALL
+    said = _run(tmp_path)
+    assert calls == ALL  # nothing ran again
+    assert all(any(line.endswith(f"{s}: skipped (done {json.loads((tmp_path / s / 'stage.json').read_text())['finished']})")
+                   for line in said) for s in ALL), said
+    assert set(_actions(tmp_path).values()) == {"skip"}
+    rec = json.loads((tmp_path / "train" / "stage.json").read_text())
+    assert rec["status"] == "done" and rec["counts"] == {"calls": 1} and rec["versions"]["fcdistill"]
+    assert set(rec["inputs"]["upstream"]) == {"augment"}
+    assert list(rec["inputs"]["files"]) == ["configs/train/smollm2-135m-cpu.yaml"]  # hashed: an edit reruns train
+
+
+def test_a_changed_option_reruns_its_stage_and_every_later_one(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(tmp_path)
+    lr = "train.set.optim.learning_rate=5.0e-4"
+    assert _actions(tmp_path, lr) == {"data": "skip", "augment": "skip", "train": "rerun", "eval": "rerun",
+                                      "report": "rerun"}
+    step = Planner(_recipe(lr), tmp_path).plan()[2]
+    assert step.why == "train.set.optim.learning_rate: 0.002 -> 0.0005", step.why
+    calls.clear()
+    said = _run(tmp_path, lr)
+    assert calls == ["train", "eval", "report"], said
+    # an upstream option: everything from there on, and the reason names the changed input
+    assert _actions(tmp_path, "augment.multiplier=3")["augment"] == "rerun"
+    assert _actions(tmp_path, "augment.multiplier=3")["train"] == "rerun"
+
+
+def test_a_rerun_whose_output_is_identical_leaves_later_stages_alone(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(tmp_path)
+    calls.clear()
+    _run(tmp_path, start="augment", until="augment")  # forced, writes the same bytes again
+    assert calls == ["augment"]
+    calls.clear()
+    _run(tmp_path)
+    assert calls == []  # the same output digest: train's key did not change
+
+
+def test_a_stopped_stage_resumes_in_place(tmp_path, fake_stages):
+    calls, fail_once = fake_stages
+    fail_once.add("train")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    rec = json.loads((tmp_path / "train" / "stage.json").read_text())
+    assert rec["status"] == "stopped" and "KeyboardInterrupt" in rec["error"]
+    assert _actions(tmp_path)["train"] == "resume"
+    said = _run(tmp_path)
+    assert any("train: resume (stopped while stopped)" in line for line in said), said
+    assert (tmp_path / "train" / "progress.txt").read_text() == "xx"  # kept, not cleared: the stage resumes
+    rec = json.loads((tmp_path / "train" / "stage.json").read_text())
+    assert rec["status"] == "done" and rec["attempts"] == 2
+    assert calls == ["data", "augment", "train", "train", "eval", "report"]
+
+
+def test_from_and_until(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(tmp_path, until="train")
+    assert calls == ["data", "augment", "train"] and not (tmp_path / "eval").exists()
+    assert _actions(tmp_path) == {"data": "skip", "augment": "skip", "train": "skip", "eval": "run", "report": "run"}
+    calls.clear()
+    _run(tmp_path, start="train")
+    assert calls == ["train", "eval", "report"]
+    with pytest.raises(RecipeError, match="--from export: a stage it does not run"):
+        _run(tmp_path, start="export")
+    with pytest.raises(RecipeError, match="--from trian: not a stage"):
+        _run(tmp_path, start="trian")
+    with pytest.raises(RecipeError, match="--from eval comes after --until train"):
+        _run(tmp_path, start="eval", until="train")
+
+
+def test_a_removed_output_reruns_its_stage(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "train" / "adapter")
+    step = Planner(_recipe(), tmp_path).plan()[2]
+    assert (step.action, step.why) == ("rerun", "its output train/adapter is missing")
+    calls.clear()
+    _run(tmp_path)
+    assert calls == ["train"]  # the same bytes again: eval and report stay as they were
+    assert (tmp_path / "train" / "adapter" / "weights.bin").is_file()
+
+
+def test_one_run_at_a_time(tmp_path, fake_stages):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with (tmp_path / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RecipeError, match="another `fcd run` is using"):
+            _run(tmp_path)
+
+
+def test_files_no_recipe_run_made_are_never_deleted(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    (tmp_path / "train" / "checkpoint-250").mkdir(parents=True)  # e.g. an older quickstart's training
+    with pytest.raises(RecipeError, match="holds files that no recipe run made"):
+        _run(tmp_path)
+    assert calls == ["data", "augment"] and (tmp_path / "train" / "checkpoint-250").is_dir()
