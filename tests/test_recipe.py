@@ -221,7 +221,7 @@ def test_shipped_recipes_plan(tmp_path):
 BAD = [  # (change to the quickstart recipe, what the one-line error must name)
     ({"distill": {"x": 1}}, "unknown stage or field 'distill'"),
     ({"augment": {"multipler": 3}}, "augment.multipler: unknown field"),
-    ({"train": {"config": "configs/train/nope.yaml"}}, "train.config configs/train/nope.yaml not found"),
+    ({"train": {"config": "configs/train/nope.yaml"}}, "train.config not found: configs/train/nope.yaml"),
     ({"train": {"config": "configs/train/smollm2-135m-cpu.yaml", "set": {"lora.rank": 4}}}, "lora.rank: unknown field"),
     ({"train": {"config": "configs/train/smollm2-135m-cpu.yaml", "set": {"output_dir": "x"}}},
      "output_dir set by the recipe runner"),

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcdistill.errors import validation_message
+from fcdistill.train.config import _existing_file as _existing
 
 # The order stages run in. `serve` has no outputs of its own: the eval stage starts and stops the
 # server(s) it describes.
@@ -32,12 +33,6 @@ class RecipeError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _existing(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise ValueError(f"{what} {path} not found")
-    return path
 
 
 def _stage_options(model: type[BaseModel], given: dict[str, Any], owned: dict[str, Any]) -> dict[str, Any]:
