@@ -10,6 +10,7 @@ it, eval and the teacher parse with it. Nothing else formats a prompt or parses 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -254,6 +255,130 @@ def _parse_calls(body: str) -> tuple[list[ToolCall], str, str | None]:
             return [], rest, f"call {i} ({name}) has unexpected keys {sorted(extra)}"
         calls.append(ToolCall(name=name, arguments=args))
     return calls, rest, None
+
+
+# -- streaming: tool calls as they are generated -------------------------------------------------
+@dataclass
+class CallDelta:
+    """One streamed piece of a call: its name on the first piece, fragments of its arguments' JSON after."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class _Partial:
+    name: str | None = None
+    args_start: int | None = None  # where the arguments' value starts in the body
+    args_end: int | None = None  # where it ends, once it is complete
+    args_is_object: bool = False
+
+
+def _scan_partial_calls(body: str) -> list[_Partial]:
+    """The calls in a prefix of the JSON after the FC token (`[{"name": ..., "arguments": {...}}, ...]`
+    or one object): each one's name once its string is complete, and where its arguments' text lies."""
+    calls: list[_Partial] = []
+    depth, level = 0, None  # the depth of call objects: 2 in a list, 1 for a lone object
+    in_str = esc = False
+    key = None  # the call object's key whose value comes next
+    str_start = 0
+    expect_key = False
+    for i, ch in enumerate(body):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+                if depth == level:
+                    text = body[str_start:i + 1]
+                    try:
+                        value = json.loads(text)
+                    except json.JSONDecodeError:
+                        return calls
+                    if expect_key:
+                        key, expect_key = value, False
+                    elif key == "name" and calls:
+                        calls[-1].name = value if isinstance(value, str) else None
+            continue
+        if ch.isspace():
+            continue
+        if level is None:
+            level = 2 if ch == "[" else 1
+        if ch == ":":
+            continue
+        if depth == level and key == "arguments" and calls and calls[-1].args_start is None:
+            calls[-1].args_start, calls[-1].args_is_object = i, ch == "{"
+        if ch == '"':
+            in_str, str_start = True, i
+        elif ch in "{[":
+            depth += 1
+            if depth == level and ch == "{":
+                calls.append(_Partial())
+                expect_key = True
+        elif ch in "}]":
+            if depth == level + 1 and key == "arguments" and calls and calls[-1].args_end is None:
+                calls[-1].args_end = i + 1
+            depth -= 1
+            if depth < level:
+                key = None
+        elif ch == "," and depth == level:
+            if key == "arguments" and calls and calls[-1].args_end is None:
+                calls[-1].args_end = i  # a scalar value
+            expect_key, key = True, None
+    return calls
+
+
+class CallStreamer:
+    """Tool calls in OpenAI's streamed shape, read from a completion as it grows: a first delta with a
+    call's name once the name is complete, then fragments of its arguments' JSON text as they are
+    generated (the raw text: the fragments joined are the model's arguments).
+
+    `stream_arguments(name)` says whether that function's arguments may stream before they are
+    checked; a call whose arguments may not comes whole when `finish` is given the checked calls.
+    """
+
+    def __init__(self, fc_token: str, stream_arguments: Any = None):
+        self.fc_token = fc_token
+        self.stream_arguments = stream_arguments or (lambda name: True)
+        self.sent: list[tuple[str, int]] = []  # per announced call: its name, argument characters sent
+
+    def feed(self, text: str) -> list[CallDelta]:
+        """The new pieces, given the whole completion so far."""
+        at = text.find(self.fc_token)
+        if at < 0:
+            return []
+        body = text[at + len(self.fc_token):]
+        out: list[CallDelta] = []
+        for i, call in enumerate(_scan_partial_calls(body)):
+            if i > len(self.sent):
+                break
+            if i == len(self.sent):
+                if call.name is None or call.args_start is None or not call.args_is_object \
+                        or not self.stream_arguments(call.name):
+                    break  # announced in order: a later call waits for this one
+                self.sent.append((call.name, 0))
+                out.append(CallDelta(i, name=call.name))
+            name, done = self.sent[i]
+            args = body[call.args_start:call.args_end] if call.args_end is not None else body[call.args_start:]
+            if len(args) > done:
+                out.append(CallDelta(i, arguments=args[done:]))
+                self.sent[i] = (name, len(args))
+        return out
+
+    def finish(self, calls: list[ToolCall]) -> list[CallDelta] | None:
+        """The rest, given the checked calls: those not streamed yet, whole. None when what was streamed
+        is not what was checked (the caller then reports the calls as the non-streamed path would)."""
+        out: list[CallDelta] = []
+        for i, call in enumerate(calls):
+            if i < len(self.sent):
+                if self.sent[i][0] != call.name:
+                    return None
+                continue
+            out.append(CallDelta(i, name=call.name, arguments=_dumps(call.arguments)))
+        return out if len(calls) >= len(self.sent) else None
 
 
 # -- BFCL's python-syntax call format (prompt mode: teachers and models without tool support) ----

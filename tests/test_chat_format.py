@@ -3,6 +3,8 @@
 import json
 import string
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,3 +144,57 @@ def test_python_syntax_round_trips_through_bfcl_decoder():
     assert parsed.error is None and parsed.tool_calls == call_list
     bad = parse_python_calls("I cannot help with that")
     assert bad.error and bad.tool_calls == []
+
+
+# -- streaming calls ---------------------------------------------------------------------------------
+STREAM_CALLS = [ToolCall(name="get_weather", arguments={"city": 'Pa"ris {x}', "days": [1, 2], "opts": {"u": "C"}}),
+                ToolCall(name="math.sqrt", arguments={}),
+                ToolCall(name="note", arguments={"text": "a, b] c}", "n": -1.5e3, "ok": True, "none": None})]
+
+
+def _stream(text: str, sizes: list[int], stream_arguments=None):
+    from fcdistill.chat_format import CallStreamer
+
+    streamer, pieces, at = CallStreamer("<tool_call>", stream_arguments), [], 0
+    for size in sizes:
+        at = min(len(text), at + size)
+        pieces += streamer.feed(text[:at])
+    return streamer, pieces
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_calls_stream_as_openai_does_whatever_the_chunking(seed):
+    import random
+
+    fmt = ChatFormat()
+    text = "Let me check." + fmt.render_target(None, STREAM_CALLS)
+    if seed % 2:  # a model's own spacing
+        spaced = json.dumps([{"name": c.name, "arguments": c.arguments} for c in STREAM_CALLS], indent=1)
+        text = f"Let me check.{fmt.fc_token} {spaced}{fmt.eot}"
+    rng = random.Random(seed)
+    streamer, pieces = _stream(text, [rng.randint(1, 7) for _ in range(len(text))])
+    names = [(p.index, p.name) for p in pieces if p.name is not None]
+    assert names == [(0, "get_weather"), (1, "math.sqrt"), (2, "note")]
+    for i, call in enumerate(STREAM_CALLS):
+        mine = [p for p in pieces if p.index == i]
+        assert mine[0].name == call.name and mine[0].arguments == ""  # name first, arguments after
+        assert json.loads("".join(p.arguments for p in mine)) == call.arguments
+    assert len([p for p in pieces if p.index == 0]) > 3  # fragments, not one piece
+    assert streamer.finish(fmt.parse(text).tool_calls) == []  # everything went out already
+
+
+def test_a_call_that_may_not_stream_comes_whole_after_the_checks():
+    fmt = ChatFormat()
+    text = fmt.render_target(None, STREAM_CALLS)
+    streamer, pieces = _stream(text, [3] * len(text), stream_arguments=lambda name: name != "math.sqrt")
+    assert {p.index for p in pieces} == {0}  # the second call holds back the third: calls stay in order
+    rest = streamer.finish(STREAM_CALLS)
+    assert [(d.index, d.name) for d in rest] == [(1, "math.sqrt"), (2, "note")]
+    assert json.loads(rest[1].arguments) == STREAM_CALLS[2].arguments
+    # checked calls that differ from what was streamed: the caller falls back
+    assert streamer.finish(STREAM_CALLS[1:]) is None and streamer.finish([]) is None
+
+
+def test_text_without_calls_streams_no_call():
+    streamer, pieces = _stream("no tools needed <|im_end|>", [2] * 20)
+    assert pieces == [] and streamer.finish([]) == []

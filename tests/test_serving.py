@@ -122,13 +122,41 @@ def test_stream_chunks_concatenate_to_the_non_stream_text(serving):
     assert not usage.choices and usage.usage == whole.usage
 
 
+def _reassembled(chunks: list) -> dict[int, list]:
+    calls: dict[int, list] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            calls.setdefault(d.index, []).append(d)
+    return calls
+
+
 def test_stream_tool_call_deltas_are_the_non_stream_calls(serving):
     whole = _chat(serving, _chat_request(tools=[WEATHER], tool_choice="required", max_tokens=60))
     chunks = _chat_stream(serving, _chat_request(tools=[WEATHER], tool_choice="required", max_tokens=60, stream=True))
-    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+    calls = _reassembled(chunks)
+    assert [(d[0].function.name, json.loads("".join(x.function.arguments for x in d))) for _, d in sorted(calls.items())] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
+    for deltas in calls.values():  # OpenAI's shape: id, type and name first, then argument fragments only
+        first, *rest = deltas
+        assert first.id.startswith("call_") and first.type == "function" and first.function.arguments == ""
+        assert rest and all(d.id is None and d.function.name is None for d in rest)
+    assert len(calls[0]) > 3  # the arguments came as they were generated, not whole at the end
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tool_with_checks_beyond_the_grammar_streams_its_call_whole_after_the_checks(serving):
+    bounded = json.loads(json.dumps(WEATHER))
+    bounded["function"]["parameters"]["properties"]["city"]["minLength"] = 1  # a check the validator makes, not the grammar
+    chunks = _chat_stream(serving, _chat_request(tools=[bounded], tool_choice="required", max_tokens=60, stream=True))
+    calls = _reassembled(chunks)
+    assert calls and all(len(d) == 1 and d[0].function.name == "get_weather" for d in calls.values())
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    from fcdistill.grammars import grammar_enforces
+
+    assert grammar_enforces(WEATHER["function"]["parameters"])
+    assert not grammar_enforces(bounded["function"]["parameters"])
+    assert not grammar_enforces({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string",
+                                                                                                "pattern": "x"}}}})
 
 
 def test_multibyte_characters_come_out_whole_through_the_engine(serving):

@@ -206,6 +206,26 @@ def compilable_schema(schema: Any) -> Any:
     return out
 
 
+# Keywords whose every constraint the compiled grammar enforces by itself (with the annotations): a
+# value the grammar admits under a schema of only these passes jsonschema too. Anything else (numeric
+# bounds, patterns, lengths, formats, oneOf's exclusivity) is checked after generation.
+_ENFORCED = frozenset({"type", "properties", "required", "items", "enum", "const", "anyOf", "additionalProperties"})
+
+
+def grammar_enforces(schema: Any) -> bool:
+    """Whether a value the grammar lets through can never fail `schema`: then a call to this tool may
+    stream before it is checked (`fcd serve` streams its arguments as they are generated)."""
+    if isinstance(schema, bool):
+        return True
+    if not isinstance(schema, dict):
+        return False
+    if any(k not in _ENFORCED and k not in _ANNOTATIONS for k in schema):
+        return False
+    subs = list((schema.get("properties") or {}).values()) + list(schema.get("anyOf") or [])
+    subs += [schema[k] for k in ("items", "additionalProperties") if isinstance(schema.get(k), dict)]
+    return all(grammar_enforces(sub) for sub in subs)
+
+
 def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
     from outlines_core import Index
     from outlines_core.json_schema import NUMBER, build_regex_from_schema

@@ -35,8 +35,9 @@ from openai.types.chat import (
 )
 from openai.types.chat.chat_completion_message_tool_call import Function
 
-from fcdistill.chat_format import ChatFormat, as_messages
-from fcdistill.grammars import CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar, token_vocabulary
+from fcdistill.chat_format import CallDelta, CallStreamer, ChatFormat, as_messages
+from fcdistill.grammars import (CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar,
+                                grammar_enforces, token_vocabulary)
 from fcdistill.serve.engines.base import (Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams,
                                           over_context)
 from fcdistill.serve.limits import ServeLimits
@@ -187,8 +188,9 @@ class OpenAIServing:
                               choices=choices, usage=usage)
 
     async def chat_completion_stream(self, plan: ChatPlan) -> AsyncIterator[ChatCompletionChunk | StreamError]:
-        """The first choice as chunks: text as it comes (up to the FC token), then the checked calls
-        whole, one delta each, then the finish reason (and usage when asked for)."""
+        """The first choice as chunks: text as it comes (up to the FC token), then each call as OpenAI
+        streams one (its id and name, then fragments of its arguments as they are generated), then the
+        finish reason (and usage when asked for)."""
         gen, tools = plan.gens[0], plan.tools
 
         def chunk(delta: chat_completion_chunk.ChoiceDelta, finish: str | None = None, **extra: str) -> ChatCompletionChunk:
@@ -197,6 +199,20 @@ class OpenAIServing:
                                                                              logprobs=None, **extra)])
 
         Delta = chat_completion_chunk.ChoiceDelta
+        ids: list[str] = []
+
+        def call_chunk(d: CallDelta) -> ChatCompletionChunk:
+            if d.name is not None:
+                ids.append(new_id("call", "_"))
+            function = chat_completion_chunk.ChoiceDeltaToolCallFunction(name=d.name, arguments=d.arguments)
+            return chunk(Delta(tool_calls=[chat_completion_chunk.ChoiceDeltaToolCall(
+                index=d.index, id=ids[d.index] if d.name is not None else None,
+                type="function" if d.name is not None else None, function=function)]))
+
+        # Arguments stream as they are generated where the grammar alone guarantees them; a call to a
+        # tool with checks beyond the grammar (bounds, patterns) comes whole, after the checks.
+        streamable = {t.name for t in tools if grammar_enforces(t.parameters)} if gen.constraint is not None else set()
+        streamer = CallStreamer(self.chat.fc_token, streamable.__contains__) if tools else None
         yield chunk(Delta(role="assistant", content=""))
         text, streamed, n_tokens, reason = "", 0, 0, "stop"
         try:
@@ -208,6 +224,8 @@ class OpenAIServing:
                 if len(visible) > streamed:
                     yield chunk(Delta(content=visible[streamed:]))
                     streamed = len(visible)
+                for d in streamer.feed(text) if streamer is not None and fc_at >= 0 else ():
+                    yield call_chunk(d)
                 if ev.finish_reason:
                     reason = ev.finish_reason
                     if reason == "error":
@@ -217,14 +235,15 @@ class OpenAIServing:
             yield engine_error(exc).body()
             return
         _, calls = self.checked_calls(text, tools)
-        if calls:
-            for i, call in enumerate(tool_call_objects(calls)):
-                yield chunk(Delta(tool_calls=[chat_completion_chunk.ChoiceDeltaToolCall(
-                    index=i, id=call.id, type="function", function=chat_completion_chunk.ChoiceDeltaToolCallFunction(
-                        name=call.function.name, arguments=call.function.arguments))]))
+        rest = streamer.finish(calls) if streamer is not None else None
+        if calls and rest is not None:
+            for d in rest:
+                yield call_chunk(d)
             reason = "tool_calls" if reason == "stop" else reason
-        elif len(text) > streamed:
+        elif len(text) > streamed and not (streamer is not None and streamer.sent):
             yield chunk(Delta(content=text[streamed:]))
+        # else: calls were streamed and generation stopped inside them (max_tokens without the guard):
+        # as OpenAI does, the last call stays partial and finish_reason says length
         yield chunk(Delta(), reason, **self.forced_close(gen))
         self.metrics.tokens(plan.prompt_tokens, n_tokens)
         if plan.include_usage:
