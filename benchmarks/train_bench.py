@@ -184,7 +184,7 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) 
     from transformers import AutoTokenizer
 
     from fcdistill.models import ensure_fc_token, resolve_model
-    from fcdistill.train.sft import cpu_has_native_bf16
+    from fcdistill.models import cpu_has_native_bf16
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     ensure_fc_token(tok, "<tool_call>")

@@ -24,6 +24,32 @@ class ModelResolveError(RuntimeError):
     """A student name that is neither an alias, a local directory nor a plausible hub id."""
 
 
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: CPUs whose bf16 matmuls beat fp32 (elsewhere bf16 is emulated, slower)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: stay on fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def serving_dtype(requested: str, cuda: bool) -> str:
+    """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers
+    until measured otherwise: benchmarks/dtype_agreement.py); bf16 on a CPU without native bf16 is refused,
+    being emulated and slower than fp32."""
+    if requested not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
+    if requested == "auto":
+        return "bf16" if cuda else "fp32"
+    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+        raise ValueError("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so it would be emulated "
+                         "and slower than fp32; use --dtype fp32")
+    return requested
+
+
 def cache_dir() -> Path:
     """Where converted models live: $FCD_CACHE, else ~/.cache/fcdistill."""
     return Path(os.environ.get("FCD_CACHE") or Path.home() / ".cache" / "fcdistill")

@@ -132,3 +132,25 @@ def test_a_waiting_adapter_request_is_not_starved_by_joiners(adapter_dir):
         assert asyncio.run(go()) == ["long", "adapter", "base2"]
     finally:
         asyncio.run(eng.shutdown())
+
+
+def test_dtype_bf16_where_the_cpu_has_it_and_a_clear_refusal_where_not():
+    import torch
+
+    from fcdistill.models import cpu_has_native_bf16
+    from fcdistill.serve.engines.hf import HFEngine
+
+    if not cpu_has_native_bf16():
+        with pytest.raises(ValueError, match="no native bf16"):
+            HFEngine("smollm2-135m", dtype="bf16")
+        return
+    eng = HFEngine("smollm2-135m", dtype="bf16")
+    try:
+        assert eng.dtype == torch.bfloat16 and next(eng.model.parameters()).dtype == torch.bfloat16
+        ids, reason = asyncio.run(_collect(eng, _request(eng, WEATHER, 40, TOOLS), [], "bf16"))
+        text = eng.tokenizer.decode(ids)
+        call = ChatFormat(eng.tokenizer, fc_token=eng.fc_token).parse(text).tool_calls[0]  # the grammar holds in bf16
+        jsonschema.validate(call.arguments, TOOLS[0].parameters)
+        assert reason == "stop"
+    finally:
+        asyncio.run(eng.shutdown())

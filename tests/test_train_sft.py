@@ -24,7 +24,8 @@ import yaml
 
 from fcdistill.chat_format import ChatFormat
 from fcdistill.train import synthetic
-from fcdistill.train.sft import cpu_has_native_bf16, find_checkpoint
+from fcdistill.models import cpu_has_native_bf16
+from fcdistill.train.sft import find_checkpoint
 
 pytestmark = pytest.mark.slow
 

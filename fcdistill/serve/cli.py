@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         served_model_name: Annotated[str | None, typer.Option(help="Name clients use for the base model (default: --model).")] = None,
         fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
         max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+        dtype: Annotated[str, typer.Option(help=(
+            "Weights and activations: auto (bf16 on a GPU, fp32 on a CPU), fp32, or bf16 (on a CPU only with "
+            "native bf16: AVX512-BF16 or AMX)."))] = "auto",
         batching: Annotated[str, typer.Option(
             help="hf: continuous (requests join a running batch) or static (each batch runs to the end first).")] = "continuous",
         gpu_memory_utilization: Annotated[float | None, typer.Option(
@@ -111,13 +114,14 @@ def register(app: typer.Typer) -> None:
                 from fcdistill.serve.engines.vllm import VLLMEngine
 
                 eng = VLLMEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model,
-                                 max_batch=max_batch, gpu_memory_utilization=gpu_memory_utilization,
+                                 max_batch=max_batch, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                                  max_model_len=max_model_len, enforce_eager=enforce_eager)
             else:
                 from fcdistill.serve.engines.hf import HFEngine
 
                 eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
-                               continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart")
+                               continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart",
+                               dtype=dtype)
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         set_grammar_cache_limit(grammar_cache_mb)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, ensure_fc_token,
+from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, cpu_has_native_bf16,
+                              ensure_fc_token,
                               resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
 from fcdistill.train.throughput import register_packed_sdpa, score_only_labelled_positions
@@ -150,15 +151,6 @@ class Precision:
     name: str  # bf16 | fp16 | fp32
     load_dtype: Any  # torch dtype of the frozen base weights
     autocast: bool  # the Trainer's mixed precision; a bf16 base on CPU runs without it
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: CPUs whose bf16 matmuls beat fp32 (elsewhere bf16 is emulated, slower)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: stay on fp32
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(requested: str) -> Precision:

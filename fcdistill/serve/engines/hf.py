@@ -137,15 +137,17 @@ class HFEngine:
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
-                 batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False):
+                 batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False,
+                 dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import PEFT_CHECKPOINTING_NOTICE, ensure_fc_token, resize_for_tokenizer, resolve_model
+        from fcdistill.models import (PEFT_CHECKPOINTING_NOTICE, ensure_fc_token, resize_for_tokenizer, resolve_model,
+                                      serving_dtype)
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token

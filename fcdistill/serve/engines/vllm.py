@@ -111,7 +111,7 @@ class VLLMEngine:
     """vLLM AsyncLLM with our grammar logits processor; same interface as HFEngine."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
-                 served_name: str | None = None, max_batch: int = 16, dtype: str | None = None,
+                 served_name: str | None = None, max_batch: int = 16, dtype: str = "auto",
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  enforce_eager: bool = False):
         import torch
@@ -119,7 +119,7 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from fcdistill.models import cache_dir, ensure_fc_token, resolve_model
+        from fcdistill.models import cache_dir, ensure_fc_token, resolve_model, serving_dtype
 
         path = with_fc_token(resolve_model(model), fc_token, cache_dir() / "vllm-models")
         self.model_name = served_name or str(model)
@@ -133,7 +133,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         cuda = torch.cuda.is_available()
         args = AsyncEngineArgs(
-            model=path, tokenizer=path, dtype=dtype or ("bfloat16" if cuda else "float32"),
+            model=path, tokenizer=path, dtype={"bf16": "bfloat16", "fp32": "float32"}[serving_dtype(dtype, cuda)],
             max_num_seqs=max_batch, enable_prefix_caching=True, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if cuda else 0.3),
             enable_lora=bool(lora_dirs), max_loras=max(1, len(lora_dirs)),
