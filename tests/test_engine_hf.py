@@ -154,3 +154,51 @@ def test_dtype_bf16_where_the_cpu_has_it_and_a_clear_refusal_where_not():
         assert reason == "stop"
     finally:
         asyncio.run(eng.shutdown())
+
+
+def test_prefix_cache_reuses_the_tools_prompt_and_answers_as_without_it():
+    from fcdistill.serve.engines.hf import HFEngine
+    from fcdistill.serve.engines.prefix_cache import MIN_REUSE
+
+    cached, plain = HFEngine("smollm2-135m"), HFEngine("smollm2-135m", prefix_cache_mb=0)
+    try:
+        first = _request(cached, WEATHER, 30, TOOLS)
+        asyncio.run(_collect(cached, first, [], "first"))
+        assert cached.prefix_stats()["reused"] == 0 and cached.prefix_stats()["computed"] == len(first.prompt_ids)
+        again = [{"role": "user", "content": "And the weather in Lyon, in fahrenheit?"}]
+        second = _request(cached, again, 30, TOOLS)
+        common = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if a != b)
+        assert common >= MIN_REUSE  # the system turn with the tools
+        got = asyncio.run(_collect(cached, second, [], "second"))
+        stats = cached.prefix_stats()
+        assert stats["reused"] == common and stats["computed"] == len(first.prompt_ids) + len(second.prompt_ids) - common
+        assert stats["hits"] == 1 and stats["entries"] == 2 and stats["bytes"] > 0
+        # the same answer as computing the whole prompt
+        assert got == asyncio.run(_collect(plain, _request(plain, again, 30, TOOLS), [], "plain"))
+        assert plain.prefix_stats() is None
+    finally:
+        asyncio.run(cached.shutdown())
+        asyncio.run(plain.shutdown())
+
+
+def test_prefix_cache_stays_within_its_memory_dropping_the_oldest():
+    import torch
+
+    from fcdistill.serve.engines.prefix_cache import PrefixCache
+
+    kv = lambda n: [(torch.zeros(1, 3, n, 64), torch.zeros(1, 3, n, 64)) for _ in range(2)]  # noqa: E731
+    one = 2 * 2 * 3 * 20 * 64 * 4  # bytes of a 20-token prompt
+    cache = PrefixCache(max_bytes=2 * one + 10)
+    for start in (100, 200, 300):
+        cache.store(None, list(range(start, start + 20)), kv(20))
+    assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= 2 * one + 10
+    assert cache.lookup(None, list(range(100, 130)))[0] == 0  # the oldest went first
+    n, layers = cache.lookup(None, list(range(300, 330)))
+    assert n == 20 and layers[0][0].shape == (1, 3, 20, 64)
+    assert cache.lookup("adapter", list(range(300, 330)))[0] == 0
+    assert cache.lookup(None, list(range(300, 310)) + [0] * 10)[0] == 0  # 10 < MIN_REUSE shared tokens
+    cache.store(None, list(range(300, 315)) + list(range(5)), kv(20))  # shares 15 with an entry: both kept
+    assert cache.stats()["entries"] == 2
+    cache.store(None, list(range(300, 320)) + [7], kv(21))  # extends an entry: replaces it, and being larger
+    assert cache.stats()["entries"] == 1  # than the one it replaced, pushes the other out of the budget
+    assert cache.lookup(None, list(range(300, 320)) + [7, 8])[0] == 21

@@ -197,7 +197,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, client)
     assert ok.choices[0].message.content
 
 
-def test_metrics_expose_requests_tokens_and_grammar_cache(server, client):
+def test_metrics_expose_requests_tokens_and_grammar_cache(engine, server, client):
     _chat(client, tool_choice="required", max_tokens=40)
     _chat(client, tool_choice="required", max_tokens=40)
     text = httpx.get(f"{server}/metrics").text
@@ -205,6 +205,10 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(server, client):
     assert "fcd_completion_tokens_total" in text and "fcd_grammar_compile_seconds_count" in text
     hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("fcd_grammar_cache_hits_total")))
     assert hits >= 1
+    if engine == "hf":  # the second request reused the first one's prompt from the prefix cache
+        value = lambda kind: float(next(line.split()[-1] for line in text.splitlines()  # noqa: E731
+                                         if line.startswith(f'fcd_prefill_tokens{{kind="{kind}"}}')))
+        assert value("reused") > 0 and value("computed") > 0
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))

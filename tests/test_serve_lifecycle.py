@@ -30,6 +30,9 @@ class _NoEngine:
         raise AssertionError("no generation in this test")
         yield
 
+    def prefix_stats(self) -> None:
+        return None
+
     async def shutdown(self) -> None:
         return None
 

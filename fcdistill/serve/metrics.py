@@ -29,6 +29,10 @@ class Metrics:
                                     ["reason"], registry=r)
         for reason in ("budget", "loop"):
             self.forced_close.labels(reason)  # exported at 0 before the first one
+        self.prefill = Gauge("fcd_prefill_tokens", "Prompt tokens since start: computed by the model, or reused "
+                             "from the hf engine's prefix cache", ["kind"], registry=r)
+        self.prefix_cache_bytes = Gauge("fcd_prefix_cache_bytes", "Memory of the prompts' keys and values held "
+                                        "(bounded by --prefix-cache-mb)", registry=r)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """`route`: one of the app's own paths, or "other" (labels never come from what clients send)."""
@@ -46,7 +50,11 @@ class Metrics:
             self.cache_misses.inc()
             self.compile.observe(compile_seconds)
 
-    def render(self, cache_info: dict[str, Any]) -> tuple[bytes, str]:
+    def render(self, cache_info: dict[str, Any], prefix: dict[str, int] | None = None) -> tuple[bytes, str]:
         self.cache_size.set(cache_info.get("size", 0))
         self.cache_bytes.set(cache_info.get("bytes", 0))
+        if prefix is not None:
+            self.prefill.labels("computed").set(prefix["computed"])
+            self.prefill.labels("reused").set(prefix["reused"])
+            self.prefix_cache_bytes.set(prefix["bytes"])
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -62,6 +62,11 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
 
+    def prefix_stats(self) -> dict[str, int] | None:
+        """Prompt tokens computed and reused through the engine's own prefix cache; None when it has none
+        it can count."""
+        ...
+
     async def shutdown(self) -> None: ...
 
 

@@ -33,6 +33,7 @@ from tokenizers.decoders import DecodeStream
 
 from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable, GenerationEvent, GenerationRequest,
                                           check_fits, cut_at_stop)
+from fcdistill.serve.engines.prefix_cache import PrefixCache
 
 log = logging.getLogger("fcdistill.serve")
 
@@ -138,7 +139,7 @@ class HFEngine:
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
                  batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", prefix_cache_mb: float = 512.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,6 +190,7 @@ class HFEngine:
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
         self.restart_on_failure = restart_on_failure
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._failure: str | None = None
         self._restarts: list[float] = []
         self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
@@ -222,6 +224,9 @@ class HFEngine:
             seq.cancelled.set()  # client gone or consumer stopped: the scheduler drops the row
             with self._lock:
                 self._live.discard(seq)
+
+    def prefix_stats(self) -> dict[str, int] | None:
+        return self.prefix_cache.stats() if self.prefix_cache is not None else None
 
     async def shutdown(self) -> None:
         from fcdistill.serve.lifecycle import ENGINE_STOP_S
@@ -336,6 +341,11 @@ class HFEngine:
         for s in seqs:
             if s.req.sampling.seed is not None:
                 s.generator = torch.Generator(device="cpu").manual_seed(int(s.req.sampling.seed))
+        if self.prefix_cache is not None:
+            rows = self._prefill_one(seqs[0], adapter)
+            for s in seqs[1:]:
+                rows.merge(self._prefill_one(s, adapter))
+            return rows
         pad = self.tokenizer.pad_token_id
         width = max(len(s.req.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -350,6 +360,29 @@ class HFEngine:
                             position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
                             **{self._cache_kw: cache})
         return _Rows(list(seqs), cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
+
+    def _prefill_one(self, s: _Seq, adapter: str | None) -> _Rows:
+        """One prompt, no padding: what the prefix cache holds of its start is reused, the rest computed,
+        and the whole prompt's keys and values kept for the next request that starts the same way."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = s.req.prompt_ids
+        n, reused = self.prefix_cache.lookup(adapter, ids)
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(reused or []):
+            cache.update(keys, values, layer)
+        mask = torch.ones((1, len(ids)), dtype=torch.long)
+        positions = torch.arange(n, len(ids)).unsqueeze(0)
+        out = self._forward(adapter, input_ids=torch.tensor([ids[n:]]).to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
+                            **{self._cache_kw: cache})
+        rows = _Rows([s], cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
+        self.prefix_cache.computed += len(ids) - n
+        self.prefix_cache.reused += n
+        if rows.mergeable():  # plain full-attention layers: a sliding window's cache is not a prefix
+            self.prefix_cache.store(adapter, list(ids), [(layer.keys, layer.values) for layer in cache.layers])
+        return rows
 
     def _run_batch(self, seqs: list[_Seq], adapter: str | None, backlog: list[_Seq]) -> None:
         """Decode until every row ends; with continuous batching, requests for the same adapter that
