@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
 
 from fcdistill.errors import validation_message
 from fcdistill.train.config import _existing_file as _existing
@@ -124,13 +124,8 @@ class SynthSpec(_Strict):
 class VerifySpec(_Strict):
     """`fcd verify` over examples from elsewhere; what passes is trained on."""
 
-    input: Path
+    input: FilePath
     options: dict[str, Any] = Field(default_factory=dict, description="tools, exec_module, judge, ...")
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, v: Path) -> Path:
-        return _existing(v, "verify.input")
 
     @field_validator("options")
     @classmethod
