@@ -392,18 +392,11 @@ class Recipe(_Strict):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`key.sub=value`, value read as YAML) and validate a recipe; one RecipeError
     naming every problem otherwise."""
+    from fcdistill.configfile import read_yaml_mapping
     from fcdistill.train.config import ConfigError, apply_overrides
 
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: expected a mapping of stages at the top level")
+    tree = read_yaml_mapping(path, "recipe", RecipeError)
     unknown = [k for k in tree if k not in Recipe.model_fields]
     if unknown:
         raise RecipeError(f"{path}: unknown stage or field {', '.join(map(repr, unknown))}; a recipe has "

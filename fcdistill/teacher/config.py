@@ -55,16 +55,9 @@ def load_teacher_config(path: Path | None, overrides: dict[str, Any]) -> Teacher
     """YAML file (optional) + CLI overrides (None values ignored) -> a checked TeacherConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        import yaml
+        from fcdistill.configfile import read_yaml_mapping
 
-        if not Path(path).is_file():
-            raise TeacherError(f"teacher config {path} not found")
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise TeacherError(f"teacher config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise TeacherError(f"teacher config {path} must be a mapping")
+        loaded = read_yaml_mapping(Path(path), "teacher config", TeacherError)
         data.update(loaded.get("teacher", loaded))
     data.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("base_url", "model"):

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcdistill.chat_format import DEFAULT_FC_TOKEN
+from fcdistill.configfile import read_yaml_mapping
 from fcdistill.errors import validation_message
 
 
@@ -213,19 +214,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate a YAML config; every failure is a one-line ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
-    tree = apply_overrides(tree, overrides or [])
+    tree = apply_overrides(read_yaml_mapping(path, "config file", ConfigError), overrides or [])
     try:
         cfg = TrainConfig.model_validate(tree)
     except ValidationError as exc:
