@@ -52,7 +52,7 @@ def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
 # engines), longest first. scripts/test.sh runs two workers that take whole modules in collection order:
 # starting the long ones first keeps one of them from running alone at the end.
 LONGEST_FIRST = ["test_serve.py", "test_train_sft.py", "test_eval_endpoint.py", "test_gpu_check.py",
-                 "test_quickstart.py", "test_serve_shutdown.py", "test_serve_limits.py", "test_teacher_serve_e2e.py",
+                 "test_quickstart.py", "test_recipe.py", "test_serve_shutdown.py", "test_serve_limits.py", "test_teacher_serve_e2e.py",
                  "test_engine_hf.py"]
 
 
