@@ -183,8 +183,7 @@ def use_throughput_changes(segments: bool, labelled_head: bool) -> None:
 def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from fcdistill.models import ensure_fc_token, resolve_model
-    from fcdistill.models import cpu_has_native_bf16
+    from fcdistill.models import cpu_has_native_bf16, ensure_fc_token, resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     ensure_fc_token(tok, "<tool_call>")
