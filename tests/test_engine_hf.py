@@ -164,18 +164,18 @@ def test_prefix_cache_reuses_the_tools_prompt_and_answers_as_without_it():
     try:
         first = _request(cached, WEATHER, 30, TOOLS)
         asyncio.run(_collect(cached, first, [], "first"))
-        assert cached.prefix_stats()["reused"] == 0 and cached.prefix_stats()["computed"] == len(first.prompt_ids)
+        assert cached.prefix_cache.stats()["reused"] == 0 and cached.prefix_cache.stats()["computed"] == len(first.prompt_ids)
         again = [{"role": "user", "content": "And the weather in Lyon, in fahrenheit?"}]
         second = _request(cached, again, 30, TOOLS)
         common = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if a != b)
         assert common >= MIN_REUSE  # the system turn with the tools
         got = asyncio.run(_collect(cached, second, [], "second"))
-        stats = cached.prefix_stats()
+        stats = cached.prefix_cache.stats()
         assert stats["reused"] == common and stats["computed"] == len(first.prompt_ids) + len(second.prompt_ids) - common
         assert stats["hits"] == 1 and stats["entries"] == 2 and stats["bytes"] > 0
         # the same answer as computing the whole prompt
         assert got == asyncio.run(_collect(plain, _request(plain, again, 30, TOOLS), [], "plain"))
-        assert plain.prefix_stats() is None
+        assert "prefill_reused" not in plain.stats() and cached.stats()["prefill_reused"] == common
     finally:
         asyncio.run(cached.shutdown())
         asyncio.run(plain.shutdown())
@@ -202,3 +202,32 @@ def test_prefix_cache_stays_within_its_memory_dropping_the_oldest():
     cache.store(None, list(range(300, 320)) + [7], kv(21))  # extends an entry: replaces it, and being larger
     assert cache.stats()["entries"] == 1  # than the one it replaced, pushes the other out of the budget
     assert cache.lookup(None, list(range(300, 320)) + [7, 8])[0] == 21
+
+
+JUMP_TOOLS = normalize_tools([
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "get_stock_price", "description": "A share's price.", "parameters": {
+        "type": "object", "properties": {"ticker": {"type": "string"}}, "required": ["ticker"]}}}])
+
+
+def test_jump_forward_answers_exactly_as_step_by_step_in_fewer_passes():
+    from fcdistill.serve.engines.hf import HFEngine
+
+    asks = [(WEATHER, "required"), ([{"role": "user", "content": "Price of AAPL and the weather in Oslo?"}], "auto"),
+            ([{"role": "user", "content": "Tell me a joke."}], "auto"), (STORY, "get_stock_price")]
+    answers = {}
+    for jump in (False, True):
+        eng = HFEngine("smollm2-135m", jump_forward=jump, prefix_cache_mb=0)
+        try:
+            async def all_at_once():  # batched: rows jump by different amounts in the same passes
+                reqs = [_request(eng, m, 48, JUMP_TOOLS, choice) for m, choice in asks]
+                return await asyncio.gather(*[_collect(eng, r, [], str(i)) for i, r in enumerate(reqs)])
+            alone = [asyncio.run(_collect(eng, _request(eng, m, 48, JUMP_TOOLS, c), [], "x")) for m, c in asks]
+            answers[jump] = (alone, asyncio.run(all_at_once()), eng.stats()["jump_forward_tokens"])
+        finally:
+            asyncio.run(eng.shutdown())
+    assert answers[True][0] == answers[False][0]  # token for token, one request at a time
+    assert answers[True][1] == answers[False][1]  # and batched
+    assert answers[False][2] == 0 and answers[True][2] > 10

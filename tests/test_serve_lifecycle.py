@@ -30,8 +30,8 @@ class _NoEngine:
         raise AssertionError("no generation in this test")
         yield
 
-    def prefix_stats(self) -> None:
-        return None
+    def stats(self) -> dict:
+        return {}
 
     async def shutdown(self) -> None:
         return None

@@ -341,6 +341,19 @@ class SequenceConstraint:
         banned = banned[:width] if banned.size >= width else np.pad(banned, (0, width - banned.size), constant_values=True)
         logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
 
+    def forced(self) -> int | None:
+        """The one token this step admits, when only one is admitted (JSON punctuation, the rest of a key or
+        of a unique name, end-of-turn once the calls are complete): an engine may append it without a forward
+        pass and without sampling (jump-forward). None when there is a choice, or in free text."""
+        if self.phase == "fc":
+            return self.vocab.fc_id
+        if self.phase == "done":
+            return self.vocab.eot_id
+        if self.phase != "grammar":
+            return None
+        allowed = self.guide.get_tokens()
+        return int(allowed[0]) if len(allowed) == 1 else None
+
     def advance(self, token_id: int) -> None:
         """Move the state machine past a sampled token."""
         phase = self.phase

@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         served_model_name: Annotated[str | None, typer.Option(help="Name clients use for the base model (default: --model).")] = None,
         fc_token: Annotated[str, typer.Option(help="Function-call token text.")] = "<tool_call>",
         max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+        jump_forward: Annotated[bool, typer.Option("--jump-forward/--no-jump-forward", help=(
+            "hf: where the grammar admits one token only (JSON punctuation, the rest of a name, end-of-turn), "
+            "append it without sampling it and run it in the next forward pass with the token before it."))] = True,
         prefix_cache_mb: Annotated[float, typer.Option(min=0, help=(
             "hf: memory for recent prompts' keys and values, reused by requests that start the same way (the "
             "tools, earlier turns); 0 turns it off. vllm: its own prefix caching, always on."))] = 512.0,
@@ -124,7 +127,7 @@ def register(app: typer.Typer) -> None:
 
                 eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
                                continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart",
-                               dtype=dtype, prefix_cache_mb=prefix_cache_mb)
+                               dtype=dtype, prefix_cache_mb=prefix_cache_mb, jump_forward=jump_forward)
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         set_grammar_cache_limit(grammar_cache_mb)

@@ -33,6 +33,8 @@ class Metrics:
                              "from the hf engine's prefix cache", ["kind"], registry=r)
         self.prefix_cache_bytes = Gauge("fcd_prefix_cache_bytes", "Memory of the prompts' keys and values held "
                                         "(bounded by --prefix-cache-mb)", registry=r)
+        self.jumped = Gauge("fcd_jump_forward_tokens", "Tokens since start that the grammar forced and the hf engine "
+                            "appended without sampling them (jump-forward)", registry=r)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """`route`: one of the app's own paths, or "other" (labels never come from what clients send)."""
@@ -50,11 +52,16 @@ class Metrics:
             self.cache_misses.inc()
             self.compile.observe(compile_seconds)
 
-    def render(self, cache_info: dict[str, Any], prefix: dict[str, int] | None = None) -> tuple[bytes, str]:
+    def render(self, cache_info: dict[str, Any], engine: dict[str, int] | None = None) -> tuple[bytes, str]:
+        """The exposition; `engine`: the engine's own counters (Engine.stats), those it keeps."""
         self.cache_size.set(cache_info.get("size", 0))
         self.cache_bytes.set(cache_info.get("bytes", 0))
-        if prefix is not None:
-            self.prefill.labels("computed").set(prefix["computed"])
-            self.prefill.labels("reused").set(prefix["reused"])
-            self.prefix_cache_bytes.set(prefix["bytes"])
+        engine = engine or {}
+        for kind in ("computed", "reused"):
+            if f"prefill_{kind}" in engine:
+                self.prefill.labels(kind).set(engine[f"prefill_{kind}"])
+        if "prefix_cache_bytes" in engine:
+            self.prefix_cache_bytes.set(engine["prefix_cache_bytes"])
+        if "jump_forward_tokens" in engine:
+            self.jumped.set(engine["jump_forward_tokens"])
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

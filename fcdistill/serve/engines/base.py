@@ -62,9 +62,9 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
 
-    def prefix_stats(self) -> dict[str, int] | None:
-        """Prompt tokens computed and reused through the engine's own prefix cache; None when it has none
-        it can count."""
+    def stats(self) -> dict[str, int]:
+        """The engine's own counters for /metrics (prefill tokens computed and reused, jumped tokens);
+        empty when it keeps none we can read."""
         ...
 
     async def shutdown(self) -> None: ...

@@ -139,7 +139,7 @@ class HFEngine:
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
                  batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False,
-                 dtype: str = "auto", prefix_cache_mb: float = 512.0):
+                 dtype: str = "auto", prefix_cache_mb: float = 512.0, jump_forward: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,6 +191,8 @@ class HFEngine:
         self.stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
         self.restart_on_failure = restart_on_failure
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.jump_forward = jump_forward
+        self.jumped = 0  # tokens placed by jump-forward: appended without a forward pass of their own
         self._failure: str | None = None
         self._restarts: list[float] = []
         self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
@@ -225,8 +227,13 @@ class HFEngine:
             with self._lock:
                 self._live.discard(seq)
 
-    def prefix_stats(self) -> dict[str, int] | None:
-        return self.prefix_cache.stats() if self.prefix_cache is not None else None
+    def stats(self) -> dict[str, int]:
+        out = {"jump_forward_tokens": self.jumped}
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache.stats()
+            out.update(prefill_computed=cache["computed"], prefill_reused=cache["reused"],
+                       prefix_cache_bytes=cache["bytes"])
+        return out
 
     async def shutdown(self) -> None:
         from fcdistill.serve.lifecycle import ENGINE_STOP_S
@@ -392,25 +399,25 @@ class HFEngine:
         rows = self._prefill(seqs, adapter)
         while rows.seqs:
             keep: list[int] = []
-            next_tokens: list[int] = []
+            feeds: list[list[int]] = []  # per kept row: its sampled token, then any tokens jumped after it
             for i, s in enumerate(rows.seqs):
                 if s.cancelled.is_set():
                     s.emit(GenerationEvent(finish_reason="cancelled"))
                     continue
                 token = self._sample(s, rows.logits[i])
-                if not self._accept(s, token):
+                ended = self._accept(s, token)
+                feed = [token]
+                while not ended and self.jump_forward and (forced := self._forced(s)) is not None:
+                    ended = self._accept(s, forced)
+                    feed.append(forced)
+                    self.jumped += 1
+                if not ended:
                     keep.append(i)
-                    next_tokens.append(token)
+                    feeds.append(feed)
             if len(keep) < len(rows.seqs):
                 rows.select(keep)
             if rows.seqs:
-                rows.mask = torch.cat([rows.mask, torch.ones((len(rows.seqs), 1), dtype=torch.long)], dim=1)
-                rows.last_pos = rows.last_pos + 1
-                out = self._forward(adapter, input_ids=torch.tensor(next_tokens).unsqueeze(1).to(self.device),
-                                    attention_mask=rows.mask.to(self.device),
-                                    position_ids=rows.last_pos.unsqueeze(1).to(self.device),
-                                    use_cache=True, **{self._cache_kw: rows.cache})
-                rows.logits = out.logits[:, -1, :].float().cpu()
+                self._step(rows, feeds, adapter)
             if not self.continuous or not rows.mergeable():
                 continue
             if not self._drain(backlog):
@@ -421,6 +428,32 @@ class HFEngine:
             if joining:
                 seqs.extend(joining)  # the caller's list: an error reaches every row that ever joined
                 rows.merge(self._prefill(joining, adapter))
+
+    def _step(self, rows: _Rows, feeds: list[list[int]], adapter: str | None) -> None:
+        """One forward pass over each row's new tokens: one a row, or more where tokens were jumped (the
+        shorter rows right-padded, the padding masked out for good), each row's next logits taken at its
+        own last token."""
+        import torch
+
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        step_mask = torch.zeros((len(feeds), width), dtype=torch.long)
+        for i, f in enumerate(feeds):
+            ids[i, :len(f)] = torch.tensor(f)
+            step_mask[i, :len(f)] = 1
+        lengths = step_mask.sum(1)
+        positions = rows.last_pos.unsqueeze(1) + step_mask.cumsum(1).clamp(min=1)  # padding repeats the last one
+        rows.mask = torch.cat([rows.mask, step_mask], dim=1)
+        rows.last_pos = rows.last_pos + lengths
+        out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=rows.mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=True, **{self._cache_kw: rows.cache})
+        last = (lengths - 1).to(out.logits.device)
+        rows.logits = out.logits[torch.arange(len(feeds), device=out.logits.device), last, :].float().cpu()
+
+    @staticmethod
+    def _forced(s: _Seq) -> int | None:
+        c = s.req.constraint
+        return c.forced() if c is not None else None
 
     def _sample(self, s: _Seq, logits: Any) -> int:
         import torch

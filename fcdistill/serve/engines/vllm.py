@@ -237,8 +237,8 @@ class VLLMEngine:
         finally:
             await stream.aclose()  # a consumer that stops early (disconnect, stop string) aborts the request
 
-    def prefix_stats(self) -> dict[str, int] | None:
-        return None  # vLLM's own prefix caching (on) keeps its counts in its own stats loggers
+    def stats(self) -> dict[str, int]:
+        return {}  # vLLM's prefix caching (on) keeps its counts in its own stats loggers
 
     async def shutdown(self) -> None:
         """Stop the EngineCore and its workers (vLLM terminates them, and kills them after
