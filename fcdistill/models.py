@@ -37,9 +37,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def serving_dtype(requested: str, cuda: bool) -> str:
-    """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers
-    until measured otherwise: benchmarks/dtype_agreement.py); bf16 on a CPU without native bf16 is refused,
-    being emulated and slower than fp32."""
+    """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers:
+    benchmarks/engine_ab.py --a dtype=fp32 --b dtype=bf16 measures how often); bf16 on a CPU without
+    native bf16 is refused, being emulated and slower than fp32."""
     if requested not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
     if requested == "auto":
