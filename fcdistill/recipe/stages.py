@@ -194,7 +194,7 @@ def _augment_run(ctx: Context) -> dict[str, Any]:
     result = run_augment(AugmentOptions(data=_data_dir_of(ctx, _bfcl_train_source(ctx.recipe)), out=ctx.dir("augment"),
                                         seed=ctx.recipe.seed, multiplier=a.multiplier, dedup_threshold=a.dedup_threshold,
                                         ngram=a.ngram, **extra))
-    original = result.stats.get("original", {}).get("kept", 0)
+    original = result.stats.get("original", {}).get("out", 0)
     return {"written": result.written, "original": original, "augmented": result.written - original}
 
 
