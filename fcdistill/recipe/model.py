@@ -177,7 +177,7 @@ class TrainSpec(_Strict):
     def _dotted(cls, v: Any) -> Any:
         """`optim: {learning_rate: ...}` (what `fcd run --set train.set.optim.learning_rate=...` makes) and
         `optim.learning_rate: ...` are the same override."""
-        return {k: val for k, val in _flat(v).items()} if isinstance(v, dict) else v
+        return flatten(v) if isinstance(v, dict) else v
 
     @field_validator("config", "accelerate_config")
     @classmethod
@@ -203,11 +203,12 @@ class TrainSpec(_Strict):
         return self
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (`{optim: {lr: 1}}` -> `{"optim.lr": 1}`)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from fcdistill.recipe.manifest import STAGE_FILE, read_stage, write_stage
-from fcdistill.recipe.model import STAGES, Recipe, RecipeError
+from fcdistill.recipe.model import STAGES, Recipe, RecipeError, flatten
 from fcdistill.recipe.stages import STAGE_DEFS, Context
 
 RECIPE_FILE = "recipe.yaml"
@@ -76,15 +76,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
 class Planner:
     """Keys and decisions for each stage of one recipe over one run directory."""
 
@@ -123,7 +114,7 @@ class Planner:
 
     def why_changed(self, stage: str, rec: dict[str, Any]) -> str:
         """The config fields that differ, else the inputs that did."""
-        old, new = _flat(rec.get("config") or {}), _flat(STAGE_DEFS[stage].config(self.recipe))
+        old, new = flatten(rec.get("config") or {}), flatten(STAGE_DEFS[stage].config(self.recipe))
         fields = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
         if fields:
             return ", ".join(fields[:4]) + (f" and {len(fields) - 4} more" if len(fields) > 4 else "")

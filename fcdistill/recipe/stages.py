@@ -379,7 +379,7 @@ def _ask(ctx: Context, url: str, model: str, m: EvalModel, api_key: str | None) 
     ctx.say(f"eval: {m.name} on the {e.split} held-out split "
             f"({'every item' if e.limit_per_category is None else f'up to {e.limit_per_category} a category'})")
     data = ctx.bfcl_dir if e.split == "bfcl" else ctx.dir("synth")
-    run_eval(url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"), model, data, e.categories,
+    run_eval(url, model, data, e.categories,
              ctx.dir("eval") / m.name, mode=e.mode, concurrency=e.concurrency, max_tokens=e.max_tokens,
              api_key=api_key, limit_per_category=e.limit_per_category, label=m.name, progress=False)
     if not _complete(ctx.dir("eval") / m.name):
