@@ -56,3 +56,17 @@ def with_language_hint(item_id: str, functions: list[dict[str, Any]]) -> list[di
 
     add_hint = bfcl_import("bfcl_eval.utils", "add_language_specific_hint_to_function_doc")
     return add_hint([{"id": item_id, "function": copy.deepcopy(functions)}])[0]["function"]
+
+
+def multi_turn_entries(category: str) -> dict[str, dict[str, Any]]:
+    """id -> one multi-turn entry exactly as `bfcl generate` reads it (bfcl_eval's own loader): every
+    involved class's function docs in `function` with the language hint, the docs miss_func holds back
+    in `missed_function` (turn index -> docs), the user turns in `question`."""
+    load = bfcl_import("bfcl_eval.utils", "load_dataset_entry")
+    return {e["id"]: e for e in load(category, include_prereq=False)}
+
+
+def multi_turn_ground_truth(category: str) -> dict[str, list[list[str]]]:
+    """id -> the ground-truth calls of each turn, as text (`cd(folder='document')`)."""
+    load = bfcl_import("bfcl_eval.utils", "load_ground_truth_entry")
+    return {e["id"]: e["ground_truth"] for e in load(category)}

@@ -234,3 +234,31 @@ def test_eval_and_official_bfcl_against_the_vllm_engine(data_dir, tmp_path, smol
     assert report["official"]["total"] == 2 and report["same_accuracy"] and report["same_items"], \
         json.dumps(report, indent=1)[:2000]
     assert any(i["error_type"] != "ast:no_call" for i in report["items"])
+
+
+def test_multi_turn_conversation_runs_against_backends_and_matches_bfcl_step_by_step(server, tmp_path):
+    """A multi_turn_base conversation: calls forced, so each step runs a call against bfcl's simulated file
+    system and sends its result back; the step limit then ends the conversation. bfcl's own generate +
+    evaluate, with the same limit against the same server, must see the same steps and the same verdict."""
+    from fcdistill.eval.official import bfcl_result_from_output
+
+    data = tmp_path / "data"
+    prepare_bfcl(SplitOptions(categories=["multi_turn_base"], max_per_category={"multi_turn_base": 2}), data)
+    out = tmp_path / "mt"
+    summary = run_eval(server, MODEL, data, ["multi_turn_base"], out, max_tokens=64, tool_choice="required",
+                       max_steps=1, progress=False, label="mt")
+    assert summary["complete"] and summary["categories"]["multi_turn_base"]["answered"] == 1
+    row = _lines(out / OUTPUTS)[0]
+    assert row["force_quit"] and len(row["turns"]) == 1 and len(row["turns"][0]) == 2
+    first = row["turns"][0][0]
+    assert first["tool_calls"] and len(first["results"]) == len(first["tool_calls"])
+    assert all(isinstance(r, str) and r for r in first["results"])
+    item = _lines(out / ITEMS)[0]
+    assert not item["valid"] and item["error_type"] == "multi_turn:force_terminated"
+    assert json.loads((out / RUN_INFO).read_text())["identity"]["max_steps"] == 1
+
+    report = official_check(server, MODEL, data, "multi_turn_base", tmp_path / "official", max_tokens=64,
+                            tool_choice="required", max_steps=1)
+    assert report["same_accuracy"] and report["same_items"], json.dumps(report, indent=1)[:2000]
+    bfcl = _lines(next((tmp_path / "official" / "result").rglob("BFCL_v4_multi_turn_base_result.json")))[0]
+    assert bfcl["result"] == bfcl_result_from_output(row)

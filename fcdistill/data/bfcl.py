@@ -26,6 +26,8 @@ SINGLE_TURN_CATEGORIES = (
     "live_irrelevance", "live_relevance",
 )
 NO_CALL_CATEGORIES = ("irrelevance", "live_irrelevance")  # correct answer: no call
+MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
+KNOWN_CATEGORIES = (*SINGLE_TURN_CATEGORIES, *MULTI_TURN_CATEGORIES)
 RELEVANCE_CATEGORIES = ("live_relevance",)  # correct answer: any call; no ground truth
 IRRELEVANT_ANSWER = "None of the available functions can be used to answer this request."
 
@@ -60,9 +62,8 @@ class SplitOptions(BaseModel):
             raise DataError("no categories given")
         named = [*self.categories, *self.eval_only, *self.max_per_category]
         for c in named:
-            if c not in SINGLE_TURN_CATEGORIES:
-                hint = " (multi-turn categories are not supported)" if c.startswith("multi_turn") else ""
-                raise DataError(f"unknown BFCL category {c!r}{hint}; known: {', '.join(SINGLE_TURN_CATEGORIES)}")
+            if c not in KNOWN_CATEGORIES:
+                raise DataError(f"unknown BFCL category {c!r}; known: {', '.join(KNOWN_CATEGORIES)}")
 
     def is_eval_only(self, category: str) -> bool:
         return category in self.eval_only or (self.live_eval_only and category.startswith("live_")) \
@@ -86,6 +87,13 @@ class Record(BaseModel):
     # (None on BFCL's own records, so files written before augmentation read and write unchanged)
     source_ids: list[str] | None = None
     transforms: list[str] | None = None
+    # BFCL multi-turn: every turn's user messages (`messages` holds the first); None on single-turn records
+    turns: list[list[dict[str, Any]]] | None = None
+
+    @property
+    def user_text(self) -> str:
+        """Every user message of the record, what contamination checks compare."""
+        return question_text([m for turn in self.turns for m in turn] if self.turns else self.messages)
 
     @property
     def has_target(self) -> bool:
@@ -150,6 +158,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _multi_turn_records(category: str) -> list[Record]:
+    """Multi-turn entries as records: the tools shown at the start (bfcl's loader, language hint
+    included) and every turn's user messages. No target yet: the export does not train on them."""
+    from fcdistill.bfcl_env import multi_turn_entries
+
+    return [Record(id=e["id"], category=category, split="", messages=e["question"][0] if e["question"] else [],
+                   tools=normalize_tools(e["function"]), turns=e["question"])
+            for e in multi_turn_entries(category).values()]
+
+
 def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
     """All records of one category (split unset) and the hashes of the files read."""
     data_dir = bfcl_data_dir()
@@ -157,6 +175,10 @@ def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
     if not qpath.is_file():
         raise DataError(f"bfcl_eval has no data file for {category!r} ({qpath})")
     hashes = {qpath.name: _sha256(qpath)}
+    if category in MULTI_TURN_CATEGORIES:
+        apath = data_dir / "possible_answer" / qpath.name
+        hashes[f"possible_answer/{apath.name}"] = _sha256(apath)
+        return _multi_turn_records(category), hashes
     answers: dict[str, Any] = {}
     apath = data_dir / "possible_answer" / qpath.name
     if apath.is_file():
@@ -211,11 +233,11 @@ def _drop_eval_overlap(train: list[Record], evals: list[Record]) -> tuple[list[R
     with more tools), so a per-category split would train on held-out questions. The rule is the
     one every later stage applies to new data (data/dedup.py's contamination check).
     """
-    index = EvalIndex({r.id for r in evals}, {r.id: question_text(r.messages) for r in evals})
-    same = {normalize(question_text(r.messages)) for r in evals}  # short questions too: no 13-word span
+    index = EvalIndex({r.id for r in evals}, {r.id: r.user_text for r in evals})
+    same = {normalize(r.user_text) for r in evals}  # short questions too: no 13-word span
     kept, dropped = [], []
     for r in train:
-        text = question_text(r.messages)
+        text = r.user_text
         (dropped if normalize(text) in same or index.check([r.id], text) else kept).append(r)
     return kept, dropped
 
@@ -325,4 +347,5 @@ def eval_index(data_dir: Path, n: int = 13, min_words: int = 8) -> EvalIndex:
     ids = set(read_manifest(data_dir).get("splits", {}).get("eval", []))
     path = Path(data_dir) / "eval.jsonl"
     rows = _read_jsonl(path) if path.is_file() else []
-    return EvalIndex(ids, {r["id"]: question_text(r.get("messages", [])) for r in rows}, n=n, min_words=min_words)
+    texts = {r["id"]: question_text([m for turn in r.get("turns") or [r.get("messages", [])] for m in turn]) for r in rows}
+    return EvalIndex(ids, texts, n=n, min_words=min_words)

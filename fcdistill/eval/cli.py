@@ -95,8 +95,10 @@ def run_cmd(
     max_attempts: Annotated[int, typer.Option(help="Tries per request, the first included (connection errors, 5xx, 429).")] = 4,
     label: Annotated[Optional[str], typer.Option(help="Name of this run in reports and comparisons (default: --model).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    max_steps: Annotated[int, typer.Option(help="Multi-turn: steps one turn may take before the conversation is cut (BFCL's limit: 20).")] = 20,
 ) -> None:
-    """Ask the eval questions (resumable: answered ids are skipped), score with bfcl_eval, write reports."""
+    """Ask the eval questions (resumable: answered ids are skipped), score with bfcl_eval, write reports.
+    Multi-turn categories are whole conversations against bfcl_eval's simulated backends."""
     from fcdistill.eval.dataset import EvalError
     from fcdistill.eval.runner import EvalOptions, execute
 
@@ -105,7 +107,7 @@ def run_cmd(
                            mode=mode, concurrency=concurrency, api_key=_key(api_key, api_key_env),  # type: ignore[arg-type]
                            max_tokens=max_tokens, temperature=temperature, tool_names=tool_names,  # type: ignore[arg-type]
                            tool_choice=tool_choice, limit_per_category=limit, timeout_s=timeout,
-                           max_attempts=max_attempts, progress=progress, label=label)
+                           max_attempts=max_attempts, progress=progress, label=label, max_steps=max_steps)
         summary = execute(opts)
     except EvalError as exc:
         fail(str(exc))
@@ -172,6 +174,7 @@ def official_cmd(
     api_key: ApiKeyOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     run: Annotated[Optional[Path], typer.Option(help="Instead: have `bfcl evaluate` score this `fcd eval run` dir's answers.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Multi-turn: bfcl's per-turn step limit (default: bfcl's 20); set it as the run being compared set it.")] = None,
 ) -> None:
     """Cross-check with bfcl-eval's own generate + evaluate; exits 1 if its accuracy differs from ours."""
     from fcdistill.eval.dataset import EvalError
@@ -186,7 +189,8 @@ def official_cmd(
             if not (endpoint and model and category):
                 fail("give --endpoint, --model and --category (or --run RUN_DIR)")
             report = official_check(endpoint, model, manifest, category, out, mode=mode, limit=limit,  # type: ignore[arg-type]
-                                    max_tokens=max_tokens, api_key=_key(api_key, api_key_env), tool_choice=tool_choice)
+                                    max_tokens=max_tokens, api_key=_key(api_key, api_key_env), tool_choice=tool_choice,
+                                    max_steps=max_steps)
             parts = [report]
             agree = report["same_accuracy"] and report["same_items"]
     except EvalError as exc:

@@ -17,9 +17,10 @@ from typing import Any
 
 from fcdistill.bfcl_env import with_language_hint
 from fcdistill.data.bfcl import (
+    KNOWN_CATEGORIES,
+    MULTI_TURN_CATEGORIES,
     NO_CALL_CATEGORIES,
     RELEVANCE_CATEGORIES,
-    SINGLE_TURN_CATEGORIES,
     DataError,
     Record,
     category_language,
@@ -42,7 +43,10 @@ class EvalError(ValueError):
 
 
 def category_kind(category: str) -> str:
-    """`irrelevance` (correct: no call), `relevance` (correct: any call) or `ast` (BFCL's checker)."""
+    """`irrelevance` (correct: no call), `relevance` (correct: any call), `multi_turn` (a conversation,
+    bfcl's multi-turn checker) or `ast` (BFCL's checker)."""
+    if category in MULTI_TURN_CATEGORIES:
+        return "multi_turn"
     if category in NO_CALL_CATEGORIES or category == SYNTH_IRRELEVANCE:
         return "irrelevance"
     if category in RELEVANCE_CATEGORIES:
@@ -57,6 +61,10 @@ class EvalItem:
     record: Record
     functions: list[dict[str, Any]]  # BFCL's docs as in its data file: what its checker gets
     shown_functions: list[dict[str, Any]]  # with BFCL's language hint: what `bfcl generate` shows
+    # multi-turn: bfcl's entry as `bfcl generate` reads it (turns, held-back docs, initial state) and
+    # the ground-truth call texts of each turn
+    entry: dict[str, Any] | None = None
+    turn_answers: list[list[str]] | None = None
 
     @property
     def id(self) -> str:
@@ -189,6 +197,20 @@ def load_synth_eval_set(data_dir: Path, categories: list[str] | None,
     return data_dir, {"kind": "synth", "split_sha256": digest, "seed": None}, items
 
 
+def multi_turn_items(category: str, records: list[Record]) -> list[EvalItem]:
+    from fcdistill.bfcl_env import multi_turn_entries, multi_turn_ground_truth
+
+    entries, answers = multi_turn_entries(category), multi_turn_ground_truth(category)
+    items = []
+    for r in records:
+        if r.id not in entries or r.id not in answers:
+            raise EvalError(f"{r.id} is not in bfcl_eval's BFCL_v4_{category}.json and its possible answers")
+        e = entries[r.id]
+        items.append(EvalItem(record=r, functions=e["function"], shown_functions=e["function"], entry=e,
+                              turn_answers=answers[r.id]))
+    return items
+
+
 def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
                   limit_per_category: int | None = None) -> tuple[Path, dict[str, Any], list[EvalItem]]:
     """(data dir, manifest, items) for the chosen categories of the eval split, in file order; a
@@ -203,8 +225,8 @@ def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
     present = list(dict.fromkeys(r.category for r in records))
     wanted = list(dict.fromkeys(categories)) if categories else present
     for c in wanted:
-        if c not in SINGLE_TURN_CATEGORIES:
-            raise EvalError(f"unknown BFCL category {c!r}; known: {', '.join(SINGLE_TURN_CATEGORIES)}")
+        if c not in KNOWN_CATEGORIES:
+            raise EvalError(f"unknown BFCL category {c!r}; known: {', '.join(KNOWN_CATEGORIES)}")
         if c not in present:
             raise EvalError(f"category {c!r} has no eval items in {data_dir}; it has: {', '.join(present) or 'none'}")
     manifest_data = check_manifest(data_dir, wanted)
@@ -218,6 +240,9 @@ def load_eval_set(manifest: str | Path, categories: list[str] | None = None,
         recs = [r for r in records if r.category == category]
         if limit_per_category is not None:
             recs = recs[:limit_per_category]
+        if category in MULTI_TURN_CATEGORIES:
+            items += multi_turn_items(category, recs)
+            continue
         docs = bfcl_functions(category, {r.id for r in recs})
         for r in recs:
             if r.id not in docs:

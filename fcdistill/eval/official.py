@@ -27,6 +27,7 @@ from fcdistill.eval.dataset import EvalError, EvalItem, load_eval_set
 
 REGISTRY = {"fc": "fcdistill-endpoint-FC", "prompt": "fcdistill-endpoint-prompt"}  # no "_": bfcl maps it to "/"
 _ENV_MODEL, _ENV_MAX_TOKENS, _ENV_TOOL_CHOICE = "FCD_BFCL_MODEL", "FCD_BFCL_MAX_TOKENS", "FCD_BFCL_TOOL_CHOICE"
+_ENV_MAX_STEPS = "FCD_BFCL_MAX_STEPS"  # multi-turn: bfcl's per-turn step limit, when a check sets another
 
 
 # -- inside the subprocess ------------------------------------------------------------------------
@@ -74,6 +75,9 @@ def main(argv: list[str]) -> None:
     register_model(mode, os.environ.get(_ENV_MODEL, "model"), names_as_sent == "1")
     from fcdistill.bfcl_env import bfcl_import
 
+    if os.environ.get(_ENV_MAX_STEPS):  # the inference loop reads this module global at each step
+        bfcl_import("bfcl_eval.model_handler.base_handler").MAXIMUM_STEP_LIMIT = int(os.environ[_ENV_MAX_STEPS])
+
     cli = bfcl_import("bfcl_eval.__main__", "cli", project_root=os.environ["BFCL_PROJECT_ROOT"])
     sys.argv = ["bfcl", *bfcl_args]
     cli()
@@ -116,8 +120,27 @@ def official_scores(root: Path, key: str, category: str) -> dict[str, Any]:
             "wrong_ids": sorted(r["id"] for r in wrong)}
 
 
+def _step_from_bfcl(step: Any) -> dict[str, Any]:
+    if isinstance(step, list) and all(isinstance(d, dict) for d in step):
+        return {"content": None, "tool_calls": [{"name": k, "arguments": v if isinstance(v, str) else json.dumps(v)}
+                                                for d in step for k, v in d.items()]}
+    return {"content": None if step is None else str(step), "tool_calls": []}
+
+
+def _step_to_bfcl(step: dict[str, Any]) -> Any:
+    calls = step.get("tool_calls") or []
+    if calls:
+        return [{c["name"]: c.get("arguments") or "{}"} for c in calls]
+    return step.get("content") or ""
+
+
 def output_from_bfcl_result(result: Any, mode: str, item: EvalItem) -> dict[str, Any]:
     """bfcl's raw `result` as one of our output rows; bfcl's `.`->`_` renaming is mapped back."""
+    if item.entry is not None:  # multi-turn: a list of turns, each a list of steps
+        if not isinstance(result, list):
+            return {"id": item.id, "category": item.category, "mode": mode, "error": str(result)}
+        return {"id": item.id, "category": item.category, "mode": mode,
+                "turns": [[_step_from_bfcl(s) for s in turn] for turn in result]}
     if mode == "prompt":
         return {"id": item.id, "category": item.category, "mode": mode, "content": result if isinstance(result, str) else str(result)}
     if isinstance(result, list) and all(isinstance(d, dict) for d in result):
@@ -132,6 +155,8 @@ def bfcl_result_from_output(output: dict[str, Any]) -> Any:
     """One of our output rows as bfcl's handler would have written its `result` (names as BFCL has them)."""
     if output.get("error"):
         return f"Error during inference: {output['error']}"
+    if "turns" in output:
+        return [[_step_to_bfcl(s) for s in turn] for turn in output["turns"]]
     if output.get("mode") == "prompt":
         return output.get("content") or ""
     back = output.get("name_map") or {}
@@ -161,7 +186,7 @@ def _compare(category: str, items: list[EvalItem], outputs: dict[str, dict[str, 
 def official_check(endpoint: str, model: str, data_dir: str | Path, category: str, out_dir: str | Path,
                    mode: str = "fc", limit: int | None = None, max_tokens: int = 256, api_key: str | None = None,
                    tool_choice: str | None = None, temperature: float = 0.0, num_threads: int = 2,
-                   timeout_s: float = 1800.0) -> dict[str, Any]:
+                   timeout_s: float = 1800.0, max_steps: int | None = None) -> dict[str, Any]:
     """bfcl generate + evaluate against the endpoint for one category's eval ids; our score of the same outputs."""
     from fcdistill.eval.runner import check_endpoint, normalize_endpoint
 
@@ -179,6 +204,8 @@ def official_check(endpoint: str, model: str, data_dir: str | Path, category: st
         env["OPENAI_API_KEY"] = api_key
     if tool_choice:
         env[_ENV_TOOL_CHOICE] = tool_choice
+    if max_steps is not None:
+        env[_ENV_MAX_STEPS] = str(max_steps)
     t0 = time.time()
     _bfcl(root, mode, False, ["generate", "--model", key, "--run-ids", "--num-threads", str(num_threads),
                               "--temperature", str(temperature)], env, timeout_s)

@@ -54,6 +54,7 @@ class EvalOptions:
     max_attempts: int = 4
     progress: bool = True
     label: str | None = None
+    max_steps: int = 20  # multi-turn: steps a turn may take before the conversation is cut (bfcl's limit)
 
     def check(self) -> None:
         if self.mode not in ("fc", "prompt"):
@@ -64,7 +65,8 @@ class EvalOptions:
             raise EvalError(f"--tool-choice must be auto, required or none, got {self.tool_choice!r}")
         if self.tool_choice and self.mode == "prompt":
             raise EvalError("--tool-choice applies to fc mode only (prompt mode sends no tools)")
-        for name, value in (("--concurrency", self.concurrency), ("--max-tokens", self.max_tokens)):
+        for name, value in (("--concurrency", self.concurrency), ("--max-tokens", self.max_tokens),
+                            ("--max-steps", self.max_steps)):
             if value < 1:
                 raise EvalError(f"{name} must be at least 1, got {value}")
         if self.limit_per_category is not None and self.limit_per_category < 1:
@@ -100,17 +102,20 @@ def read_outputs(path: Path) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in repair_jsonl(path)}
 
 
-def _identity(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _identity(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any], multi_turn: bool) -> dict[str, Any]:
     """What decides the answers: a rerun into the same dir must match it, or it would mix two runs."""
-    return {"model": opts.model, "mode": opts.mode, "max_tokens": opts.max_tokens, "temperature": opts.temperature,
-            "tool_choice": opts.tool_choice, "bfcl_eval_version": manifest.get("bfcl_eval_version"),
-            "data_seed": manifest.get("seed"), "data_dir": str(data_dir.resolve())}
+    ident = {"model": opts.model, "mode": opts.mode, "max_tokens": opts.max_tokens, "temperature": opts.temperature,
+             "tool_choice": opts.tool_choice, "bfcl_eval_version": manifest.get("bfcl_eval_version"),
+             "data_seed": manifest.get("seed"), "data_dir": str(data_dir.resolve())}
+    if multi_turn:
+        ident["max_steps"] = opts.max_steps
+    return ident
 
 
-def _prepare_run_dir(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _prepare_run_dir(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any], multi_turn: bool) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / RUN_INFO
-    ident = _identity(opts, data_dir, manifest)
+    ident = _identity(opts, data_dir, manifest, multi_turn)
     info: dict[str, Any] = {}
     if path.is_file() and read_outputs(opts.out / OUTPUTS):  # a dir without answers can be reused freely
         info = json.loads(path.read_text())
@@ -180,6 +185,12 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
         if prog.stopped:
             return None
         t0 = time.perf_counter()
+        if item.entry is not None:
+            from fcdistill.eval.multi_turn import converse
+
+            body = await converse(client, item.entry, item.category, opts.max_steps, opts.tool_choice)
+            return {"id": item.id, "category": item.category, "mode": opts.mode, **body,
+                    "latency_s": round(time.perf_counter() - t0, 3)}
         name_map: dict[str, str] = {}
         if opts.mode == "prompt":
             reply = await client.chat(prompt_messages(item))
@@ -274,6 +285,9 @@ def execute(opts: EvalOptions) -> dict[str, Any]:
     opts.check()
     opts.endpoint = normalize_endpoint(opts.endpoint)
     data_dir, manifest, items = load_eval_set(opts.manifest, opts.categories, opts.limit_per_category)
+    multi_turn = any(it.entry is not None for it in items)
+    if multi_turn and opts.mode != "fc":
+        raise EvalError("multi-turn categories run in fc mode only (tools and tool results over the API)")
     outputs_path = opts.out / OUTPUTS
     outputs = read_outputs(outputs_path)
     todo = [it for it in items if it.id not in outputs]
@@ -283,7 +297,7 @@ def execute(opts: EvalOptions) -> dict[str, Any]:
         served = check_endpoint(opts.endpoint, opts.api_key)
         if served and opts.model not in served:
             print(f"warning: {opts.endpoint} lists {', '.join(served[:8])}, not {opts.model!r}", file=sys.stderr)
-    info = _prepare_run_dir(opts, data_dir, manifest)
+    info = _prepare_run_dir(opts, data_dir, manifest, multi_turn)
     if todo:
         prog = asyncio.run(_ask_all(opts, todo, info, outputs_path))
         outputs = read_outputs(outputs_path)

@@ -5,6 +5,7 @@ Rules, as BFCL's evaluator applies them to single-turn categories:
   function docs and possible answer; a text answer (no call) or a malformed call is wrong.
 - irrelevance / live_irrelevance: correct when no call is made (text, or a call that does not decode).
 - live_relevance: correct when at least one call decodes.
+- multi-turn: a whole conversation, judged by bfcl's multi-turn checker (eval/multi_turn.py).
 
 Decoding never raises: malformed output becomes an error type and a reason on the item.
 """
@@ -12,21 +13,11 @@ Decoding never raises: malformed output becomes an error type and a reason on th
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fcdistill.eval.dataset import CHECKER_MODEL, EvalItem, category_kind
-from fcdistill.tools import ToolCall
-
-
-@dataclass
-class Decoded:
-    """Calls read from one answer, or why none could be read."""
-
-    calls: list[ToolCall] = field(default_factory=list)
-    text: str | None = None
-    malformed: str | None = None  # the answer tried to call but could not be decoded
+from fcdistill.eval.decode import decode
 
 
 @dataclass
@@ -38,56 +29,11 @@ class ItemScore:
     valid: bool
     error_type: str | None = None
     error: str | None = None
-    decoded: list[dict[str, Any]] | None = None  # BFCL's shape; None when nothing decoded
+    decoded: list[Any] | None = None  # BFCL's shape (multi-turn: call texts a turn, a step); None: nothing decoded
     raw: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def decode_fc(output: dict[str, Any]) -> Decoded:
-    """Calls from an OpenAI tool_calls reply; names the endpoint needed changed are mapped back."""
-    back = output.get("name_map") or {}
-    text = output.get("content")
-    tool_calls = output.get("tool_calls") or []
-    if not isinstance(tool_calls, list):
-        return Decoded(text=text, malformed="tool_calls is not a list")
-    calls: list[ToolCall] = []
-    for i, tc in enumerate(tool_calls):
-        name = tc.get("name") if isinstance(tc, dict) else None
-        if not isinstance(name, str) or not name:
-            return Decoded(text=text, malformed=f"call {i} has no function name")
-        name = back.get(name, name)
-        raw = tc.get("arguments")
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError as exc:
-            return Decoded(text=text, malformed=f"call {i} ({name}): arguments are not JSON ({exc.msg} at char {exc.pos})")
-        if not isinstance(args, dict):
-            return Decoded(text=text, malformed=f"call {i} ({name}): arguments are not a JSON object")
-        calls.append(ToolCall(name=name, arguments=args))
-    return Decoded(calls=calls, text=text)
-
-
-def decode_prompt(text: str | None, language: str) -> Decoded:
-    """Prompt mode: the reply text read by bfcl_eval's own python-syntax decoder."""
-    from fcdistill.chat_format import parse_python_calls
-
-    text = text or ""
-    try:
-        parsed = parse_python_calls(text, language)
-    except Exception as exc:  # e.g. a decoded call whose arguments are not a mapping
-        return Decoded(text=text, malformed=f"decoded calls have an unexpected shape: {type(exc).__name__}"[:300])
-    if parsed.error:
-        # Plain prose is what a no-call answer looks like in prompt mode: no call, not a malformed one.
-        return Decoded(text=text, malformed=parsed.error if text.lstrip().startswith("[") else None)
-    return Decoded(calls=list(parsed.tool_calls), text=None)
-
-
-def decode(output: dict[str, Any], language: str) -> Decoded:
-    if output.get("mode") == "prompt":
-        return decode_prompt(output.get("content"), language)
-    return decode_fc(output)
 
 
 def _snippet(text: str | None, n: int = 80) -> str:
@@ -113,6 +59,11 @@ class Scorer:
             if kind == "irrelevance":
                 return ItemScore(**base, valid=True, decoded=[])
             return ItemScore(**base, valid=False, error_type="endpoint_error", error=str(output["error"])[:300])
+        if kind == "multi_turn":
+            from fcdistill.eval.multi_turn import check_conversation
+
+            valid, error_type, error, turns = check_conversation(item.entry or {}, item.turn_answers or [], output)
+            return ItemScore(**base, valid=valid, error_type=error_type, error=error, decoded=turns)
         dec = decode(output, item.language)
         decoded = [c.to_bfcl() for c in dec.calls] if dec.calls or dec.malformed is None else None
         base["decoded"] = decoded

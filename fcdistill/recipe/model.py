@@ -66,11 +66,11 @@ class BfclSpec(_Strict):
     @field_validator("categories", "eval_only")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from fcdistill.data.bfcl import SINGLE_TURN_CATEGORIES
+        from fcdistill.data.bfcl import KNOWN_CATEGORIES
 
-        bad = [c for c in v if c not in SINGLE_TURN_CATEGORIES]
+        bad = [c for c in v if c not in KNOWN_CATEGORIES]
         if bad:
-            raise ValueError(f"unknown BFCL categories {', '.join(bad)}; known: {', '.join(SINGLE_TURN_CATEGORIES)}")
+            raise ValueError(f"unknown BFCL categories {', '.join(bad)}; known: {', '.join(KNOWN_CATEGORIES)}")
         return v
 
 
