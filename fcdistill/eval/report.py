@@ -3,7 +3,8 @@
 Small eval sets make small differences meaningless, so every accuracy carries its counts and a
 Wilson 95% interval, and a comparison counts, item by item, what one run got right that the first
 did not (and the reverse) with an exact McNemar p-value: that is what says whether tuned beats base.
-Overall accuracy is the unweighted mean of the category accuracies, as BFCL averages its categories.
+Overall accuracy is the unweighted mean of the category accuracies; a run over BFCL categories also
+gets BFCL's group and overall scores, aggregated as its leaderboard does (eval/leaderboard.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fcdistill.data.bfcl import KNOWN_CATEGORIES
 from fcdistill.eval.dataset import EvalError
 
 SUMMARY = "summary.json"
@@ -61,7 +63,12 @@ def summarize(scores: list[Any], items: list[Any], run: dict[str, Any]) -> dict[
                "answered": answered, "correct": sum(c["correct"] for c in cats.values()),
                "total": sum(c["total"] for c in cats.values()),
                "micro_accuracy": sum(c["correct"] for c in cats.values()) / answered if answered else None}
-    return {"run": run, "categories": cats, "overall": overall, "complete": answered == overall["total"]}
+    summary = {"run": run, "categories": cats, "overall": overall, "complete": answered == overall["total"]}
+    if any(c in KNOWN_CATEGORIES for c in cats):
+        from fcdistill.eval.leaderboard import bfcl_scores
+
+        summary["bfcl"] = bfcl_scores(cats)
+    return summary
 
 
 def _pct(x: float | None) -> str:
@@ -85,6 +92,10 @@ def markdown_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {shown} | {_pct(c['accuracy'])} | {ci} | {c['cut']} / {closed} | {err} |")
     lines.append(f"| **overall** (mean of {overall['categories']} categories) | {overall['correct']} / "
                  f"{overall['answered']} | **{_pct(overall['accuracy'])}** | | | |")
+    if summary.get("bfcl"):
+        from fcdistill.eval.leaderboard import markdown
+
+        lines += markdown(summary["bfcl"])
     if not summary["complete"]:
         lines += ["", f"Incomplete: {overall['total'] - overall['answered']} items have no answer yet; "
                       "rerun the same command to resume."]
