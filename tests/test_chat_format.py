@@ -69,6 +69,53 @@ def test_targets_round_trip(content, call_list):
         assert ", " not in completion.split(FC, 1)[1] or any(", " in json.dumps(c.arguments, ensure_ascii=False, separators=(",", ":")) for c in call_list)
 
 
+def _openai(turns: list) -> list[list[dict]]:
+    """Generated turns (user text, steps of (calls, results), closing text) as a record's conversation."""
+    out = []
+    for t, (question, steps, closing) in enumerate(turns):
+        messages = [{"role": "user", "content": question}]
+        for k, (step_calls, results) in enumerate(steps):
+            ids = [f"call_{t}_{k}_{i}" for i in range(len(step_calls))]
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": i, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                for i, c in zip(ids, step_calls)]})
+            messages += [{"role": "tool", "tool_call_id": i, "content": r} for i, r in zip(ids, results)]
+        messages.append({"role": "assistant", "content": closing})
+        out.append(messages)
+    return out
+
+
+steps = st.lists(st.lists(calls, min_size=1, max_size=2).flatmap(
+    lambda cs: st.tuples(st.just(cs), st.lists(st.text(max_size=30), min_size=len(cs), max_size=len(cs)))), max_size=3)
+multi_turn = st.lists(st.tuples(text, steps, text), min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(multi_turn, tools)
+def test_multi_turn_records_train_every_assistant_message_on_what_serving_renders(smollm2_tokenizer, turns, tool_list):
+    """A multi-turn conversation becomes one pair per assistant message: the prompt is the conversation
+    so far as serving renders it, the completion parses back to that message, and the text learned is
+    exactly what the next prompt shows as history."""
+    from fcdistill.data.bfcl import Record
+    from fcdistill.data.export import trl_records
+
+    chat = ChatFormat(smollm2_tokenizer, fc_token=FC)
+    conversation = _openai(turns)
+    rec = Record(id="multi_turn_base_0", category="multi_turn_base", split="train", messages=conversation[0][:1],
+                 tools=tool_list, turns=[turn[:1] for turn in conversation], conversation=conversation)
+    rows = trl_records(chat, rec)
+    flat = [m for turn in conversation for m in turn]
+    at = [i for i, m in enumerate(flat) if m["role"] == "assistant"]
+    assert [r["id"] for r in rows] == [f"multi_turn_base_0#{k}" for k in range(len(at))]
+    for row, i in zip(rows, at):
+        assert row["prompt"] == chat.render_prompt(flat[:i], tool_list)
+        parsed = chat.parse(row["completion"])
+        want = as_messages([flat[i]])[0]
+        assert parsed.error is None and parsed.content == want.content and tuple(parsed.tool_calls) == want.tool_calls
+    for a, b in zip(rows, rows[1:]):
+        assert b["prompt"].startswith(a["prompt"] + a["completion"])
+
+
 @settings(max_examples=500)
 @given(st.text(max_size=80))
 def test_any_text_after_fc_parses_or_gives_a_reason(tail):

@@ -15,7 +15,8 @@ import pytest
 from fcdistill.bfcl_env import multi_turn_entries, multi_turn_ground_truth
 from fcdistill.data.bfcl import MULTI_TURN_CATEGORIES, SplitOptions, prepare_bfcl, read_records
 from fcdistill.eval.dataset import load_eval_set
-from fcdistill.eval.multi_turn import Backends, check_conversation, is_long_context, parse_call_text
+from fcdistill.bfcl_backends import Backends, is_long_context, parse_call_text
+from fcdistill.eval.multi_turn import check_conversation
 
 
 def _replay(category: str, entry: dict, turns_gt: list[list[str]], drop_last: bool = False) -> dict:
@@ -94,7 +95,40 @@ def test_split_keeps_ids_apart_and_the_eval_set_carries_bfcl_entries(tmp_path):
     assert sum(c["dropped_eval_overlap"] for c in result.counts.values()) > 0
     eval_texts = {r.user_text for r in evals}
     assert not any(r.user_text in eval_texts for r in train)
-    assert all(r.turns and r.messages == r.turns[0] and r.ground_truth is None and r.label_source is None for r in train)
+    assert all(r.turns and r.messages == r.turns[0] and r.ground_truth is None and r.conversation for r in train)
+    assert {r.label_source for r in train} == {"ground_truth", "teacher"}  # a mix-in share, as single-turn
     _, _, items = load_eval_set(tmp_path / "a", ["multi_turn_miss_func"])
     assert len(items) == 20 and all(it.entry and it.turn_answers for it in items)
     assert any(it.entry.get("missed_function") for it in items)
+
+
+def test_ground_truth_becomes_a_conversation_with_backend_results_and_trains_per_assistant_message(smollm2_tokenizer):
+    from fcdistill.chat_format import ChatFormat
+    from fcdistill.data.bfcl import TURN_CANNOT, TURN_DONE, load_category
+    from fcdistill.data.export import to_openai, trl_records
+
+    records = {r.id: r for r in load_category("multi_turn_miss_func")[0]}
+    rec = records["multi_turn_miss_func_0"]
+    answer = multi_turn_ground_truth("multi_turn_miss_func")[rec.id]
+    assert len(rec.conversation) == len(answer) == len(rec.turns)
+    for turn, calls in zip(rec.conversation, answer):
+        made = [m for m in turn if m["role"] == "assistant" and m.get("tool_calls")]
+        assert len(made) == len(calls)  # one call a step, each answered by the backend
+        assert [m["role"] for m in turn].count("tool") == len(calls)
+        assert turn[-1] == {"role": "assistant", "content": TURN_DONE if calls else TURN_CANNOT}
+    # `sort('final_report.pdf')`: a positional argument named from the backend method
+    assert {"name": "sort", "arguments": json.dumps({"file_name": "final_report.pdf"})} in [
+        m["tool_calls"][0]["function"] for turn in rec.conversation for m in turn if m.get("tool_calls")]
+    results = [m["content"] for turn in rec.conversation for m in turn if m["role"] == "tool"]
+    assert not any(r.startswith("Error during execution") for r in results)
+    # the held-back function joins the tools at its turn, as `bfcl generate` adds it
+    (turn_index, added), = rec.added_tools.items()
+    chat = ChatFormat(smollm2_tokenizer)
+    rows = trl_records(chat, rec)
+    assert len(rows) == sum(m["role"] == "assistant" for turn in rec.conversation for m in turn)
+    before = sum(m["role"] == "assistant" for turn in rec.conversation[:int(turn_index)] for m in turn)
+    name = f'"name":"{added[0].name}"'
+    assert name not in rows[before - 1]["prompt"] and name in rows[before]["prompt"]
+    assert {t["function"]["name"] for t in to_openai(rec, True)["tools"]} >= {t.name for t in added}
+    # BFCL's own ground truth that breaks its schema is reported, and such records are not trained on
+    assert any("ticket_id" in e for r in records.values() for e in r.label_errors)

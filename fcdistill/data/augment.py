@@ -191,7 +191,8 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
         stats["original"].kept += 1
         stats["original"].categories[rec.category] += 1
         kept.append(rec)
-    sources = [r for r in kept if r.has_target and not r.label_errors and len(r.messages) == 1]
+    # single-turn questions only: a multi-turn conversation is kept as it is, never transformed
+    sources = [r for r in kept if r.has_target and not r.label_errors and len(r.messages) == 1 and r.turns is None]
     pools = Pools.build(sources)
     stats.update({t: TransformStats() for t in opts.transforms})
     augmented: list[Record] = []

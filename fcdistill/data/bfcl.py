@@ -30,6 +30,9 @@ MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_
 KNOWN_CATEGORIES = (*SINGLE_TURN_CATEGORIES, *MULTI_TURN_CATEGORIES)
 RELEVANCE_CATEGORIES = ("live_relevance",)  # correct answer: any call; no ground truth
 IRRELEVANT_ANSWER = "None of the available functions can be used to answer this request."
+# Multi-turn targets: BFCL's ground truth holds each turn's calls, not the words that close the turn.
+TURN_DONE = "Done."
+TURN_CANNOT = "I can't do that with the functions and details I have; tell me what is missing."
 
 
 class DataError(ValueError):
@@ -89,6 +92,11 @@ class Record(BaseModel):
     transforms: list[str] | None = None
     # BFCL multi-turn: every turn's user messages (`messages` holds the first); None on single-turn records
     turns: list[list[dict[str, Any]]] | None = None
+    # ... and the target: each turn as OpenAI messages (its user messages, then one assistant call a step
+    # with the tool result bfcl's backends return, then a closing text), replayed from the ground truth;
+    # the tools a turn adds (miss_func's held-back functions), by turn index
+    conversation: list[list[dict[str, Any]]] | None = None
+    added_tools: dict[str, list[ToolSpec]] | None = None
 
     @property
     def user_text(self) -> str:
@@ -97,7 +105,7 @@ class Record(BaseModel):
 
     @property
     def has_target(self) -> bool:
-        return self.ground_truth is not None or self.target_content is not None
+        return self.ground_truth is not None or self.target_content is not None or self.conversation is not None
 
 
 def canonical_value(value: Any) -> Any:
@@ -158,14 +166,58 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _multi_turn_target(entry: dict[str, Any], answer: list[list[str]], category: str,
+                       tools: list[ToolSpec]) -> tuple[list[list[dict[str, Any]]], list[str]]:
+    """The ground truth replayed against bfcl's backends as the conversation a model should have had,
+    and the calls that fail their schema (label errors)."""
+    from fcdistill.bfcl_backends import Backends, is_long_context
+    from fcdistill.bfcl_env import bfcl_import
+
+    prompts = bfcl_import("bfcl_eval.constants.default_prompts")
+    backends = Backends(entry["involved_classes"], entry.get("initial_config") or {}, is_long_context(category))
+    held_back = entry.get("missed_function") or {}
+    tools = list(tools)
+    turns, errors = [], []
+    for t, user_messages in enumerate(entry["question"]):
+        if str(t) in held_back:
+            tools += normalize_tools(held_back[str(t)])
+            user_messages = [{"role": "user", "content": prompts.DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC}]
+        messages = [dict(m) for m in user_messages]
+        calls = answer[t] if t < len(answer) else []
+        for k, text in enumerate(calls):
+            try:
+                name, arguments = backends.named_call(text)
+            except ValueError as exc:
+                errors.append(str(exc))
+                continue
+            call = ToolCall(name=name, arguments=arguments)
+            errors += call_errors(call, tools)
+            call_id = f"call_{t}_{k}"
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]})
+            messages.append({"role": "tool", "tool_call_id": call_id, "name": name,
+                             "content": backends.call(name, kwargs=arguments)})
+        messages.append({"role": "assistant", "content": TURN_DONE if calls else TURN_CANNOT})
+        turns.append(messages)
+    return turns, errors
+
+
 def _multi_turn_records(category: str) -> list[Record]:
     """Multi-turn entries as records: the tools shown at the start (bfcl's loader, language hint
-    included) and every turn's user messages. No target yet: the export does not train on them."""
-    from fcdistill.bfcl_env import multi_turn_entries
+    included), every turn's user messages, and the ground truth replayed as the target conversation."""
+    from fcdistill.bfcl_env import multi_turn_entries, multi_turn_ground_truth
 
-    return [Record(id=e["id"], category=category, split="", messages=e["question"][0] if e["question"] else [],
-                   tools=normalize_tools(e["function"]), turns=e["question"])
-            for e in multi_turn_entries(category).values()]
+    answers = multi_turn_ground_truth(category)
+    records = []
+    for e in multi_turn_entries(category).values():
+        tools = normalize_tools(e["function"])
+        conversation, errors = _multi_turn_target(e, answers[e["id"]], category, tools)
+        added = {t: normalize_tools(docs) for t, docs in (e.get("missed_function") or {}).items()}
+        records.append(Record(id=e["id"], category=category, split="", messages=e["question"][0] if e["question"] else [],
+                              tools=tools, turns=e["question"], conversation=conversation, added_tools=added or None,
+                              label_errors=errors))
+    return records
 
 
 def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
@@ -266,7 +318,7 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         n_mix = round(len(cat_train) * opts.mix_in_fraction)
         for i, rec in enumerate(cat_train):
             rec.split = "train"
-            if rec.label_source is None and rec.ground_truth is not None:
+            if rec.label_source is None and rec.has_target:
                 rec.label_source = "ground_truth" if i < n_mix else "teacher"
             elif rec.label_source == "ground_truth" and i >= n_mix:
                 rec.label_source = "teacher"  # irrelevance outside the mix-in is teacher-labeled too

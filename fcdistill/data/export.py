@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from fcdistill.chat_format import ChatFormat, render_python_calls
+from fcdistill.chat_format import ChatFormat, as_messages, render_python_calls
 from fcdistill.data.bfcl import DataError, Record, read_records
 
 EXPORT_FORMATS = ("trl", "openai", "bedrock-prompt", "bedrock-toolconfig")
@@ -26,6 +26,12 @@ def _target_message(rec: Record) -> dict[str, Any] | None:
     if rec.target_content is not None:
         return {"role": "assistant", "content": rec.target_content}
     return None
+
+
+def _single_turn_only(rec: Record, fmt: str) -> None:
+    if rec.conversation is not None:
+        raise DataError(f"{rec.id}: the {fmt} export holds one question and one answer; multi-turn records "
+                        "go to trl or openai (leave multi_turn_* out of this export's data)")
 
 
 def _bfcl_prompt_messages(rec: Record) -> list[dict[str, Any]]:
@@ -44,7 +50,15 @@ def _bedrock_system(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"text": m["content"]} for m in messages if m["role"] == "system"]
 
 
+def _all_tools(rec: Record) -> list[Any]:
+    """The record's tools, with those a multi-turn conversation adds later (an API takes one list)."""
+    return [*rec.tools, *(t for added in (rec.added_tools or {}).values() for t in added)]
+
+
 def to_openai(rec: Record, with_target: bool) -> dict[str, Any]:
+    if rec.conversation is not None:
+        messages = [dict(m) for turn in (rec.conversation if with_target else rec.turns or []) for m in turn]
+        return {"id": rec.id, "messages": messages, "tools": [t.to_openai() for t in _all_tools(rec)]}
     messages = [dict(m) for m in rec.messages]
     target = _target_message(rec) if with_target else None
     if target:
@@ -54,6 +68,7 @@ def to_openai(rec: Record, with_target: bool) -> dict[str, Any]:
 
 def to_bedrock_prompt(rec: Record, with_target: bool) -> dict[str, Any]:
     """Tools in the system prompt (BFCL's python-syntax prompt); the target is a python call list."""
+    _single_turn_only(rec, "bedrock-prompt")
     messages = _bfcl_prompt_messages(rec)
     conv: dict[str, Any] = {"schemaVersion": BEDROCK_SCHEMA, "system": _bedrock_system(messages),
                             "messages": [{"role": m["role"], "content": [{"text": m["content"]}]}
@@ -67,6 +82,7 @@ def to_bedrock_prompt(rec: Record, with_target: bool) -> dict[str, Any]:
 
 def to_bedrock_toolconfig(rec: Record, with_target: bool) -> dict[str, Any]:
     """Tools in `toolConfig` (Bedrock toolSpec); the target is Converse `toolUse` blocks."""
+    _single_turn_only(rec, "bedrock-toolconfig")
     conv: dict[str, Any] = {"schemaVersion": BEDROCK_SCHEMA, "system": _bedrock_system(rec.messages),
                             "messages": _bedrock_messages(rec),
                             "toolConfig": {"tools": [t.to_bedrock() for t in rec.tools]}}
@@ -86,6 +102,26 @@ def trl_record(fmt: ChatFormat, rec: Record) -> dict[str, str]:
     prompt = fmt.render_prompt(rec.messages, rec.tools)
     completion = fmt.render_target(rec.target_content, rec.ground_truth or ())
     return {"id": rec.id, "prompt": prompt, "completion": completion}
+
+
+def trl_records(fmt: ChatFormat, rec: Record) -> list[dict[str, str]]:
+    """A record's prompt-completion pairs: one, or for a multi-turn conversation one per assistant
+    message (`ID#k`), each prompted with the conversation before it and the tools offered by then.
+    Loss falls on assistant messages only; tool results and user turns are only ever prompt."""
+    if rec.conversation is None:
+        return [trl_record(fmt, rec)]
+    rows: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
+    tools = list(rec.tools)
+    for t, turn in enumerate(rec.conversation):
+        tools += (rec.added_tools or {}).get(str(t), [])
+        for m in turn:
+            if m["role"] == "assistant":
+                target = as_messages([m])[0]
+                rows.append({"id": f"{rec.id}#{len(rows)}", "prompt": fmt.render_prompt(history, tools),
+                             "completion": fmt.render_target(target.content, target.tool_calls)})
+            history.append(m)
+    return rows
 
 
 def select_records(records: list[Record], split: str, labels: str,
@@ -184,14 +220,14 @@ def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, mode
         path.unlink(missing_ok=True)  # an older export here would be read as this one's
         raise DataError(_empty_export_message(Path(data_dir), split, labels, skipped, skipped_file))
     with_target = split == "train"
-    writer: Callable[[Record], dict[str, Any]]
+    writer: Callable[[Record], dict[str, Any] | list[dict[str, str]]]
     if fmt == "trl":
         from fcdistill.models import ensure_fc_token, load_tokenizer
 
         tokenizer = load_tokenizer(model)
         ensure_fc_token(tokenizer, fc_token)
         chat = ChatFormat(tokenizer, fc_token=fc_token)
-        writer = lambda r: trl_record(chat, r)  # noqa: E731
+        writer = lambda r: trl_records(chat, r)  # noqa: E731
     elif fmt == "openai":
         writer = lambda r: to_openai(r, with_target)  # noqa: E731
     elif fmt == "bedrock-prompt":
@@ -205,5 +241,7 @@ def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, mode
                                              indent=2, ensure_ascii=False) + "\n")
     with path.open("w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(writer(rec), ensure_ascii=False, sort_keys=True) + "\n")
+            rows = writer(rec)
+            for row in rows if isinstance(rows, list) else [rows]:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
     return path, len(records), len(skipped)

@@ -220,7 +220,7 @@ def training_rows(ctx: Context) -> list[dict[str, Any]]:
     """Prompt-completion pairs from every training input, rendered by the wire format's one module."""
     from fcdistill.chat_format import ChatFormat
     from fcdistill.data.bfcl import Record, read_records
-    from fcdistill.data.export import select_records, trl_record
+    from fcdistill.data.export import select_records, trl_records
     from fcdistill.models import ensure_fc_token, load_tokenizer
 
     r = ctx.recipe
@@ -235,7 +235,7 @@ def training_rows(ctx: Context) -> list[dict[str, Any]]:
             path = ctx.dir(source) / ("train.jsonl" if source == "synth" else "verified.jsonl")
             records += [Record.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()
                         if line.strip()]
-    rows = [trl_record(chat, rec) for rec in records]
+    rows = [row for rec in records for row in trl_records(chat, rec)]
     if r.train.sample is not None:
         rows = sample_rows(rows, r.train.sample.examples, r.seed, r.train.sample.categories)
     return rows

@@ -246,10 +246,12 @@ def run_label(cfg: TeacherConfig, opts: LabelOptions, templates: Templates) -> L
     leaked = [r.id for r in records if r.id in eval_ids]
     if leaked:
         raise TeacherError(f"{len(leaked)} train records are eval ids in the manifest (e.g. {leaked[0]}); refusing")
-    teach = [r for r in records if r.label_source == "teacher"]
+    # a multi-turn conversation needs the teacher to drive it against bfcl's backends: not labeled here
+    # (it keeps awaiting labels, and the export skips it unless it trains on ground truth)
+    teach = [r for r in records if r.label_source == "teacher" and r.turns is None]
     if opts.limit:
         teach = teach[: opts.limit]
-    mixin = [r for r in records if r.label_source == "ground_truth"] if opts.mix_in else []
+    mixin = [r for r in records if r.label_source == "ground_truth" and r.turns is None] if opts.mix_in else []
     if opts.mix_in and not mixin:
         print(f"warning: {opts.data} has no mix-in items (ground-truth train items): the teacher's accuracy "
               "cannot be scored; split with a larger --mix-in or larger caps (fcd data bfcl)", file=sys.stderr)
