@@ -132,3 +132,26 @@ def test_ground_truth_becomes_a_conversation_with_backend_results_and_trains_per
     assert {t["function"]["name"] for t in to_openai(rec, True)["tools"]} >= {t.name for t in added}
     # BFCL's own ground truth that breaks its schema is reported, and such records are not trained on
     assert any("ticket_id" in e for r in records.values() for e in r.label_errors)
+
+
+def test_bfcl_evaluate_scores_our_conversations_as_we_do(tmp_path):
+    """Conversations in our output format, written as bfcl result files and judged by `bfcl evaluate`
+    (its own eval-based executor): the ground truth replayed passes, a replay missing calls fails, and
+    the verdicts agree with ours item by item."""
+    from fcdistill.eval.official import official_rescore
+    from fcdistill.eval.runner import OUTPUTS, RUN_INFO
+
+    data = tmp_path / "data"
+    prepare_bfcl(SplitOptions(categories=["multi_turn_base"], max_per_category={"multi_turn_base": 12}), data)
+    _, _, items = load_eval_set(data, ["multi_turn_base"])
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"id": it.id, "category": it.category, "mode": "fc",
+             **_replay(it.category, it.entry, it.turn_answers, drop_last=i % 2 == 1)} for i, it in enumerate(items)]
+    (run / OUTPUTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / RUN_INFO).write_text(json.dumps({"identity": {"mode": "fc", "data_dir": str(data), "model": "replay"}}))
+    report = official_rescore(run, tmp_path / "official")
+    (part,) = report["categories"]
+    assert report["all_agree"], json.dumps(part, indent=1)[:2000]
+    assert part["official"]["total"] == len(items) == 6
+    assert part["official"]["correct"] == 3 and part["ours"]["correct"] == 3
