@@ -116,7 +116,7 @@ def test_a_stopped_stage_resumes_in_place(tmp_path, fake_stages):
     assert rec["status"] == "stopped" and "KeyboardInterrupt" in rec["error"]
     assert _actions(tmp_path)["train"] == "resume"
     said = _run(tmp_path)
-    assert any("train: resume (stopped while stopped)" in line for line in said), said
+    assert any("train: resume (interrupted last time)" in line for line in said), said
     assert (tmp_path / "train" / "progress.txt").read_text() == "xx"  # kept, not cleared: the stage resumes
     rec = json.loads((tmp_path / "train" / "stage.json").read_text())
     assert rec["status"] == "done" and rec["attempts"] == 2

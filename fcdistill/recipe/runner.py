@@ -144,7 +144,8 @@ class Planner:
             if missing:
                 return Step(stage, "rerun", f"its output {missing[0].relative_to(self.out)} is missing", describe)
             return Step(stage, "skip", f"done {rec.get('finished', '')}".strip(), describe)
-        return Step(stage, "resume", f"stopped while {rec.get('status')}", describe)
+        why = {"running": "killed while running", "stopped": "interrupted", "failed": "failed"}
+        return Step(stage, "resume", f"{why.get(rec.get('status'), rec.get('status'))} last time", describe)
 
     def plan(self, start: str | None = None, until: str | None = None) -> list[Step]:
         """What a run would do, read from the manifests alone (a dry run); a stage after one that runs
