@@ -256,6 +256,8 @@ def test_multi_turn_conversation_runs_against_backends_and_matches_bfcl_step_by_
     item = _lines(out / ITEMS)[0]
     assert not item["valid"] and item["error_type"] == "multi_turn:force_terminated"
     assert json.loads((out / RUN_INFO).read_text())["identity"]["max_steps"] == 1
+    steps = [step for turn in row["turns"] for step in turn]  # cut: a conversation with a step at max_tokens
+    assert summary["categories"]["multi_turn_base"]["cut"] == int(any(s["finish_reason"] == "length" for s in steps))
 
     report = official_check(server, MODEL, data, "multi_turn_base", tmp_path / "official", max_tokens=64,
                             tool_choice="required", max_steps=1)

@@ -42,6 +42,11 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _answers(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The completions in one output row: the row itself, or every step of a multi-turn conversation."""
+    return [step for turn in row["turns"] for step in turn] if "turns" in row else [row]
+
+
 def summarize(scores: list[Any], items: list[Any], run: dict[str, Any]) -> dict[str, Any]:
     """Per-category counts and accuracy, overall as the unweighted mean over answered categories."""
     totals = Counter(it.category for it in items)
@@ -54,8 +59,8 @@ def summarize(scores: list[Any], items: list[Any], run: dict[str, Any]) -> dict[
             "total": totals[category], "answered": len(mine), "correct": correct,
             "accuracy": correct / len(mine) if mine else None, "ci95": list(ci) if ci else None,
             "error_types": dict(Counter(s.error_type for s in mine if not s.valid).most_common()),
-            "cut": sum(s.raw.get("finish_reason") == "length" for s in mine),  # hit max_tokens
-            "forced_close": dict(Counter(s.raw["forced_close"] for s in mine if s.raw.get("forced_close"))),
+            "cut": sum(any(a.get("finish_reason") == "length" for a in _answers(s.raw)) for s in mine),  # hit max_tokens
+            "forced_close": dict(Counter(a["forced_close"] for s in mine for a in _answers(s.raw) if a.get("forced_close"))),
         }
     accs = [c["accuracy"] for c in cats.values() if c["accuracy"] is not None]
     answered = sum(c["answered"] for c in cats.values())
