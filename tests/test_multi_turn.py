@@ -155,3 +155,23 @@ def test_bfcl_evaluate_scores_our_conversations_as_we_do(tmp_path):
     assert report["all_agree"], json.dumps(part, indent=1)[:2000]
     assert part["official"]["total"] == len(items) == 6
     assert part["official"]["correct"] == 3 and part["ours"]["correct"] == 3
+
+
+def test_exports_of_multi_turn_records(tmp_path):
+    """trl: one row per assistant message; openai: the whole conversation; bedrock: skipped with a reason."""
+    from fcdistill.data.bfcl import DataError
+    from fcdistill.data.export import export_split
+
+    data = tmp_path / "data"
+    prepare_bfcl(SplitOptions(categories=["multi_turn_base"], max_per_category={"multi_turn_base": 6}), data)
+    train = [r for r in read_records(data, "train") if not r.label_errors]
+    path, written, _ = export_split(data, "train", "trl", None, labels="ground-truth")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert written == len(train)
+    assert len(rows) == sum(m["role"] == "assistant" for r in train for turn in r.conversation for m in turn)
+    path, _, _ = export_split(data, "train", "openai", None, labels="ground-truth")
+    convs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [len(c["messages"]) for c in convs] == [sum(map(len, r.conversation)) for r in train]
+    with pytest.raises(DataError, match="nothing to export"):
+        export_split(data, "train", "bedrock-prompt", None, labels="ground-truth")
+    assert "multi-turn; the bedrock-prompt format" in (data / "export" / "train.bedrock-prompt.skipped.txt").read_text()

@@ -209,6 +209,10 @@ def export_split(data_dir: Path, split: str, fmt: str, out: Path | None, *, mode
     if fmt == "trl" and split == "eval":
         raise DataError("the trl format needs targets; export the train split")
     records, skipped = select_records(read_records(data_dir, split), split, labels, data_dir)
+    if fmt.startswith("bedrock"):  # one question, one answer: a multi-turn conversation does not fit
+        skipped += [f"{r.id}: multi-turn; the {fmt} format holds one question and one answer" for r in records
+                    if r.conversation is not None]
+        records = [r for r in records if r.conversation is None]
     path = out or Path(data_dir) / "export" / f"{split}.{fmt}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     skipped_file, names_file = side_file(path, "skipped.txt"), side_file(path, "tool_names.json")
