@@ -105,5 +105,17 @@ class Backends:
         return self.call(name, args, kwargs)
 
 
+def turn_start(entry: dict[str, Any], turn: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """What opens a turn as `bfcl generate` opens it: the function docs miss_func held back until this
+    turn (they join the tools), and the user messages (bfcl's own prompt on a turn that adds docs)."""
+    from fcdistill.bfcl_env import bfcl_import
+
+    added = (entry.get("missed_function") or {}).get(str(turn))
+    if not added:
+        return [], copy.deepcopy(entry["question"][turn])
+    prompts = bfcl_import("bfcl_eval.constants.default_prompts")
+    return copy.deepcopy(added), [{"role": "user", "content": prompts.DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC}]
+
+
 def is_long_context(category: str) -> bool:
     return "long_context" in category

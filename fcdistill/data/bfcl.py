@@ -170,19 +170,14 @@ def _multi_turn_target(entry: dict[str, Any], answer: list[list[str]], category:
                        tools: list[ToolSpec]) -> tuple[list[list[dict[str, Any]]], list[str]]:
     """The ground truth replayed against bfcl's backends as the conversation a model should have had,
     and the calls that fail their schema (label errors)."""
-    from fcdistill.bfcl_backends import Backends, is_long_context
-    from fcdistill.bfcl_env import bfcl_import
+    from fcdistill.bfcl_backends import Backends, is_long_context, turn_start
 
-    prompts = bfcl_import("bfcl_eval.constants.default_prompts")
     backends = Backends(entry["involved_classes"], entry.get("initial_config") or {}, is_long_context(category))
-    held_back = entry.get("missed_function") or {}
     tools = list(tools)
     turns, errors = [], []
-    for t, user_messages in enumerate(entry["question"]):
-        if str(t) in held_back:
-            tools += normalize_tools(held_back[str(t)])
-            user_messages = [{"role": "user", "content": prompts.DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC}]
-        messages = [dict(m) for m in user_messages]
+    for t in range(len(entry["question"])):
+        added, messages = turn_start(entry, t)
+        tools += normalize_tools(added)
         calls = answer[t] if t < len(answer) else []
         for k, text in enumerate(calls):
             try:

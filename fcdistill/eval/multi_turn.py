@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fcdistill.bfcl_backends import Backends, is_long_context
+from fcdistill.bfcl_backends import Backends, is_long_context, turn_start
 from fcdistill.tools import normalize_tools
 
 
@@ -37,24 +37,21 @@ async def converse(client: Any, entry: dict[str, Any], category: str, max_steps:
     """One conversation: every turn, every step. Returns an output row's body: `turns` (per turn, per
     step: content, tool_calls, finish_reason, and the results sent back), `force_quit`, `usage`; or
     `error` and `status` when the endpoint failed or refused a request (the turns so far kept)."""
-    from fcdistill.bfcl_env import bfcl_import
     from fcdistill.eval.decode import decode_fc
 
-    prompts = bfcl_import("bfcl_eval.constants.default_prompts")
     functions = copy.deepcopy(entry["function"])
-    held_back: dict[str, list[dict[str, Any]]] = entry.get("missed_function") or {}
     backends = Backends(entry["involved_classes"], entry.get("initial_config") or {}, is_long_context(category))
     tools = openai_tools(functions)
     messages: list[dict[str, Any]] = []
     turns: list[list[dict[str, Any]]] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     force_quit = False
-    for t, user_messages in enumerate(entry["question"]):
-        if str(t) in held_back:
-            functions += copy.deepcopy(held_back[str(t)])
+    for t in range(len(entry["question"])):
+        added, user_messages = turn_start(entry, t)
+        if added:
+            functions += added
             tools = openai_tools(functions)
-            user_messages = [{"role": "user", "content": prompts.DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC}]
-        messages += copy.deepcopy(user_messages)
+        messages += user_messages
         steps: list[dict[str, Any]] = []
         turns.append(steps)
         while True:
