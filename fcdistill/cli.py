@@ -93,6 +93,8 @@ def quickstart(
     engine: Annotated[Optional[str], typer.Option(help="Serving engine for the evaluation: hf (embedded) or vllm "
                                                        "(needs vLLM; on CPU scripts/setup_vllm.sh) [recipe: hf].",
                                                   show_default=False)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other recipe field, as `fcd run --set` "
+                                                      "takes it, e.g. --set eval.max_tokens=128.")] = None,
 ) -> None:
     """BFCL data -> LoRA-train SmolLM2-135M -> serve base + adapter -> evaluate both -> compare (CPU).
     The same as `fcd run recipes/quickstart-cpu.yaml` (--full: recipes/quality-cpu.yaml), flags as --set."""
@@ -108,6 +110,7 @@ def quickstart(
     recipe = RECIPES / ("quality-cpu.yaml" if full else "quickstart-cpu.yaml")
     # the recipe names its training config from the repository root; the alias works from anywhere
     sets.append(f"train.config={RECIPES.parent / yaml.safe_load(recipe.read_text())['train']['config']}")
+    sets += list(set_ or [])  # last: the user's own --set wins over the flags above
     try:
         run_recipe(load_recipe(recipe, sets), out, say=lambda m: typer.echo(m, err=True))
     except RecipeError as exc:

@@ -19,7 +19,8 @@ CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irr
 
 def _quickstart(out, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fcdistill", "quickstart", "--out", str(out), "--train-examples", "8",
-                           "--train-steps", "2", "--eval-per-category", "1", "--augment-multiplier", "0", *extra],
+                           "--train-steps", "2", "--eval-per-category", "1", "--augment-multiplier", "0",
+                           "--set", "eval.max_tokens=48", *extra],
                           capture_output=True, text=True, timeout=1200, cwd="/")  # the alias works from anywhere
 
 
@@ -46,6 +47,8 @@ def test_quickstart_on_a_tiny_slice_then_a_rerun_skips_it(tmp_path):
     assert "base" in first.stdout and "tuned" in first.stdout
     assert all(c in first.stdout for c in CATEGORIES), first.stdout
     assert {p.parent.name for p in out.glob("*/stage.json")} == {"data", "train", "eval", "report"}
+    assert all(json.loads((out / "eval" / label / "summary.json").read_text())["run"]["max_tokens"] == 48
+               for label in ("base", "tuned"))  # --set reached the recipe
 
     adapter_mtime = (out / "train" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     again = _quickstart(out)

@@ -82,7 +82,8 @@ def _recipe(d: Path, teacher_url: str, **changes) -> Path:
         "train": {"config": str(ROOT / "configs/train/smollm2-135m-cpu.yaml"),
                   "set": {"max_steps": 2, "grad_accum": 1, "data.eval_fraction": 0.0, "eval_steps": None,
                           "save_steps": 1, "tensorboard": False}},
-        "eval": {"categories": ["simple_python", "irrelevance"], "limit_per_category": 1, "concurrency": 2},
+        "eval": {"categories": ["simple_python", "irrelevance"], "limit_per_category": 1, "concurrency": 2,
+                 "max_tokens": 48},
         "report": {},
     }
     for dotted, value in changes.items():
