@@ -42,6 +42,38 @@ def test_canonical_calls_take_first_value_and_omit_optional():
         ToolCall(name="X.y", arguments={"flag": "true", "n": "3", "big": "1500L"})]
 
 
+def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_path):
+    """optional_args="given" keeps an optional parameter's listed value and omits only a bare `[""]`.
+    Judged by bfcl_eval's checker, the default targets fail where BFCL lists `""` for a parameter the
+    function requires (e.g. simple_python_17's `formatted`); the kept values fail less often."""
+    from fcdistill.eval.dataset import load_eval_set
+    from fcdistill.eval.score import Scorer
+
+    gt = [{"f": {"a": [5, 6], "b": ["", "x"], "u": ["km/h", ""], "c": [{"k": ["v", "w"], "opt": [""]}]}}]
+    assert canonical_calls(gt, keep_given=True) == [
+        ToolCall(name="f", arguments={"a": 5, "b": "x", "u": "km/h", "c": {"k": "v"}})]
+    cats = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple"]
+    args, failed = {}, {}
+    scorer = Scorer()
+    for mode in ("omit", "given"):
+        prepare_bfcl(SplitOptions(categories=cats, seed=3, optional_args=mode), tmp_path / mode)
+        _, _, items = load_eval_set(tmp_path / mode / "manifest.json", cats, None)
+        failed[mode] = set()
+        for it in items:
+            calls = it.record.ground_truth
+            output = {"id": it.id, "category": it.category, "mode": "fc", "content": None, "finish_reason": "tool_calls",
+                      "tool_calls": [{"name": c.name, "arguments": json.dumps(c.arguments)} for c in calls]}
+            if not scorer.score(it, output).valid:
+                failed[mode].add(it.id)
+            args[mode, it.id] = sum(len(c.arguments) for c in calls)
+    ids = {i for _, i in args}
+    assert all(args["given", i] >= args["omit", i] for i in ids)
+    assert sum(args["given", i] > args["omit", i] for i in ids) > 0.2 * len(ids)
+    assert len(failed["given"]) < len(failed["omit"]) and len(failed["given"]) <= 0.01 * len(ids), failed
+    manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert manifest["options"]["optional_args"] == "given"
+
+
 def test_same_seed_gives_byte_identical_outputs(prepared):
     a, b, c = prepared
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())

@@ -2,7 +2,8 @@
 
 Every record carries the question (as chat messages), its tools normalized to JSON Schema, and a
 target where one is known: canonical calls from the possible answers (first acceptable value per
-parameter, optional parameters omitted), a plain-text answer for irrelevance items, none for
+parameter; an optional parameter is omitted, or with `optional_args="given"` filled with the first
+value its answer lists), a plain-text answer for irrelevance items, none for
 relevance items. Live categories are eval-only by default: they are the out-of-distribution check.
 """
 
@@ -12,7 +13,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -51,6 +52,10 @@ class SplitOptions(BaseModel):
     mix_in_fraction: float = 0.1
     max_per_category: dict[str, int] = Field(default_factory=dict)
     seed: int = 42
+    # optional parameters in the canonical targets: "omit" every one BFCL's answer lets go unsaid, or
+    # "given": keep the value the answer lists (`["km/h", ""]` -> km/h), omitting only those it
+    # gives no value (`[""]`). Either way the target passes BFCL's checker.
+    optional_args: Literal["omit", "given"] = "omit"
 
     @field_validator("eval_fraction", "mix_in_fraction")
     @classmethod
@@ -108,22 +113,24 @@ class Record(BaseModel):
         return self.ground_truth is not None or self.target_content is not None or self.conversation is not None
 
 
-def canonical_value(value: Any) -> Any:
-    """A possible-answer value with nested option lists reduced to their first acceptable choice."""
+def canonical_value(value: Any, keep_given: bool = False) -> Any:
+    """A possible-answer value with nested option lists reduced to their first acceptable choice.
+
+    An optional parameter (`""` among its options) is omitted, unless `keep_given` and its options
+    list a value: then that value is kept."""
     if isinstance(value, dict):
         out = {}
         for k, options in value.items():
             if isinstance(options, list):
-                if "" in options:
+                given = [o for o in options if o != ""]
+                if not given or ("" in options and not keep_given):
                     continue  # optional: omitted
-                if not options:
-                    continue
-                out[k] = canonical_value(options[0])
+                out[k] = canonical_value(given[0], keep_given)
             else:
-                out[k] = canonical_value(options)
+                out[k] = canonical_value(options, keep_given)
         return out
     if isinstance(value, list):
-        return [canonical_value(v) for v in value]
+        return [canonical_value(v, keep_given) for v in value]
     return value
 
 
@@ -140,16 +147,17 @@ def _source_string(value: Any, java_type: str | None = None) -> Any:
 
 
 def canonical_calls(ground_truth: list[dict[str, Any]], language: str = "python",
-                    functions: list[dict[str, Any]] | None = None) -> list[ToolCall]:
+                    functions: list[dict[str, Any]] | None = None, keep_given: bool = False) -> list[ToolCall]:
     """BFCL ground truth (`[{fn: {param: [acceptable...]}}]`) -> canonical ToolCalls.
 
-    `functions` (BFCL's own docs) give Java parameter types, which decide literal suffixes."""
+    `functions` (BFCL's own docs) give Java parameter types, which decide literal suffixes;
+    `keep_given` keeps optional parameters whose answer lists a value (see canonical_value)."""
     types = {f["name"]: {k: v.get("type") for k, v in (f.get("parameters") or {}).get("properties", {}).items()}
              for f in functions or []}
     calls = []
     for entry in ground_truth:
         for name, params in entry.items():
-            args = canonical_value(params)
+            args = canonical_value(params, keep_given)
             if language != "python":
                 java = types.get(name, {}) if language == "java" else {}
                 args = {k: _source_string(v, java.get(k)) for k, v in args.items()}
@@ -215,8 +223,9 @@ def _multi_turn_records(category: str) -> list[Record]:
     return records
 
 
-def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
-    """All records of one category (split unset) and the hashes of the files read."""
+def load_category(category: str, optional_args: str = "omit") -> tuple[list[Record], dict[str, str]]:
+    """All records of one category (split unset) and the hashes of the files read; `optional_args`
+    as in SplitOptions."""
     data_dir = bfcl_data_dir()
     qpath = data_dir / f"BFCL_v4_{category}.json"
     if not qpath.is_file():
@@ -247,7 +256,8 @@ def load_category(category: str) -> tuple[list[Record], dict[str, str]]:
             rec.label_source = "ground_truth"
         elif item["id"] in answers:
             rec.possible_answer = answers[item["id"]]
-            rec.ground_truth = canonical_calls(rec.possible_answer, language, item.get("function"))
+            rec.ground_truth = canonical_calls(rec.possible_answer, language, item.get("function"),
+                                               keep_given=optional_args == "given")
             rec.label_errors = [e for c in rec.ground_truth for e in call_errors(c, tools)]
         records.append(rec)
     return records, hashes
@@ -298,7 +308,7 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
     hashes: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
     for category in dict.fromkeys([*opts.categories, *opts.eval_only]):
-        records, h = load_category(category)
+        records, h = load_category(category, opts.optional_args)
         hashes.update(h)
         records.sort(key=lambda r: r.id)
         rng = random.Random(f"{opts.seed}:{category}")

@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         mix_in: Annotated[float, typer.Option(help="Share of train that keeps ground-truth labels; the rest awaits the teacher.")] = 0.1,
         max_per_category: Annotated[str, typer.Option(help="Sample caps, e.g. live_multiple=100,live_irrelevance=50 (seeded).")] = "",
         seed: Annotated[int, typer.Option(help="Seed of the split, mix-in choice and caps.")] = 42,
+        optional_args: Annotated[str, typer.Option(help="Optional parameters in the canonical targets: omit (every "
+                                                        "one the answer lets go unsaid) or given (keep the value the "
+                                                        "answer lists).")] = "omit",
     ) -> None:
         """Split BFCL v4 categories from the installed bfcl_eval into train/eval, with a manifest."""
         from pydantic import ValidationError
@@ -44,7 +47,8 @@ def register(app: typer.Typer) -> None:
                     raise DataError(f"--max-per-category: expected CATEGORY=N with N > 0, got {item!r}")
                 caps[name] = int(n)
             opts = SplitOptions(categories=_csv(categories), eval_only=_csv(eval_only), live_eval_only=live_eval_only,
-                                eval_fraction=eval_fraction, mix_in_fraction=mix_in, max_per_category=caps, seed=seed)
+                                eval_fraction=eval_fraction, mix_in_fraction=mix_in, max_per_category=caps, seed=seed,
+                                optional_args=optional_args)
             result = prepare_bfcl(opts, out)
         except ValidationError as exc:
             fail(validation_message(exc))

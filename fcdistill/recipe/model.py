@@ -62,6 +62,8 @@ class BfclSpec(_Strict):
     eval_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     mix_in: float = Field(0.1, ge=0.0, le=1.0, description="share of train that keeps BFCL's labels")
     max_per_category: dict[str, int] = Field(default_factory=dict)
+    optional_args: Literal["omit", "given"] = Field("omit", description="optional parameters in the targets: "
+                                                    "omitted, or the value BFCL's answer lists kept")
 
     @field_validator("categories", "eval_only")
     @classmethod

@@ -89,7 +89,8 @@ def _data_run(ctx: Context) -> dict[str, Any]:
     if r.data.bfcl is not None:
         b = r.data.bfcl
         res = prepare_bfcl(SplitOptions(categories=b.categories, eval_only=b.eval_only, eval_fraction=b.eval_fraction,
-                                        mix_in_fraction=b.mix_in, max_per_category=b.max_per_category, seed=r.seed),
+                                        mix_in_fraction=b.mix_in, max_per_category=b.max_per_category, seed=r.seed,
+                                        optional_args=b.optional_args),
                            ctx.bfcl_dir)
         for warning in res.warnings:
             ctx.say(f"warning: {warning}")
