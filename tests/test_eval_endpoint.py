@@ -221,8 +221,11 @@ def test_official_bfcl_generate_and_evaluate_equal_ours(server, data_dir, tmp_pa
 
 
 def test_eval_and_official_bfcl_against_the_vllm_engine(data_dir, tmp_path, smollm2_dir):
-    """`fcd eval run` and bfcl-eval's own generate + evaluate work against `fcd serve --engine vllm`."""
-    with start_server(["--model", MODEL], tmp_path / "serve-vllm.log", engine="vllm",
+    """`fcd eval run` and bfcl-eval's own generate + evaluate work against `fcd serve --engine vllm`.
+    Eight short answers: the server starts eager (no torch.compile, about a minute sooner on CPU) with a
+    small KV cache; test_serve covers the compiled engine."""
+    lean = ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
+    with start_server(["--model", MODEL, *lean], tmp_path / "serve-vllm.log", engine="vllm",
                       env={**os.environ, "HF_HUB_OFFLINE": "1"}) as srv:
         out = tmp_path / "vllm-fc"
         run_eval(srv.url, MODEL, data_dir, CATS, out, mode="fc", concurrency=2, max_tokens=24, limit_per_category=2,
