@@ -50,6 +50,33 @@ def bfcl_import(module: str, attr: str | None = None, project_root: str | os.Pat
     return getattr(mod, attr) if attr else mod
 
 
+# A model name registered in bfcl_eval whose config keeps dots in function names: ast_checker looks
+# the name up, and dotted BFCL names (`math.factorial`) are then compared as they are.
+CHECKER_MODEL = "gorilla-openfunctions-v2"
+
+
+def ast_check(functions: list[dict[str, Any]], calls: list[dict[str, Any]], possible_answer: Any, language: str,
+              category: str) -> tuple[bool, str | None, str | None]:
+    """bfcl_eval's own ast_checker on decoded calls (`[{"fn": {"arg": value}}]`), on copies (it edits
+    its inputs): (valid, error type, error text). One checker for the eval scorer, the teacher's mix-in
+    score and the data stage's label check; a checker that raises on a shape it does not expect counts
+    as a rejection, with the reason."""
+    import copy
+
+    checker = bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker", "ast_checker")
+    lang = bfcl_import("bfcl_eval.constants.enums", "Language")
+    try:
+        result = checker(copy.deepcopy(functions), copy.deepcopy(calls), copy.deepcopy(possible_answer), lang(language),
+                         category, CHECKER_MODEL)
+    except Exception as exc:  # noqa: BLE001 - the checker asserts on shapes it does not expect
+        return False, "checker:exception", f"ast_checker raised {type(exc).__name__}: {exc}"[:300]
+    if result.get("valid"):
+        return True, None, None
+    errors = result.get("error") or []
+    text = "; ".join(map(str, errors if isinstance(errors, list) else [errors]))
+    return False, str(result.get("error_type") or "ast:invalid"), text[:300] or None
+
+
 def with_language_hint(item_id: str, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The docs as `bfcl generate` shows them: bfcl_eval's own language-hint preprocessing (a copy)."""
     import copy

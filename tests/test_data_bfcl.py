@@ -45,7 +45,8 @@ def test_canonical_calls_take_first_value_and_omit_optional():
 def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_path):
     """optional_args="given" keeps an optional parameter's listed value and omits only a bare `[""]`.
     Judged by bfcl_eval's checker, the default targets fail where BFCL lists `""` for a parameter the
-    function requires (e.g. simple_python_17's `formatted`); the kept values fail less often."""
+    function requires (e.g. simple_python_17's `formatted`); the kept values fail less often. A target
+    the checker rejects is a label error of its record."""
     from fcdistill.eval.dataset import load_eval_set
     from fcdistill.eval.score import Scorer
 
@@ -66,6 +67,9 @@ def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_pa
             if not scorer.score(it, output).valid:
                 failed[mode].add(it.id)
             args[mode, it.id] = sum(len(c.arguments) for c in calls)
+        # each of those targets fails its own schema too: it carries a label error and is never trained on
+        flagged = {r.id for r in read_records(tmp_path / mode, "eval") if r.label_errors}
+        assert failed[mode] <= flagged, (mode, failed[mode] - flagged)
     ids = {i for _, i in args}
     assert all(args["given", i] >= args["omit", i] for i in ids)
     assert sum(args["given", i] > args["omit", i] for i in ids) > 0.2 * len(ids)

@@ -117,15 +117,17 @@ def canonical_value(value: Any, keep_given: bool = False) -> Any:
     """A possible-answer value with nested option lists reduced to their first acceptable choice.
 
     An optional parameter (`""` among its options) is omitted, unless `keep_given` and its options
-    list a value: then that value is kept."""
+    list a value other than `None` (BFCL's "the default"): then the first such value is kept."""
     if isinstance(value, dict):
         out = {}
         for k, options in value.items():
             if isinstance(options, list):
-                given = [o for o in options if o != ""]
-                if not given or ("" in options and not keep_given):
-                    continue  # optional: omitted
-                out[k] = canonical_value(given[0], keep_given)
+                given = [o for o in options if o != "" and o is not None] if keep_given else []
+                if given:
+                    out[k] = canonical_value(given[0], keep_given)
+                elif options and "" not in options:
+                    out[k] = canonical_value(options[0], keep_given)
+                # else optional: omitted
             else:
                 out[k] = canonical_value(options, keep_given)
         return out

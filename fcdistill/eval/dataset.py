@@ -33,11 +33,6 @@ from fcdistill.data.bfcl import (
 SYNTH_SPLIT = "val.jsonl"
 SYNTH_IRRELEVANCE = "synth_irrelevance"
 
-# A model name registered in bfcl_eval whose config keeps dots in function names: ast_checker
-# looks the name up, and dotted BFCL names (`math.factorial`) are then compared as they are.
-CHECKER_MODEL = "gorilla-openfunctions-v2"
-
-
 class EvalError(ValueError):
     """Bad eval input (manifest, categories, endpoint, run dir); the CLI prints one line and exits 2."""
 

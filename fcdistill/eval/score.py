@@ -12,11 +12,10 @@ Decoding never raises: malformed output becomes an error type and a reason on th
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fcdistill.eval.dataset import CHECKER_MODEL, EvalItem, category_kind
+from fcdistill.eval.dataset import EvalItem, category_kind
 from fcdistill.eval.decode import decode
 
 
@@ -45,10 +44,10 @@ class Scorer:
     """Judges answers with bfcl_eval's ast_checker (imported once; importing it takes seconds)."""
 
     def __init__(self) -> None:
-        from fcdistill.bfcl_env import bfcl_import
+        from fcdistill.bfcl_env import ast_check, bfcl_import
 
-        self._checker = bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker", "ast_checker")
-        self._language = bfcl_import("bfcl_eval.constants.enums", "Language")
+        bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker")  # the slow import, here rather than mid-run
+        self._check = ast_check
 
     def score(self, item: EvalItem, output: dict[str, Any]) -> ItemScore:
         base = dict(id=item.id, category=item.category, raw=output)
@@ -88,16 +87,6 @@ class Scorer:
         if item.record.possible_answer is None:
             return ItemScore(**base, valid=False, error_type="ast:no_possible_answer",
                              error="the record has no possible answer to check against")
-        try:
-            result = self._checker(copy.deepcopy(item.functions), copy.deepcopy(decoded),
-                                   copy.deepcopy(item.record.possible_answer), self._language(item.language),
-                                   item.checker_category, CHECKER_MODEL)
-        except Exception as exc:  # the checker asserts on shapes it does not expect: wrong, with why
-            return ItemScore(**base, valid=False, error_type="checker:exception",
-                             error=f"ast_checker raised {type(exc).__name__}: {exc}"[:300])
-        if result.get("valid"):
-            return ItemScore(**base, valid=True)
-        errors = result.get("error") or []
-        text = "; ".join(map(str, errors if isinstance(errors, list) else [errors]))
-        return ItemScore(**base, valid=False, error_type=str(result.get("error_type") or "ast:invalid"),
-                         error=text[:300] or None)
+        valid, error_type, error = self._check(item.functions, decoded, item.record.possible_answer, item.language,
+                                               item.checker_category)
+        return ItemScore(**base, valid=valid, error_type=error_type, error=error)

@@ -31,7 +31,6 @@ from fcdistill.teacher.config import TeacherConfig, TeacherError, check_teacher
 from fcdistill.teacher.templates import Templates
 from fcdistill.tools import ToolCall
 
-CHECKER_MODEL = "gorilla-openfunctions-v2"  # a registered model name: ast_checker then accepts dotted names
 
 
 class LabelOptions(BaseModel):
@@ -114,10 +113,8 @@ class MixinScorer:
     """bfcl_eval's ast_checker on the teacher's answers, with BFCL's own function docs for each item."""
 
     def __init__(self, records: list[Any]):
-        from fcdistill.bfcl_env import bfcl_data_dir, bfcl_import
+        from fcdistill.bfcl_env import bfcl_data_dir
 
-        self._checker = bfcl_import("bfcl_eval.eval_checker.ast_eval.ast_checker", "ast_checker")
-        self._language = bfcl_import("bfcl_eval.constants.enums", "Language")
         wanted: dict[str, set[str]] = {}
         for r in records:
             wanted.setdefault(r.category, set()).add(r.id)
@@ -131,6 +128,7 @@ class MixinScorer:
                         self.functions[item["id"]] = item["function"]
 
     def score(self, rec: Any, calls: list[ToolCall]) -> tuple[bool, str | None]:
+        from fcdistill.bfcl_env import ast_check
         from fcdistill.data.bfcl import category_language
 
         if category_style(rec.category) == "irrelevance":
@@ -139,14 +137,9 @@ class MixinScorer:
             return False, "no possible answer to score against"
         if not calls:
             return False, "answered in text where a call was expected"
-        try:
-            result = self._checker(self.functions[rec.id], [c.to_bfcl() for c in calls], rec.possible_answer,
-                                   self._language(category_language(rec.category)), rec.category, CHECKER_MODEL)
-        except Exception as exc:  # the checker raises on shapes it does not expect
-            return False, f"ast_checker raised {type(exc).__name__}: {exc}"[:300]
-        if result.get("valid"):
-            return True, None
-        return False, f"{result.get('error_type')}: {'; '.join(map(str, result.get('error', [])))}"[:300]
+        valid, error_type, error = ast_check(self.functions[rec.id], [c.to_bfcl() for c in calls], rec.possible_answer,
+                                             category_language(rec.category), rec.category)
+        return valid, None if valid else f"{error_type}: {error or ''}"[:300]
 
 
 # -- the stage ---------------------------------------------------------------------------------------
