@@ -88,9 +88,16 @@ def test_a_changed_option_reruns_its_stage_and_every_later_one(tmp_path, fake_st
                                       "report": "rerun"}
     step = Planner(_recipe(lr), tmp_path).plan()[2]
     assert step.why == "train.set.optim.learning_rate: 0.002 -> 0.0005", step.why
+    first_weights = (tmp_path / "train" / "adapter" / "weights.bin").read_text()
     calls.clear()
     said = _run(tmp_path, lr)
     assert calls == ["train", "eval", "report"], said
+    # what the earlier run made is set aside, not deleted; a second rerun replaces that copy
+    assert (tmp_path / "train.previous" / "adapter" / "weights.bin").read_text() == first_weights
+    assert any("train: the last run's outputs are kept in" in line for line in said), said
+    _run(tmp_path, "train.set.optim.learning_rate=1.0e-4")
+    assert json.loads((tmp_path / "train.previous" / "stage.json").read_text())["config"]["train"]["set"][
+        "optim.learning_rate"] == 5.0e-4
     # an upstream option: everything from there on, and the reason names the changed input
     assert _actions(tmp_path, "augment.multiplier=3")["augment"] == "rerun"
     assert _actions(tmp_path, "augment.multiplier=3")["train"] == "rerun"
@@ -169,3 +176,17 @@ def test_files_no_recipe_run_made_are_never_deleted(tmp_path, fake_stages):
     with pytest.raises(RecipeError, match="holds files that no recipe run made"):
         _run(tmp_path)
     assert calls == ["data", "augment"] and (tmp_path / "train" / "checkpoint-250").is_dir()
+
+
+def test_an_option_added_later_counts_only_when_set(tmp_path, fake_stages):
+    """A run directory made before `data.bfcl.optional_args` existed recorded no such field: at its
+    default the data stage's key is unchanged, so an upgrade skips the finished stages; set, it reruns."""
+    calls, _ = fake_stages
+    _run(tmp_path)
+    rec = json.loads((tmp_path / "data" / "stage.json").read_text())
+    assert "optional_args" not in rec["config"]["bfcl"]  # as a record from before the option existed
+    assert set(_actions(tmp_path).values()) == {"skip"}
+    assert _actions(tmp_path, "data.bfcl.optional_args=given")["data"] == "rerun"
+    step = Planner(_recipe("data.bfcl.optional_args=given"), tmp_path).plan()[0]
+    assert step.why == "bfcl.optional_args: None -> 'given'", step.why
+

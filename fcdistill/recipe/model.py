@@ -25,6 +25,9 @@ from fcdistill.train.config import _existing_file as _existing
 # The order stages run in. `serve` has no outputs of its own: the eval stage starts and stops the
 # server(s) it describes.
 STAGES = ("data", "label", "synth", "verify", "augment", "train", "export", "eval", "report")
+# Marks a field added after run directories existed: a stage's key counts it only when it is set away
+# from its default (which keeps the earlier behaviour), so an upgrade does not rerun finished stages.
+WHEN_SET = "identity_when_set"
 
 
 class RecipeError(ValueError):
@@ -63,7 +66,8 @@ class BfclSpec(_Strict):
     mix_in: float = Field(0.1, ge=0.0, le=1.0, description="share of train that keeps BFCL's labels")
     max_per_category: dict[str, int] = Field(default_factory=dict)
     optional_args: Literal["omit", "given"] = Field("omit", description="optional parameters in the targets: "
-                                                    "omitted, or the value BFCL's answer lists kept")
+                                                    "omitted, or the value BFCL's answer lists kept",
+                                                    json_schema_extra={WHEN_SET: True})
 
     @field_validator("categories", "eval_only")
     @classmethod

@@ -182,11 +182,21 @@ def _locked(out: Path) -> Iterator[None]:
         yield
 
 
-def _clear(directory: Path) -> None:
+def _set_aside(directory: Path, say: Callable[[str], None]) -> None:
+    """Before a stage runs again: what its last run made (a trained adapter, answers) moves to
+    STAGE.previous, replacing an older one, rather than being deleted."""
     import shutil
 
-    if directory.exists():
-        shutil.rmtree(directory)
+    if not directory.exists():
+        return
+    if not any(directory.iterdir()):
+        directory.rmdir()
+        return
+    kept = directory.with_name(directory.name + ".previous")
+    if kept.exists():
+        shutil.rmtree(kept)
+    directory.rename(kept)
+    say(f"  {directory.name}: the last run's outputs are kept in {kept}")
 
 
 def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: str | None = None,
@@ -214,7 +224,7 @@ def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: st
                     raise RecipeError(f"{out / stage} holds files that no recipe run made (no {STAGE_FILE}), e.g. "
                                       "from an older `fcd quickstart`; not deleting them: move them away or give "
                                       "another --out")
-                _clear(out / stage)
+                _set_aside(out / stage, say)
             key, inputs = planner.key(stage), planner.inputs(stage)
             record = {"stage": stage, "key": key, "status": "running", "config": STAGE_DEFS[stage].config(recipe),
                       "inputs": inputs, "versions": _versions(),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcdistill.recipe.model import EvalModel, Recipe
+from fcdistill.recipe.model import WHEN_SET, EvalModel, Recipe
 
 
 class StageFailed(RuntimeError):
@@ -57,7 +57,26 @@ class Stage:
 
 
 def _dump(model: Any) -> Any:
-    return None if model is None else json.loads(model.model_dump_json())
+    """A recipe section as its stage's key sees it. A field marked WHEN_SET (one added after run
+    directories existed) counts only when set away from its default: upgrading fcdistill must not turn
+    a finished stage's key stale, which would rerun it and clear what it made."""
+    if model is None:
+        return None
+    return _without_unset_additions(model, json.loads(model.model_dump_json()))
+
+
+def _without_unset_additions(model: Any, dumped: Any) -> Any:
+    from pydantic import BaseModel
+
+    if not isinstance(model, BaseModel) or not isinstance(dumped, dict):
+        return dumped
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(WHEN_SET) and value == field.default:
+            dumped.pop(field.alias or name, None)
+        elif name in dumped:
+            dumped[name] = _without_unset_additions(value, dumped[name])
+    return dumped
 
 
 def _teacher_identity(r: Recipe) -> dict[str, Any]:
