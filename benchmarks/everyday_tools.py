@@ -8,7 +8,8 @@ Scored per model: right tool (first call's name), every key argument right, and 
 tool fits. Results go to reports/everyday_tools.json; a killed run starts over (it takes minutes).
 
 Usage:
-  .venv/bin/python benchmarks/everyday_tools.py --adapter gt=runs/a/train/adapter --adapter aug=runs/b/train/adapter
+  .venv/bin/python benchmarks/everyday_tools.py --adapter gt=runs/a/train/adapter --adapter aug=runs/b/train/adapter \
+      [--merged gt2=runs/c/export/merged]
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--adapter", action="append", default=[], help="NAME=PATH; repeatable")
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--no-base", action="store_true", help="ask only the adapters")
+    ap.add_argument("--merged", action="append", default=[],
+                    help="NAME=DIR: a merged student (`fcd export --merge`), served on its own; repeatable")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--result", default=str(RESULT))
     ap.add_argument("--log", default=str(ROOT / "runs" / "everyday_tools.serve.log"))
@@ -96,21 +99,30 @@ def main() -> None:
     from fcdistill.serve.process import start_server
 
     cases = json.loads(CASES.read_text(encoding="utf-8"))
-    names = ([] if args.no_base else [args.base]) + [a.split("=", 1)[0] for a in args.adapter]
-    flags = ["--model", args.base] + [x for a in args.adapter for x in ("--adapter", a)]
+    # one server for the base model and its adapters, then one per merged student
+    servers = [(["--model", args.base] + [x for a in args.adapter for x in ("--adapter", a)],
+                ([] if args.no_base else [args.base]) + [a.split("=", 1)[0] for a in args.adapter])]
+    for m in args.merged:
+        name, _, path = m.partition("=")
+        servers.append((["--model", path, "--served-model-name", name], [name]))
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     models: dict[str, Any] = {}
-    with start_server(flags, Path(args.log), timeout=600) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-        for name in names:
-            rows = []
-            for case in cases["requests"]:
-                reply = ask(client, name, cases["tools"], case["text"], args.max_tokens)
-                rows.append({"request": case["text"], "expected": case["tool"], **reply, "score": score(case, reply)})
-            models[name] = {"summary": summarize(rows), "rows": rows}
-            print(name, models[name]["summary"], flush=True)
+    for flags, names in servers:
+        if not names:
+            continue
+        with start_server(flags, Path(args.log), timeout=600) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+            for name in names:
+                rows = []
+                for case in cases["requests"]:
+                    reply = ask(client, name, cases["tools"], case["text"], args.max_tokens)
+                    rows.append({"request": case["text"], "expected": case["tool"], **reply,
+                                 "score": score(case, reply)})
+                models[name] = {"summary": summarize(rows), "rows": rows}
+                print(name, models[name]["summary"], flush=True)
     result = {"check": "everyday_tools", "cases": str(CASES.relative_to(ROOT)), "max_tokens": args.max_tokens,
-              "adapters": dict(a.split("=", 1) for a in args.adapter), "machine": platform.machine(),
+              "adapters": dict(a.split("=", 1) for a in args.adapter),
+              "merged": dict(m.split("=", 1) for m in args.merged), "machine": platform.machine(),
               "models": models}
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
