@@ -48,6 +48,21 @@ def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+# The key of the shared server below; its clients send it.
+SERVE_KEY = "fcd-test-key"
+
+
+@pytest.fixture(scope="session")
+def hf_server(tmp_path_factory, smollm2_dir) -> str:
+    """One `fcd serve` (hf engine, SmolLM2-135M, an API key) for the end-to-end modules that need nothing
+    more (eval, teacher): each pytest worker starts it at most once. Its base URL, without /v1."""
+    from fcdistill.serve.process import start_server
+
+    with start_server(["--model", "smollm2-135m", "--api-key", SERVE_KEY], tmp_path_factory.mktemp("serve") / "serve.log",
+                      env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
+        yield srv.url
+
+
 # The modules that take minutes (a training run, the GPU check's dry run, a quickstart, servers on both
 # engines), longest first. scripts/test.sh runs two workers that take whole modules in collection order:
 # starting the long ones first keeps one of them from running alone at the end.

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
 from fcdistill.eval import compare_runs, official_check, run_eval
 from fcdistill.eval.runner import ITEMS, OUTPUTS, RUN_INFO
+from conftest import SERVE_KEY
 from fcdistill.serve.process import free_port, start_server, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,8 @@ CATS = ["simple_python", "irrelevance", "live_relevance"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
-    with start_server(["--model", MODEL], tmp_path_factory.mktemp("serve") / "serve.log",
-                      env={**os.environ, "HF_HUB_OFFLINE": "1"}) as srv:
-        yield srv.url
+def server(hf_server) -> str:
+    return hf_server  # the session's shared server (conftest): it wants SERVE_KEY
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,8 @@ def strict_endpoint(server):
                                                "type": "invalid_request_error"}}, status_code=400)
         async with httpx.AsyncClient(timeout=300) as client:
             r = await client.request(request.method, f"{server}{request.url.path}", content=body,
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json",
+                                              "authorization": request.headers.get("authorization", "")})
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     async def health(request):
@@ -84,7 +84,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fc_run(server, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "base-fc"
-    run_eval(server, MODEL, data_dir, CATS, out, mode="fc", concurrency=2, max_tokens=24, limit_per_category=2,
+    run_eval(server, MODEL, data_dir, CATS, out, mode="fc", concurrency=2, max_tokens=24, limit_per_category=2, api_key=SERVE_KEY,
              progress=False, label="base-fc")
     return out
 
@@ -123,7 +123,7 @@ def test_rerun_resumes_and_asks_only_missing_ids(fc_run, server, data_dir):
     app = typer.Typer()
     app.callback()(lambda: None)
     register(app)
-    args = ["eval", "run", "--endpoint", server, "--model", MODEL, "--manifest", str(data_dir / "manifest.json"),
+    args = ["eval", "run", "--endpoint", server, "--model", MODEL, "--api-key", SERVE_KEY, "--manifest", str(data_dir / "manifest.json"),
             "--categories", ",".join(CATS), "--limit", "2", "--max-tokens", "24", "--out", str(fc_run),
             "--no-progress", "--concurrency", "2"]
     r = CliRunner().invoke(app, args)
@@ -153,7 +153,8 @@ def test_a_run_killed_at_a_random_answer_resumes_with_nothing_lost_or_repeated(s
     import time
 
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "fcdistill", "eval", "run", "--endpoint", server, "--model", MODEL, "--manifest",
+    args = [sys.executable, "-m", "fcdistill", "eval", "run", "--endpoint", server, "--model", MODEL, "--api-key", SERVE_KEY,
+            "--manifest",
             str(data_dir / "manifest.json"), "--categories", ",".join(CATS), "--limit", "3", "--max-tokens", "24",
             "--out", str(out), "--no-progress", "--concurrency", "1"]
     from fcdistill.eval.dataset import load_eval_set
@@ -182,7 +183,7 @@ def test_a_run_killed_at_a_random_answer_resumes_with_nothing_lost_or_repeated(s
 
 
 def test_prompt_mode_uses_bfcl_prompt_and_decoder(server, data_dir, tmp_path):
-    summary = run_eval(server, MODEL, data_dir, ["simple_python"], tmp_path / "prompt", mode="prompt",
+    summary = run_eval(server, MODEL, data_dir, ["simple_python"], tmp_path / "prompt", mode="prompt", api_key=SERVE_KEY,
                        max_tokens=24, limit_per_category=2, progress=False, label="base-prompt")
     assert summary["categories"]["simple_python"]["answered"] == 2
     rows = _lines(tmp_path / "prompt" / OUTPUTS)
@@ -194,7 +195,7 @@ def test_prompt_mode_uses_bfcl_prompt_and_decoder(server, data_dir, tmp_path):
 def test_endpoint_that_rejects_dotted_names_gets_safe_names_mapped_back(strict_endpoint, data_dir, tmp_path):
     url, seen = strict_endpoint
     out = tmp_path / "strict"
-    summary = run_eval(url, MODEL, data_dir, ["simple_python"], out, max_tokens=80, limit_per_category=1,
+    summary = run_eval(url, MODEL, data_dir, ["simple_python"], out, max_tokens=80, limit_per_category=1, api_key=SERVE_KEY,
                        tool_choice="required", progress=False)
     assert summary["run"]["tool_names"] == "safe" and "rejected dotted tool names" in summary["run"]["this_invocation"]["notes"][0]
     assert json.loads((out / RUN_INFO).read_text())["tool_names"] == "safe"
@@ -209,7 +210,7 @@ def test_endpoint_that_rejects_dotted_names_gets_safe_names_mapped_back(strict_e
 
 
 def test_official_bfcl_generate_and_evaluate_equal_ours(server, data_dir, tmp_path):
-    report = official_check(server, MODEL, data_dir, "simple_python", tmp_path / "official", limit=2,
+    report = official_check(server, MODEL, data_dir, "simple_python", tmp_path / "official", limit=2, api_key=SERVE_KEY,
                             max_tokens=64, tool_choice="required")
     assert report["official"]["total"] == 2
     assert report["same_accuracy"] and report["same_items"], json.dumps(report, indent=1)[:2000]
@@ -248,7 +249,7 @@ def test_multi_turn_conversation_runs_against_backends_and_matches_bfcl_step_by_
     data = tmp_path / "data"
     prepare_bfcl(SplitOptions(categories=["multi_turn_base"], max_per_category={"multi_turn_base": 2}), data)
     out = tmp_path / "mt"
-    summary = run_eval(server, MODEL, data, ["multi_turn_base"], out, max_tokens=64, tool_choice="required",
+    summary = run_eval(server, MODEL, data, ["multi_turn_base"], out, max_tokens=64, tool_choice="required", api_key=SERVE_KEY,
                        max_steps=1, progress=False, label="mt")
     assert summary["complete"] and summary["categories"]["multi_turn_base"]["answered"] == 1
     row = _lines(out / OUTPUTS)[0]
@@ -262,7 +263,7 @@ def test_multi_turn_conversation_runs_against_backends_and_matches_bfcl_step_by_
     steps = [step for turn in row["turns"] for step in turn]  # cut: a conversation with a step at max_tokens
     assert summary["categories"]["multi_turn_base"]["cut"] == int(any(s["finish_reason"] == "length" for s in steps))
 
-    report = official_check(server, MODEL, data, "multi_turn_base", tmp_path / "official", max_tokens=64,
+    report = official_check(server, MODEL, data, "multi_turn_base", tmp_path / "official", max_tokens=64, api_key=SERVE_KEY,
                             tool_choice="required", max_steps=1)
     assert report["same_accuracy"] and report["same_items"], json.dumps(report, indent=1)[:2000]
     bfcl = _lines(next((tmp_path / "official" / "result").rglob("BFCL_v4_multi_turn_base_result.json")))[0]

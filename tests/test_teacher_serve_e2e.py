@@ -8,49 +8,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from conftest import SERVE_KEY
 from fcdistill.data.bfcl import SplitOptions, prepare_bfcl, read_records
-from fcdistill.serve.process import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 FCD = str(Path(sys.executable).with_name("fcd"))
-KEY = "e2e-secret"
+KEY = SERVE_KEY
 
 
 @pytest.fixture(scope="module")
-def serve(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with log.open("w") as f:
-        proc = subprocess.Popen([FCD, "serve", "--model", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port),
-                                 "--api-key", KEY], stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fcd serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"fcd serve not healthy after 600 s: {log.read_text()[-2000:]}")
-            time.sleep(1)
-        yield f"{url}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def serve(hf_server) -> str:
+    return f"{hf_server}/v1"  # the session's shared server (conftest), which wants KEY
 
 
 @pytest.fixture(scope="module")
