@@ -231,7 +231,7 @@ def test_grammar_guarantee_through_the_server(client, tools, mode, parallel, see
         r = client.chat.completions.create(**ask, max_tokens=max_tokens)
     except openai.BadRequestError as e:
         assert mode != "none", e
-        minimum = int(re.search(r"at least (\d+) completion tokens", str(e)).group(1))
+        minimum = _named_minimum(str(e))
         assert minimum > max_tokens, e
         max_tokens = minimum
         r = client.chat.completions.create(**ask, max_tokens=max_tokens)
@@ -267,7 +267,12 @@ def _minimum_from_400(server, body: dict) -> int:
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "max_tokens" and err["type"] == "invalid_request_error", err
-    return int(re.search(r"at least (\d+) completion tokens", err["message"]).group(1))
+    return _named_minimum(err["message"])
+
+
+def _named_minimum(message: str) -> int:
+    """The shortest forced answer a max_tokens refusal names."""
+    return int(re.search(r"at least (\d+) completion tokens", message).group(1))
 
 
 def test_too_small_max_tokens_for_a_forced_answer_is_refused_with_the_minimum(server, client):

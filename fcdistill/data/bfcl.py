@@ -54,7 +54,8 @@ class SplitOptions(BaseModel):
     seed: int = 42
     # optional parameters in the canonical targets: "omit" every one BFCL's answer lets go unsaid, or
     # "given": keep the value the answer lists (`["km/h", ""]` -> km/h), omitting only those it
-    # gives no value (`[""]`). Either way the target passes BFCL's checker.
+    # gives no value (`[""]`). bfcl's checker accepts the target either way where BFCL's answer is
+    # consistent with its schema; "given" also keeps required parameters BFCL lists with `""`.
     optional_args: Literal["omit", "given"] = "omit"
 
     @field_validator("eval_fraction", "mix_in_fraction")
