@@ -17,7 +17,7 @@ from fcdistill.chat_format import ChatFormat
 from fcdistill.data.augment import AugmentOptions, run_augment
 from fcdistill.data.augment_names import (NOUNS, QUALIFIERS, VERBS, name_words, property_names, rename_schema,
                                           rename_value)
-from fcdistill.data.augment_ops import Pools, mask, substitute
+from fcdistill.data.augment_ops import NotApplicable, Pools, copies_an_example, mask, substitute
 from fcdistill.data.augment_values import find_once, leaves, occurs
 from fcdistill.data.bfcl import IRRELEVANT_ANSWER, Record, SplitOptions, eval_index, prepare_bfcl, read_records
 from fcdistill.data.checks import format_failures
@@ -310,6 +310,48 @@ def test_substitution_keeps_kind_and_skips_ambiguous_values():
     assert set(seen) == {"amount", "unit", "year"}
     assert find_once("in 2010-10-05 and 10", 10) == ("10", (18, 20))
     assert find_once("10 and 10", 10) is None
+
+
+def test_a_value_copied_from_the_description_example_is_substituted_first():
+    """BFCL targets often repeat the example a parameter's description gives; the student learns to
+    copy examples. Substitution swaps that value before any other, so the target then differs from
+    the example and matches the query."""
+    tool = ToolSpec(name="get_weather", parameters={"type": "object", "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "days": {"type": "integer", "description": "How many days ahead."}}, "required": ["location"]})
+
+    def rec(i: int, city: str, days: int) -> Record:
+        return Record(id=f"simple_python_{i}", category="simple_python", split="train", label_source="ground_truth",
+                      messages=[{"role": "user", "content": f"Weather in {city} for the next {days} days?"}],
+                      tools=[tool], ground_truth=[ToolCall(name="get_weather", arguments={"location": city, "days": days})])
+
+    copying, other = rec(1, "San Francisco, CA", 3), rec(2, "Austin, TX", 4)
+    assert copies_an_example(copying) and not copies_an_example(other)
+    pools = Pools.build([copying, other, rec(3, "Denver, CO", 5), rec(4, "Boston, MA", 6)])
+    for i in range(20):
+        out = substitute(copying, pools, random.Random(i))
+        args = out.ground_truth[0].arguments
+        assert args["location"] != "San Francisco, CA" and args["location"] in out.messages[0]["content"], args
+        assert "San Francisco, CA" not in out.messages[0]["content"]
+        assert out.tools == [tool]  # the description keeps its example: now it differs from the target
+
+
+def test_sources_copying_an_example_get_a_substituted_variant(src, runs):
+    """Each tries substitution in its first slot: every one it applies to (some value has a
+    replacement) gets a substituted variant, bar the odd one a later check rejects."""
+    a, _, _ = runs
+    sources = [r for r in _records(src) if r.has_target and not r.label_errors]
+    pools = Pools.build(sources)
+    applicable = []
+    for r in (r for r in sources if copies_an_example(r)):
+        try:
+            substitute(r, pools, random.Random(0))
+            applicable.append(r.id)
+        except NotApplicable:
+            pass
+    substituted = {r.source_ids[0] for r in _augmented(a, "substitute")}
+    assert len(applicable) >= 5
+    assert sum(i in substituted for i in applicable) >= 0.9 * len(applicable), (len(applicable), substituted)
 
 
 def test_no_eval_id_or_overlap_and_no_duplicates(src, runs):

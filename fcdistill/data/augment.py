@@ -7,7 +7,8 @@ source hashes, and augment_stats.json (per transform: records in, out, not appli
 with reasons). Every augmented record names its sources (`source_ids`) and its transforms.
 
 Each source record gets `multiplier` slots; a slot tries the transforms in a seeded order per record
-and takes the first that applies. Every candidate then passes, in this order:
+and takes the first that applies. A record whose target copies its description's example
+(`copies_an_example`) tries substitution first. Every candidate then passes, in this order:
 - format: the tool schemas are valid JSON Schema, the names unique, the target valid against its
   tools (data/checks.py), its shape the category's, and every value the source query stated
   verbatim is still stated by the new query (a swap or a rename kept query and target in step);
@@ -34,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fcdistill.data.augment_ops import TRANSFORMS, NotApplicable, Pools, user_text
+from fcdistill.data.augment_ops import TRANSFORMS, NotApplicable, Pools, copies_an_example, user_text
 from fcdistill.data.augment_values import leaves, occurs
 from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, eval_index, read_manifest, read_records
 from fcdistill.data.checks import category_style, format_failures, style_failures
@@ -202,6 +203,9 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
         for src in sources:
             order = list(opts.transforms)
             random.Random(f"{opts.seed}:{src.id}").shuffle(order)
+            if "substitute" in order and copies_an_example(src):  # its first slot unlearns copying the example
+                order.remove("substitute")
+                order.insert(0, "substitute")
             used: set[str] = set()
             for slot in range(opts.multiplier):
                 if len(used) == len(order):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fcdistill.data.augment_names import (function_map, param_map, property_names, rename_in_text,
                                           rename_schema, rename_value)
-from fcdistill.data.augment_values import find_slots, leaves, replace_values, replacement, rewrite
+from fcdistill.data.augment_values import Slot, find_slots, leaves, replace_values, replacement, rewrite
 from fcdistill.data.bfcl import IRRELEVANT_ANSWER, Record, category_language
 from fcdistill.tools import ToolCall, ToolSpec
 
@@ -217,8 +217,26 @@ def delete(rec: Record, pools: Pools, rng: random.Random) -> Record:
     return derived([rec], steps, text, tools, None)
 
 
+def _in_description(slot: Slot) -> bool:
+    """The value is the example its parameter's description gives ("The city, e.g. San Francisco, CA")."""
+    return slot.kind == "string" and slot.text.lower() in str(slot.schema.get("description") or "").lower()
+
+
+def copies_an_example(rec: Record) -> bool:
+    """The target repeats a string its parameter's description gives as an example, and the query
+    states it too. BFCL's train targets do that for 3 of 4 string arguments whose description has an
+    example, which teaches a small student to copy examples instead of reading the request (seen:
+    `San Francisco, CA` asked for Mariposa); `fcd data augment` substitutes these values first."""
+    if not rec.ground_truth:
+        return False
+    schemas = {t.name: t.parameters for t in rec.tools}
+    return any(_in_description(slot) for slot in find_slots(
+        user_text(rec), [leaf for c in rec.ground_truth for leaf in leaves(c.arguments, schemas.get(c.name))]))
+
+
 def substitute(rec: Record, pools: Pools, rng: random.Random) -> Record:
-    """One or two values the query states verbatim, swapped in query and target alike."""
+    """One or two values the query states verbatim, swapped in query and target alike; a value that is
+    also its description's example goes first."""
     text = user_text(rec)
     if not rec.ground_truth:
         raise NotApplicable("no_call")
@@ -227,6 +245,7 @@ def substitute(rec: Record, pools: Pools, rng: random.Random) -> Record:
     if not slots:
         raise NotApplicable("no_value_in_query")
     rng.shuffle(slots)
+    slots.sort(key=lambda slot: not _in_description(slot))  # stable: the seeded order otherwise
     want = rng.randint(1, min(2, len(slots)))
     swaps: dict[str, Any] = {}
     edits: list[tuple[tuple[int, int], str]] = []
