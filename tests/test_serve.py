@@ -12,7 +12,9 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shutdown_check import alive, signal_and_time, tree_of
 
+from fcdistill.serve.lifecycle import BOUND_S
 from fcdistill.tools import closed_schema
 
 API_KEY = "test-key-123"
@@ -31,6 +33,9 @@ ASK = [{"role": "user", "content": "What's the weather in Paris and in London?"}
 ENGINES = ["hf", "vllm"]
 
 
+RUNNING: dict = {}  # engine -> its ServerProcess, for the last test, which ends it
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request) -> str:
     return request.param
@@ -47,6 +52,7 @@ def server(engine, adapter_dir):
                        "--log-requests", "--value-token-limit", "64"],
                       adapter_dir.parent / f"serve-{engine}.log", engine=engine,
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
+        RUNNING[engine] = srv
         yield srv.url
 
 
@@ -384,3 +390,20 @@ def test_vllm_engine_refuses_an_adapter_that_added_the_fc_token(adapter_dir, tmp
                        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr[-2000:]
     assert "added the FC token" in r.stderr and f"fcd export --adapter {added}" in r.stderr and "--merge" in r.stderr
+
+
+def test_last_an_idle_server_ends_on_sigterm_with_every_process_of_its_tree(engine, server):
+    """Runs last for each engine (it ends that engine's server): SIGTERM, the way `stop()`, systemd and
+    docker end a server, stops it within the bound and leaves none of its processes (for the vllm engine:
+    EngineCore and its workers). tests/test_serve_shutdown.py covers busy servers and other signals."""
+    srv = RUNNING.pop(engine)
+    tree = tree_of(srv)
+    try:
+        if engine == "vllm":
+            assert any("EngineCore" in p.name() for p in tree), [p.name() for p in tree]
+        row = signal_and_time(srv, ["SIGTERM"], tree)
+        print(json.dumps({"engine": engine, "state": "idle", **row}))
+        assert row["server_exit_s"] < BOUND_S and not row["processes_left"], (row, srv.log.read_text()[-3000:])
+    finally:
+        for p in alive(tree):
+            p.kill()

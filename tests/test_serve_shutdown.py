@@ -1,7 +1,8 @@
 """`fcd serve --engine vllm` stops within a bound on SIGTERM and SIGINT in every state, and no process
 of its tree (EngineCore, worker, resource tracker) outlives it, not even after a SIGKILL.
 
-Each case starts its own server (a signal ends it), so the server starts lean: no torch.compile, a
+An idle server on SIGTERM is checked at the end of tests/test_serve.py, on its shared servers (both
+engines). Each case here starts its own server (a signal ends it), so the server starts lean: no torch.compile, a
 small KV cache (10% of RAM: about 2.4 GB free are needed). The busy state is every state at once: a
 request mid-generation, a stream mid-way and a client holding an idle keep-alive connection. Figures
 go to stdout (pytest -s). tests/test_serve_lifecycle.py checks the same die-with-the-server chain
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 
 import httpx
-import psutil
 import pytest
+from shutdown_check import alive, signal_and_time, tree_of
 
 from fcdistill.serve.lifecycle import BOUND_S
 from fcdistill.serve.process import start_server
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.slow
 LEAN = ["--model", "smollm2-135m", "--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-model-len", "1024"]
 LONG = {"model": "smollm2-135m", "max_tokens": 900, "temperature": 0,
         "messages": [{"role": "user", "content": "Count from 1 to 2000, one number per line."}]}
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def _busy(url: str) -> list[httpx.Client]:
@@ -82,46 +71,32 @@ def figures():
 
 
 @pytest.mark.parametrize("state, signals", [
-    ("idle", ["SIGTERM"]),
     ("busy", ["SIGTERM"]),
     ("busy", ["SIGINT"]),
     ("busy", ["SIGINT", "SIGINT"]),  # Ctrl-C, and Ctrl-C again: uvicorn then skips the app's shutdown
     ("idle", ["SIGKILL"]),  # nothing of ours runs: the kernel ends the children (PR_SET_PDEATHSIG)
-], ids=["idle-SIGTERM", "busy-SIGTERM", "busy-SIGINT", "busy-SIGINTx2", "idle-SIGKILL"])
+], ids=["busy-SIGTERM", "busy-SIGINT", "busy-SIGINTx2", "idle-SIGKILL"])
 def test_vllm_server_and_its_processes_end_within_the_bound(tmp_path, state, signals, figures):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     server = start_server(LEAN, tmp_path / "serve.log", engine="vllm", env=env, timeout=600)
-    tree: list[psutil.Process] = []
+    tree = []
     try:
-        root = psutil.Process(server.proc.pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = tree_of(server)
         assert any("EngineCore" in p.name() for p in tree), [p.name() for p in tree]
-        row: dict = {"state": state, "signals": signals}
+        row: dict = {"state": state}
         if signals == ["SIGKILL"]:  # an idle server costs next to nothing
-            before = sum(sum(p.cpu_times()[:2]) for p in _alive(tree))
+            before = sum(sum(p.cpu_times()[:2]) for p in alive(tree))
             time.sleep(10)
-            row["idle_cpu_percent_of_a_core"] = round(10 * (sum(sum(p.cpu_times()[:2]) for p in _alive(tree)) - before), 1)
+            row["idle_cpu_percent_of_a_core"] = round(10 * (sum(sum(p.cpu_times()[:2]) for p in alive(tree)) - before), 1)
             assert row["idle_cpu_percent_of_a_core"] < 25, row
         clients = _busy(server.url) if state == "busy" else []
-        tree = [root, *root.children(recursive=True)]
-        started = time.monotonic()
-        for i, name in enumerate(signals):
-            if i:
-                time.sleep(1.0)
-            if server.proc.poll() is None:
-                os.kill(server.proc.pid, getattr(signal, name))
-        server.proc.wait(timeout=BOUND_S + 30)
-        row["server_exit_s"] = round(time.monotonic() - started, 2)
-        while _alive(tree) and time.monotonic() - started < BOUND_S:
-            time.sleep(0.1)
-        left = _alive(tree)
-        row["tree_gone_s"] = round(time.monotonic() - started, 2)
-        row["processes_left"] = [f"{p.pid}:{p.name()}" for p in left]
+        tree = tree_of(server)
+        row.update(signal_and_time(server, signals, tree))
         figures.append(row)
         for c in clients:
             c.close()
         assert row["server_exit_s"] < BOUND_S, (row, server.log.read_text()[-3000:])
-        assert not left, (row, server.log.read_text()[-3000:])
+        assert not row["processes_left"], (row, server.log.read_text()[-3000:])
     finally:
-        for p in _alive(tree):  # never leave this test's processes behind, whatever failed
+        for p in alive(tree):  # never leave this test's processes behind, whatever failed
             p.kill()
