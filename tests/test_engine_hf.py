@@ -134,6 +134,41 @@ def test_a_waiting_adapter_request_is_not_starved_by_joiners(adapter_dir):
         asyncio.run(eng.shutdown())
 
 
+def test_merged_adapters_answer_token_for_token_as_peft_layers(adapter_dir):
+    """`merge_adapters` on (the default while memory allows) serves the adapter from a merged copy and the
+    base as a plain model; greedy answers, free text and constrained calls, base and adapter, are those
+    of PEFT's layers (merge_adapters off)."""
+    from peft import PeftModel
+
+    from fcdistill.serve.engines.hf import HFEngine
+
+    def answers(eng) -> list[list[int]]:
+        out = []
+        for adapter in (None, "noisy"):
+            for messages, tools in ((STORY, None), (WEATHER, TOOLS)):
+                req = _request(eng, messages, 24, tools)
+                req.adapter = adapter
+                out.append(asyncio.run(_collect(eng, req, [], "x"))[0])
+        return out
+
+    peft = HFEngine("smollm2-135m", adapters={"noisy": str(adapter_dir)}, merge_adapters="off", dtype="fp32")
+    try:
+        assert isinstance(peft.model, PeftModel) and not peft.merged
+        expected = answers(peft)
+    finally:
+        asyncio.run(peft.shutdown())
+    merged = HFEngine("smollm2-135m", adapters={"noisy": str(adapter_dir)}, merge_adapters="on", dtype="fp32")
+    try:
+        assert not isinstance(merged.model, PeftModel) and set(merged.merged) == {"noisy"}
+        got = answers(merged)
+    finally:
+        asyncio.run(merged.shutdown())
+    assert got == expected
+    assert expected[0] != expected[2] and expected[1] != expected[3]  # the adapter changes the answers
+    with pytest.raises(ValueError, match="merge_adapters must be auto, on or off"):
+        HFEngine("smollm2-135m", merge_adapters="sometimes")
+
+
 def test_dtype_bf16_where_the_cpu_has_it_and_a_clear_refusal_where_not():
     import torch
 

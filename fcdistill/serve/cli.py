@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
             "native bf16: AVX512-BF16 or AMX)."))] = "auto",
         batching: Annotated[str, typer.Option(
             help="hf: continuous (requests join a running batch) or static (each batch runs to the end first).")] = "continuous",
+        merge_adapters: Annotated[str, typer.Option(help=(
+            "hf: serve each adapter as a copy of the base with it merged in, so neither the base nor the adapter "
+            "pays PEFT's per-layer cost: auto (while the copies take at most half the free memory), on, or off "
+            "(PEFT layers, one copy of the weights)."))] = "auto",
         gpu_memory_utilization: Annotated[float | None, typer.Option(
             help="vllm: fraction of GPU memory (on CPU: of RAM) for weights and KV cache [GPU 0.9, CPU 0.3].")] = None,
         max_model_len: Annotated[int | None, typer.Option(help="vllm: context length (default: the model's).")] = None,
@@ -127,7 +131,8 @@ def register(app: typer.Typer) -> None:
 
                 eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
                                continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart",
-                               dtype=dtype, prefix_cache_mb=prefix_cache_mb, jump_forward=jump_forward)
+                               dtype=dtype, prefix_cache_mb=prefix_cache_mb, jump_forward=jump_forward,
+                               merge_adapters=merge_adapters)
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         set_grammar_cache_limit(grammar_cache_mb)

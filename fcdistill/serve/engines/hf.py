@@ -9,6 +9,12 @@ left-padded to the batch's width, so it does not wait for the batch to finish. `
 because PEFT trainable-token layers do not take mixed-adapter batches; while another adapter's
 request waits, the running batch admits no one and drains, so a busy adapter cannot starve the rest.
 
+Adapters are merged by default (`merge_adapters="auto"`, while memory allows): each adapter gets its
+own copy of the base with the adapter merged in (merged in fp32, then cast to the serving dtype), and
+the base stays a plain model. PEFT's LoRA layers cost every forward pass, the base's included: with
+one adapter loaded, base requests ran about 40% slower, and adapter requests at 40% of base speed. A
+merged copy costs one model's memory (270 MB in bf16 for SmolLM2-135M) and runs at base speed.
+
 The scheduler thread is supervised: a batch that raises fails only its own requests, and should the
 thread itself die, every request it held or had waiting ends at once with an engine failure (a 503).
 With `restart_on_failure` a new scheduler thread then takes over (at most MAX_RESTARTS in
@@ -139,7 +145,8 @@ class HFEngine:
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
                  batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False,
-                 dtype: str = "auto", prefix_cache_mb: float = 512.0, jump_forward: bool = True):
+                 dtype: str = "auto", prefix_cache_mb: float = 512.0, jump_forward: bool = True,
+                 merge_adapters: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,7 +176,15 @@ class HFEngine:
             resize_for_tokenizer(base, len(tokenizer))
         # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        if self.adapters:
+        if merge_adapters not in ("auto", "on", "off"):
+            raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
+        base.to(self.device).eval()
+        self.merged: dict[str, Any] = {}  # adapter name -> the base with that adapter merged in
+        if self.adapters and _merge_fits(merge_adapters, base, len(self.adapters)):
+            for name, adapter_path in self.adapters.items():
+                self.merged[name] = _merged_copy(base, adapter_path, self.dtype)
+            self.model = base
+        elif self.adapters:
             from peft import PeftModel
 
             names = list(self.adapters)
@@ -178,10 +193,9 @@ class HFEngine:
                 net = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
                 for name in names[1:]:
                     net.load_adapter(self.adapters[name], adapter_name=name)
-            self.model = net
+            self.model = net.to(self.device).eval()
         else:
             self.model = base
-        self.model.to(self.device).eval()
         cfg = base.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.logits_size = base.get_output_embeddings().weight.shape[0]
@@ -333,7 +347,9 @@ class HFEngine:
         return taken
 
     def _forward(self, adapter: str | None, **kwargs: Any) -> Any:
-        if adapter is None and self.adapters:
+        if adapter in self.merged:
+            return self.merged[adapter](**kwargs)
+        if adapter is None and self.adapters and not self.merged:
             with self.model.disable_adapter():
                 return self.model(**kwargs)
         if adapter is not None:
@@ -495,6 +511,44 @@ class HFEngine:
             return True
         s.emit(GenerationEvent(text=delta, token_ids=[token]))
         return False
+
+
+def _merge_fits(mode: str, base: Any, count: int) -> bool:
+    """Whether to merge: always with "on", never with "off"; with "auto" when `count` more copies of the
+    base take at most half the memory available now (on a GPU, half its free memory)."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    need = count * sum(p.numel() * p.element_size() for p in base.parameters())
+    device = next(base.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return need <= free / 2
+
+
+def _merged_copy(base: Any, adapter_path: str, dtype: Any) -> Any:
+    """A copy of `base` with the adapter (LoRA deltas and trained token rows) merged in, in fp32, then
+    cast to the serving dtype: the low-rank update is rounded once, as `fcd export --merge` does."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    from fcdistill.models import PEFT_CHECKPOINTING_NOTICE
+
+    clone = copy.deepcopy(base).to(torch.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+        merged = PeftModel.from_pretrained(clone, adapter_path).merge_and_unload()
+    return merged.to(dtype).eval()
 
 
 def _as_list(x: Any) -> list[int]:
