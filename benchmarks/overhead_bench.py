@@ -1,0 +1,135 @@
+"""The server's per-token overhead: one request to `fcd serve` (hf engine) against a bare decode loop.
+
+Single-request tokens/s as a client sees it (prefill included, the HTTP round trip and the serving
+logic too) for the same model, dtype, prompt and token count as a bare transformers loop (prefill,
+then one greedy token a forward pass with a KV cache, nothing else). Three servers, one after another
+in the same run: no adapter; an adapter loaded with PEFT's layers (`--merge-adapters off`); the same
+adapter merged (`--merge-adapters on`). Each is asked for the base model and, where loaded, for the
+adapter; each answer's token count is what the bare loop then decodes (the base model, or the adapter
+merged into it). Median of `--repeats` requests after one warm-up request.
+
+  .venv/bin/python benchmarks/overhead_bench.py --adapter runs/quality-aug/train/adapter \\
+      [--dtype fp32] [--max-tokens 128] [--repeats 3] [--out benchmarks/results/overhead_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his dog."}]
+MODEL = "smollm2-135m"
+
+
+def bare_loop(model: Any, prompt_ids: list[int], tokens: int, repeats: int) -> dict[str, Any]:
+    """Seconds for prefill + `tokens` greedy decode steps, median of `repeats` after a warm-up."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def once() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            cache = DynamicCache()
+            out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, **{kw: cache})
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(tokens - 1):
+                out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - start
+
+    once()
+    times = [once() for _ in range(repeats)]
+    wall = statistics.median(times)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def ask(url: str, model: str, max_tokens: int, repeats: int) -> dict[str, Any]:
+    """One request at a time through the openai client; tokens/s over the whole request."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def once() -> tuple[float, int]:
+        start = time.perf_counter()
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
+        return time.perf_counter() - start, r.usage.completion_tokens
+
+    once()
+    runs = [once() for _ in range(repeats)]
+    wall = statistics.median(t for t, _ in runs)
+    tokens = runs[0][1]
+    assert all(n == tokens for _, n in runs), runs  # greedy: the same answer every time
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, help="a trained adapter directory (fcd train's adapter/)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead_bench.json")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fcdistill.chat_format import ChatFormat
+    from fcdistill.models import resize_for_tokenizer, resolve_model
+    from fcdistill.serve.engines.hf import _merged_copy
+    from fcdistill.serve.process import start_server
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter)  # the adapter's: it has the FC token
+    prompt_ids = tokenizer.encode(ChatFormat(tokenizer).render_prompt(MESSAGES, None), add_special_tokens=False)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=dtype).eval()
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        resize_for_tokenizer(base, len(tokenizer))
+    merged = _merged_copy(base, args.adapter, dtype)
+    bare_models = {MODEL: base, "tuned": merged}
+
+    servers = {"no adapter": [], "adapter, PEFT layers": ["--merge-adapters", "off"],
+               "adapter, merged": ["--merge-adapters", "on"]}
+    rows = []
+    log_dir = args.out.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for name, extra in servers.items():
+        flags = ["--dtype", args.dtype, "--prefix-cache-mb", "0", *extra]  # the bare loop prefills every time too
+        if extra:
+            flags += ["--adapter", f"tuned={args.adapter}"]
+        with start_server(["--model", MODEL, *flags], log_dir / "overhead_bench.serve.log") as srv:
+            for requested in ([MODEL, "tuned"] if extra else [MODEL]):
+                served = ask(srv.url, requested, args.max_tokens, args.repeats)
+                bare = bare_loop(bare_models[requested], prompt_ids, served["tokens"], args.repeats)
+                rows.append({"server": name, "model": requested, "served": served, "bare": bare,
+                             "server_vs_bare": round(served["tokens_per_s"] / bare["tokens_per_s"], 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    result = {"benchmark": "overhead_bench", "model": MODEL, "adapter": args.adapter, "dtype": args.dtype,
+              "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
+              "machine": platform.processor() or platform.machine(), "rows": rows,
+              "goal": "server_vs_bare >= 0.9 for the base with an adapter loaded and for the adapter"}
+    result["load_average_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
