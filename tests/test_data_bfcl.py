@@ -169,6 +169,7 @@ def _fcd(*args: str, env_extra: str = "") -> subprocess.CompletedProcess:
     (["data", "bfcl", "--eval-fraction", "1.0"], "--eval-fraction must be a fraction"),
     (["data", "bfcl", "--mix-in", "0"], "--mix-in must be a fraction"),
     (["data", "bfcl", "--categories", "web_search"], "unknown BFCL category 'web_search'"),
+    (["data", "bfcl", "--optional-args", "bogus"], "--optional-args must be omit or given, not 'bogus'"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     proc = _fcd(*args, "--out", str(tmp_path))

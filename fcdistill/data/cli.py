@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         from fcdistill.data.bfcl import DataError, SplitOptions, prepare_bfcl
 
         try:
+            if optional_args not in ("omit", "given"):
+                raise DataError(f"--optional-args must be omit or given, not {optional_args!r}")
             caps = {}
             for item in _csv(max_per_category):
                 name, _, n = item.partition("=")
