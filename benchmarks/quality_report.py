@@ -13,6 +13,7 @@ Usage:
       --run base=runs/quality-aug/eval/base --run gt-only=runs/quality-gt/eval/tuned \
       --run augmented=runs/quality-aug/eval/tuned \
       [--ablation "no masking=runs/abl-nomask/eval/tuned" ...] \
+      [--ablation "gt-only>optional args given=runs/quality-gt-given/eval/tuned" ...] \
       --data runs/quality-aug/data --train-file runs/quality-aug/data-aug/train.jsonl \
       --augment-stats runs/quality-aug/data-aug/augment_stats.json \
       [--everyday reports/everyday_tools.json] [--train-bench benchmarks/results/train_bench.json] \
@@ -134,7 +135,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", default=[], required=True,
                     help="NAME=EVAL_RUN_DIR (an `fcd eval run` output); the first is the baseline")
-    ap.add_argument("--ablation", action="append", default=[], help="NAME=EVAL_RUN_DIR, compared with the last --run")
+    ap.add_argument("--ablation", action="append", default=[],
+                    help="NAME=EVAL_RUN_DIR, compared with the last --run; RUN>NAME=EVAL_RUN_DIR compares it with the "
+                         "--run named RUN (one lever moved from that run)")
     ap.add_argument("--data", type=Path, required=True, help="the data dir whose eval split was evaluated")
     ap.add_argument("--train-file", type=Path, required=True, help="the train records trained on (contamination)")
     ap.add_argument("--augment-stats", type=Path)
@@ -157,13 +160,22 @@ def main() -> None:
           "Accuracy % (correct/answered; Wilson CI95); ✓/✗ against the target; runs after the first paired "
           f"item by item with {runs[0][0]} (+gained/−lost, exact McNemar p).", "", *accuracy_table(main_cmp), ""]
     if args.ablation:
-        abl = [_pair(a) for a in args.ablation]
-        ref_name, ref_dir = runs[-1]
-        abl_cmp = compare_data([ref_dir, *(p for _, p in abl)])
-        for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
-            entry["label"] = name
-        report["ablations"] = abl_cmp
-        md += ["## Ablations", "", f"Each against {ref_name} (the recipe), item by item.", "", *accuracy_table(abl_cmp), ""]
+        groups: dict[str, list[tuple[str, Path]]] = {}  # the run an ablation moves one lever of -> its ablations
+        named = dict(runs)
+        for text in args.ablation:
+            base, sep, rest = text.partition(">")
+            base, rest = (base, rest) if sep and "=" not in base else (runs[-1][0], text)
+            if base not in named:
+                raise SystemExit(f"error: --ablation {text!r}: no --run named {base!r}")
+            groups.setdefault(base, []).append(_pair(rest))
+        report["ablations"] = {}
+        md += ["## Ablations", ""]
+        for ref_name, abl in groups.items():
+            abl_cmp = compare_data([named[ref_name], *(p for _, p in abl)])
+            for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
+                entry["label"] = name
+            report["ablations"][ref_name] = abl_cmp
+            md += [f"Against {ref_name}, item by item.", "", *accuracy_table(abl_cmp), ""]
     if args.augment_stats:
         stats = json.loads(args.augment_stats.read_text())
         report["augment_stats"] = stats
