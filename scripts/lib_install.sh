@@ -2,7 +2,10 @@
 # into that venv. uv (a pinned release, put into the venv by its own pip) installs the same packages
 # as pip in a fraction of the time; uv does not read pip's configuration, so the local wheel
 # directory pip is pointed at (PIP_FIND_LINKS or pip.conf's find-links: the CPU torch wheel) is
-# passed on. Where uv cannot be installed, pip does the work. FCD_INSTALLER=pip forces pip.
+# passed on. Bytecode is compiled at install, as pip does: these machines set PYTHONDONTWRITEBYTECODE,
+# so without it every process (each vLLM engine core, each test subprocess) compiles torch, vLLM and
+# transformers from source again (about 25 s more per vLLM server start). Where uv cannot be installed,
+# pip does the work. FCD_INSTALLER=pip forces pip.
 UV_VERSION=0.13.9
 
 use_installer() {
@@ -18,7 +21,7 @@ use_installer() {
 
 install() {
   if [ ${#_uv[@]} -gt 0 ]; then
-    "${_uv[@]}" install -q --python "$_venv/bin/python" "${_uv_links[@]}" "$@"
+    "${_uv[@]}" install -q --compile-bytecode --python "$_venv/bin/python" "${_uv_links[@]}" "$@"
   else
     "$_venv/bin/python" -m pip install -q "$@"
   fi
