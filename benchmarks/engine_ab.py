@@ -37,13 +37,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def setting(text: str) -> dict[str, Any]:
-    """KEY=VALUE[,KEY=VALUE] -> HFEngine keyword arguments (values read as YAML)."""
+    """KEY=VALUE[,KEY=VALUE] -> HFEngine keyword arguments (values read as YAML, except YAML 1.1's
+    on/off/yes/no, which stay words: `merge_adapters=off` means the word)."""
     import yaml
 
     out = {}
     for part in [p for p in text.split(",") if p]:
         key, _, raw = part.partition("=")
-        out[key.strip()] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        out[key.strip()] = raw.strip() if raw.strip().lower() in ("on", "off", "yes", "no") else value
     return out
 
 
