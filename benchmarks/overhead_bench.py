@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead_bench.json")
     args = ap.parse_args()
+    load_at_start = os.getloadavg()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,7 +124,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "overhead_bench", "model": MODEL, "adapter": args.adapter, "dtype": args.dtype,
               "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
+              "threads": torch.get_num_threads(), "load_average_at_start": load_at_start,
               "machine": platform.processor() or platform.machine(), "rows": rows,
               "goal": "server_vs_bare >= 0.9 for the base with an adapter loaded and for the adapter"}
     result["load_average_at_end"] = os.getloadavg()
