@@ -5,18 +5,25 @@ Every problem is listed, not only the first, so a config with three mistakes is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 
-def validation_problems(exc: Any) -> list[str]:
+def validation_problems(exc: Any, names: Mapping[str, str] | None = None) -> list[str]:
     """Each error of a pydantic ValidationError (or of its `.errors()` list, e.g. FastAPI's with the
-    leading `body` stripped) as `loc: message` (our own text where we raised it)."""
+    leading `body` stripped) as `loc: message` (our own text where we raised it).
+
+    `names` maps a model's field to what the user typed for it (a CLI maps `optional_args` to
+    `--optional-args`), so the message names the flag, not the model's field."""
     errors = exc if isinstance(exc, list) else getattr(exc, "errors", lambda: [])()
     if not errors:
         return [str(exc).splitlines()[0]]
     out = []
     for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts = [str(p) for p in err.get("loc", ())]
+        if parts and names and parts[0] in names:
+            parts[0] = names[parts[0]]
+        loc = ".".join(parts)
         inner = (err.get("ctx") or {}).get("error")
         if inner is not None:
             msg = str(inner)  # our own validators name their field or flag themselves
@@ -26,15 +33,17 @@ def validation_problems(exc: Any) -> list[str]:
                 msg = "unknown field (check the spelling; see configs/ for the known fields)"
             elif err.get("type") == "missing":
                 msg = "required field is missing"
+            elif isinstance(err.get("input"), (str, int, float)) and not isinstance(err.get("input"), bool):
+                msg += f", not {err['input']!r}"
             msg = f"{loc}: {msg}" if loc else msg
         if msg not in out:
             out.append(msg)
     return out
 
 
-def validation_message(exc: Any) -> str:
+def validation_message(exc: Any, names: Mapping[str, str] | None = None) -> str:
     """All problems on one line: the problem itself when there is one, else `N problems: a; b; c`."""
-    problems = validation_problems(exc)
+    problems = validation_problems(exc, names)
     return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
 
 

@@ -147,6 +147,18 @@ def ensure_fc_token(tokenizer: Any, token: str) -> FcTokenInfo:
 PEFT_CHECKPOINTING_NOTICE = "`is_gradient_checkpointing` is deprecated"
 
 
+def load_peft_adapter(base: Any, adapter: str | os.PathLike, adapter_name: str = "default") -> Any:
+    """`PeftModel.from_pretrained(base, adapter)` without the checkpointing notice: the one place
+    train (export) and serve (the hf engine, merged or not) load a trained adapter onto a base."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(adapter), adapter_name=adapter_name)
+
+
 def resize_for_tokenizer(model: Any, n_tokens: int) -> None:
     """Grow the embedding matrix to `n_tokens` rows for an added FC token, new rows drawn around the
     old rows' mean (transformers' mean_resizing). transformers announces that choice at every resize

@@ -166,10 +166,10 @@ def _fcd(*args: str, env_extra: str = "") -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,needle", [
     (["data", "bfcl", "--categories", "simple_python,nonsense"], "unknown BFCL category 'nonsense'"),
-    (["data", "bfcl", "--eval-fraction", "1.0"], "--eval-fraction must be a fraction"),
-    (["data", "bfcl", "--mix-in", "0"], "--mix-in must be a fraction"),
+    (["data", "bfcl", "--eval-fraction", "1.0"], "--eval-fraction: Input should be less than 1, not 1.0"),
+    (["data", "bfcl", "--mix-in", "0"], "--mix-in: Input should be greater than 0, not 0.0"),
     (["data", "bfcl", "--categories", "web_search"], "unknown BFCL category 'web_search'"),
-    (["data", "bfcl", "--optional-args", "bogus"], "--optional-args must be omit or given, not 'bogus'"),
+    (["data", "bfcl", "--optional-args", "bogus"], "--optional-args: Input should be 'omit' or 'given', not 'bogus'"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     proc = _fcd(*args, "--out", str(tmp_path))

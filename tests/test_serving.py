@@ -227,7 +227,7 @@ def test_request_validation_errors_name_the_field():
     message, param = request_problem(_request_error({**good, "max_tokens": 0}))
     assert (message, param) == ("max_tokens must be at least 1", "max_tokens")
     message, param = request_problem(_request_error({"model": "m", "messages": "hi", "n": 99}))
-    assert message == "2 problems: n: Input should be less than or equal to 8; messages: Input should be a valid list"
+    assert message == "2 problems: n: Input should be less than or equal to 8, not 99; messages: Input should be a valid list, not 'hi'"
     assert param == "n"  # the first problem's place
     bad_json = RequestValidationError([{"type": "json_invalid", "loc": ("body", 22), "msg": "JSON decode error",
                                         "input": {}, "ctx": {"error": "Expecting value"}}])

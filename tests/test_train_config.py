@@ -64,7 +64,7 @@ def _cli(*args: str):
     (lambda t: t.update(learning_rate=1e-3), "learning_rate: unknown field"),
     (lambda t: t["lora"].update(rank=8), "lora.rank: unknown field"),
     (lambda t: t["data"].update(train="/nonexistent/train.jsonl"), "data.train file not found: /nonexistent/train.jsonl"),
-    (lambda t: t["lora"].update(r=0), "lora.r: Input should be greater than or equal to 1"),
+    (lambda t: t["lora"].update(r=0), "lora.r: Input should be greater than or equal to 1, not 0"),
     (lambda t: t.update(max_length=64), "max_length 64 is shorter than a prompt"),
     (lambda t: t["lora"].update(target_modules=["q_proj", "lm_head"]), "lm_head cannot be a LoRA target"),
     (lambda t: t.update(eval_steps=5), "eval_steps is set but there is no eval data"),
@@ -89,8 +89,8 @@ def test_every_config_error_is_listed_on_one_line(pairs, tmp_path, no_model_load
     assert result.exit_code == 2, result.output
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "3 problems: " in err, err
-    for needle in ("lora.r: Input should be greater than or equal to 1", "lora.rank: unknown field",
-                   "epochs: Input should be greater than 0"):
+    for needle in ("lora.r: Input should be greater than or equal to 1, not 0", "lora.rank: unknown field",
+                   "epochs: Input should be greater than 0, not 0"):
         assert needle in err, err
 
 
@@ -101,7 +101,7 @@ def test_bad_config_message_from_a_real_process(pairs, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "train", "--config", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {path}: lora.r: Input should be greater than or equal to 1"]
+    assert proc.stderr.strip().splitlines() == [f"error: {path}: lora.r: Input should be greater than or equal to 1, not 0"]
 
 
 def test_missing_or_broken_config_file(tmp_path, no_model_load):

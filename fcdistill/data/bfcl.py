@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from fcdistill.bfcl_env import bfcl_data_dir, bfcl_version, with_language_hint
 from fcdistill.data.dedup import EvalIndex, normalize, question_text
@@ -48,8 +48,8 @@ class SplitOptions(BaseModel):
     categories: list[str]
     eval_only: list[str] = Field(default_factory=list)
     live_eval_only: bool = True
-    eval_fraction: float = 0.5
-    mix_in_fraction: float = 0.1
+    eval_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    mix_in_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_per_category: dict[str, int] = Field(default_factory=dict)
     seed: int = 42
     # optional parameters in the canonical targets: "omit" every one BFCL's answer lets go unsaid, or
@@ -57,14 +57,6 @@ class SplitOptions(BaseModel):
     # gives no value (`[""]`). bfcl's checker accepts the target either way where BFCL's answer is
     # consistent with its schema; "given" also keeps required parameters BFCL lists with `""`.
     optional_args: Literal["omit", "given"] = "omit"
-
-    @field_validator("eval_fraction", "mix_in_fraction")
-    @classmethod
-    def _fraction(cls, v: float, info: Any) -> float:
-        if not 0.0 < v < 1.0:
-            flag = "--eval-fraction" if info.field_name == "eval_fraction" else "--mix-in"
-            raise DataError(f"{flag} must be a fraction strictly between 0 and 1, got {v}")
-        return v
 
     def check(self) -> None:
         if not self.categories:

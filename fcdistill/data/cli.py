@@ -14,6 +14,12 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+# SplitOptions' fields as `fcd data bfcl` spells them, so its validation errors name the flag
+SPLIT_FLAGS = {"categories": "--categories", "eval_only": "--eval-only", "live_eval_only": "--live-eval-only",
+               "eval_fraction": "--eval-fraction", "mix_in_fraction": "--mix-in",
+               "max_per_category": "--max-per-category", "seed": "--seed", "optional_args": "--optional-args"}
+
+
 def register(app: typer.Typer) -> None:
     """Add the `data` command group to the top-level CLI."""
     data_app = typer.Typer(help="Prepare data: BFCL splits and exports.", no_args_is_help=True)
@@ -40,8 +46,6 @@ def register(app: typer.Typer) -> None:
         from fcdistill.data.bfcl import DataError, SplitOptions, prepare_bfcl
 
         try:
-            if optional_args not in ("omit", "given"):
-                raise DataError(f"--optional-args must be omit or given, not {optional_args!r}")
             caps = {}
             for item in _csv(max_per_category):
                 name, _, n = item.partition("=")
@@ -53,7 +57,7 @@ def register(app: typer.Typer) -> None:
                                 optional_args=optional_args)
             result = prepare_bfcl(opts, out)
         except ValidationError as exc:
-            fail(validation_message(exc))
+            fail(validation_message(exc, SPLIT_FLAGS))
         except (DataError, BfclMissingError) as exc:
             fail(str(exc))
         typer.echo(result.summary())

@@ -73,20 +73,14 @@ def load_trained(path: str | Path, *, dtype: Any = None, device: str | None = No
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
         meta = read_meta(p)
     else:
-        import warnings
-
-        from peft import PeftModel
-
-        from fcdistill.models import PEFT_CHECKPOINTING_NOTICE
+        from fcdistill.models import load_peft_adapter
 
         meta = read_meta(adapter)
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
         base = AutoModelForCausalLM.from_pretrained(_base_dir(meta), dtype=dtype)
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
-            model = PeftModel.from_pretrained(base, str(adapter))
+        model = load_peft_adapter(base, adapter)
     if device:
         model.to(device)
     model.eval()

@@ -31,7 +31,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -150,7 +149,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import (PEFT_CHECKPOINTING_NOTICE, ensure_fc_token, resize_for_tokenizer, resolve_model,
+        from fcdistill.models import (ensure_fc_token, load_peft_adapter, resize_for_tokenizer, resolve_model,
                                       serving_dtype)
 
         path = resolve_model(model)
@@ -185,14 +184,10 @@ class HFEngine:
                 self.merged[name] = _merged_copy(base, adapter_path, self.dtype)
             self.model = base
         elif self.adapters:
-            from peft import PeftModel
-
             names = list(self.adapters)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
-                net = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
-                for name in names[1:]:
-                    net.load_adapter(self.adapters[name], adapter_name=name)
+            net = load_peft_adapter(base, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                net.load_adapter(self.adapters[name], adapter_name=name)
             self.model = net.to(self.device).eval()
         else:
             self.model = base
@@ -540,15 +535,11 @@ def _merged_copy(base: Any, adapter_path: str, dtype: Any) -> Any:
     import copy
 
     import torch
-    from peft import PeftModel
 
-    from fcdistill.models import PEFT_CHECKPOINTING_NOTICE
+    from fcdistill.models import load_peft_adapter
 
     clone = copy.deepcopy(base).to(torch.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
-        merged = PeftModel.from_pretrained(clone, adapter_path).merge_and_unload()
-    return merged.to(dtype).eval()
+    return load_peft_adapter(clone, adapter_path).merge_and_unload().to(dtype).eval()
 
 
 def _as_list(x: Any) -> list[int]:
