@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,26 @@ def test_cli_import_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_optimizer_names_are_read_from_transformers_once_per_version(tmp_path):
+    """Validating a config (every `fcd run`) must not import transformers' training arguments (~4 s)
+    once the installed version's names are cached; the cached lists are transformers' own."""
+    code = ("import sys; from fcdistill.train.config import OptimSettings, trainer_names\n"
+            "OptimSettings(optimizer='adamw_torch', scheduler='cosine').check_names()\n"
+            "print(len(trainer_names()[0]), 'transformers.training_args' in sys.modules)")
+    env = {**os.environ, "FCD_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    n, imported = first.stdout.split()
+    assert int(n) > 10 and imported == "True"
+    assert second.stdout.split() == [n, "False"]
+    from transformers.training_args import OptimizerNames
+
+    cached = json.loads(next((tmp_path / "names").glob("transformers-*.json")).read_text())
+    assert cached["optimizers"] == [o.value for o in OptimizerNames]
+    bad = subprocess.run([sys.executable, "-c", "from fcdistill.train.config import OptimSettings\n"
+                          "OptimSettings(optimizer='adamw_nope').check_names()"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown optimizer 'adamw_nope'" in bad.stderr

@@ -99,16 +99,40 @@ class OptimSettings(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
 
     def check_names(self) -> None:
-        """Optimizer and scheduler names against transformers' own lists (after the cheap checks: it imports torch)."""
-        from transformers.trainer_utils import SchedulerType
-        from transformers.training_args import OptimizerNames
-
-        optimizers = [o.value for o in OptimizerNames]
+        """Optimizer and scheduler names against transformers' own lists (after the cheap checks)."""
+        optimizers, schedulers = trainer_names()
         if self.optimizer not in optimizers:
             raise ConfigError(f"optim.optimizer: unknown optimizer {self.optimizer!r}; e.g. adamw_torch, adamw_torch_fused, sgd")
-        schedulers = [s.value for s in SchedulerType]
         if self.scheduler not in schedulers:
             raise ConfigError(f"optim.scheduler: unknown scheduler {self.scheduler!r}; choose one of {', '.join(schedulers)}")
+
+
+def trainer_names() -> tuple[list[str], list[str]]:
+    """The optimizer and scheduler names the installed transformers knows.
+
+    Reading them imports torch and transformers' training arguments (about 4 s), which every `fcd run`
+    would pay just to validate a recipe, even one whose training is done and skipped. So the lists are
+    kept per transformers version in the fcdistill cache and imported once."""
+    from importlib.metadata import version
+
+    from fcdistill.jsonl import write_json_atomic
+    from fcdistill.models import cache_dir
+
+    path = cache_dir() / "names" / f"transformers-{version('transformers')}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return list(cached["optimizers"]), list(cached["schedulers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    names = {"optimizers": [o.value for o in OptimizerNames], "schedulers": [s.value for s in SchedulerType]}
+    try:
+        write_json_atomic(path, names)
+    except OSError:
+        pass  # a read-only cache only costs the import next time
+    return names["optimizers"], names["schedulers"]
 
 
 class TrainConfig(_Strict):
