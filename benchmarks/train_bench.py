@@ -14,7 +14,10 @@ own process so that peak RSS is its own:
   - packed-bf16-nodropout: and LoRA dropout 0 (PEFT then skips the dropout copy of every input);
   - +segments: and each packed example attended on its own (fcdistill/train/throughput.py);
   - +labelled-head: packed-bf16-nodropout with the LM head projecting only labelled positions;
-  - fast: both (the training default now);
+  - fast-peft-token-rows: both, the FC token's row trained through PEFT's own path (a copy of the
+    embedding matrix a forward for the input side and another for the LM head);
+  - fast: both, and the FC row trained without those copies (the training default now);
+  - fast-fp32-peft-token-rows, fast-fp32: the same two in fp32 (CPUs without native bf16, e.g. AVX2 only);
   - grouped-bf16-nodropout: bf16, no dropout, unpacked batches grouped by length.
 The "packed*" variants without "+" run the old attention and LM head (the child process turns the
 two throughput changes off); the others run the training code as it is.
@@ -117,7 +120,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
         "lora_dropout": cfg.lora.dropout, "segmented_attention": spec.get("segments", True),
-        "lm_head_labelled_only": spec.get("labelled_head", True), "eval_loss": trained.metrics.get("eval_loss"),
+        "lm_head_labelled_only": spec.get("labelled_head", True),
+        "token_rows_copy_free": spec.get("copy_free", True), "eval_loss": trained.metrics.get("eval_loss"),
         "final_train_loss": trained.metrics.get("train_loss"),
     }
     return result
@@ -125,7 +129,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    use_throughput_changes(spec.get("segments", True), spec.get("labelled_head", True))
+    use_throughput_changes(spec.get("segments", True), spec.get("labelled_head", True), spec.get("copy_free", True))
     if spec.get("threads"):
         import torch
 
@@ -155,21 +159,25 @@ def base_config(student: str, data: Path, eval_data: Path | None, out: Path, ste
             "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
 
 
-# name -> (batch, packing, sampling, precision, LoRA dropout, segmented attention, labelled-only LM head)
-VARIANTS: dict[str, tuple[int | None, bool, str, str, float, bool, bool]] = {
-    "unpacked": (None, False, "random", "fp32", 0.05, True, True),
-    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05, True, True),
-    "packed": (1, True, "random", "fp32", 0.05, False, False),
-    "packed-bf16": (1, True, "random", "bf16", 0.05, False, False),
-    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0, False, False),
-    "+segments": (1, True, "random", "bf16", 0.0, True, False),
-    "+labelled-head": (1, True, "random", "bf16", 0.0, False, True),
-    "fast": (1, True, "random", "bf16", 0.0, True, True),
-    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0, True, True),
+# name -> (batch, packing, sampling, precision, LoRA dropout, segmented attention, labelled-only LM head,
+#          FC token rows without matrix copies)
+VARIANTS: dict[str, tuple[int | None, bool, str, str, float, bool, bool, bool]] = {
+    "unpacked": (None, False, "random", "fp32", 0.05, True, True, True),
+    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05, True, True, True),
+    "packed": (1, True, "random", "fp32", 0.05, False, False, False),
+    "packed-bf16": (1, True, "random", "bf16", 0.05, False, False, False),
+    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0, False, False, False),
+    "+segments": (1, True, "random", "bf16", 0.0, True, False, False),
+    "+labelled-head": (1, True, "random", "bf16", 0.0, False, True, False),
+    "fast-peft-token-rows": (1, True, "random", "bf16", 0.0, True, True, False),
+    "fast": (1, True, "random", "bf16", 0.0, True, True, True),
+    "fast-fp32-peft-token-rows": (1, True, "random", "fp32", 0.0, True, True, False),
+    "fast-fp32": (1, True, "random", "fp32", 0.0, True, True, True),
+    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0, True, True, True),
 }
 
 
-def use_throughput_changes(segments: bool, labelled_head: bool) -> None:
+def use_throughput_changes(segments: bool, labelled_head: bool, copy_free: bool = True) -> None:
     """In a variant's own process: turn off what it measures without (the training code's old path)."""
     import fcdistill.train.sft as sft
 
@@ -177,6 +185,8 @@ def use_throughput_changes(segments: bool, labelled_head: bool) -> None:
         sft.register_packed_sdpa = lambda: "sdpa"
     if not labelled_head:
         sft.score_only_labelled_positions = lambda: False
+    if not copy_free:
+        sft.trainable_tokens_without_copies = lambda model: 0
 
 
 # -- parts -----------------------------------------------------------------------------------------
@@ -191,13 +201,13 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) 
     loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
     variants = {}
     for name in args.variants.split(","):
-        batch, packing, sampling, precision, dropout, segments, labelled_head = VARIANTS[name]
+        batch, packing, sampling, precision, dropout, segments, labelled_head, copy_free = VARIANTS[name]
         cfg = base_config("smollm2-135m", data, eval_data, work / name, args.steps, batch=batch or args.batch,
                           max_length=args.pack_length if packing else args.max_length, packing=packing,
                           precision=precision, attn="sdpa", threads=threads, sampling=sampling, dropout=dropout)
         print(f"cpu: {name} ...", file=sys.stderr, flush=True)
         variants[name] = launch({"name": name, "config": cfg, "threads": threads, "segments": segments,
-                                 "labelled_head": labelled_head}, work)
+                                 "labelled_head": labelled_head, "copy_free": copy_free}, work)
         print(f"  {variants[name]}", file=sys.stderr, flush=True)
     base = variants.get("packed") or next(iter(variants.values()))
     ratios = {f"{n}_vs_{base['name']}": {

@@ -124,3 +124,56 @@ def test_compact_lm_head_gives_the_plain_loss_and_gradients(llama_dir):
     assert torch.allclose(loss_a, loss_b, atol=1e-5), (loss_a, loss_b)
     assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-4)
     assert torch.allclose(head_a, head_b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_copy_free_trainable_tokens_give_peft_values_and_gradients(tmp_path, tied):
+    """The FC row trained without copying the matrix: the same logits, loss and gradients (the row's
+    and the LoRA weights') as PEFT's index_copy path, through the model's forward and through the LM
+    head's `weight` as TRL's fused head reads it; the head's weight is the base matrix, not a copy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fcdistill.train.sft import fit_trainable_tokens_to_fused_lm_head
+    from fcdistill.train.throughput import trainable_tokens_without_copies
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    fc = 299
+    ids = torch.tensor([[5, fc, 17, 42, fc, 8, 99, fc]])
+
+    def run(copy_free: bool):
+        torch.manual_seed(1)  # the same LoRA initialisation and perturbation both times
+        base = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+        indices = [fc] if tied else {"model.embed_tokens": [fc], "lm_head": [fc]}
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                trainable_token_indices=indices))
+        fit_trainable_tokens_to_fused_lm_head(model)
+        with torch.no_grad():  # a trained-looking row, not the initial copy of the base row
+            for name, p in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    p.add_(torch.randn_like(p))
+                elif "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if copy_free:
+            assert trainable_tokens_without_copies(model) == 2
+        logits = model(input_ids=ids).logits
+        head = model.get_output_embeddings()
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        fused = torch.nn.functional.linear(hidden, head.weight)  # what TRL's fused head computes with
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]) + fused[0, :, fc].sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        base_weight = head.token_adapter.base_layer.weight
+        return logits.detach(), loss.item(), grads, head.weight.data_ptr() == base_weight.data_ptr()
+
+    ref_logits, ref_loss, ref_grads, ref_shared = run(False)
+    logits, loss, grads, shared = run(True)
+    assert not ref_shared and shared  # PEFT hands the head a copy; the patched head reads the base matrix
+    assert torch.allclose(logits, ref_logits, atol=1e-6) and abs(loss - ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and any("trainable_tokens_delta" in n for n in grads)
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(g, ref_grads[name], atol=1e-6, rtol=1e-4), name

@@ -30,7 +30,8 @@ from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenIn
                               ensure_fc_token,
                               resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
-from fcdistill.train.throughput import register_packed_sdpa, score_only_labelled_positions
+from fcdistill.train.throughput import (register_packed_sdpa, score_only_labelled_positions,
+                                         trainable_tokens_without_copies)
 
 log = logging.getLogger("fcdistill.train")
 
@@ -490,6 +491,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
                              callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or [])])
     _loss_on_the_bar(trainer)
     fit_trainable_tokens_to_fused_lm_head(trainer.model, upcast=not trainer.is_deepspeed_enabled)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    copy_free = not sharded and trainable_tokens_without_copies(trainer.model) > 0
     state = trainer.accelerator.state
     kind = state.distributed_type
     info = {
@@ -497,7 +500,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         "fc_token": prep.fc.token, "fc_token_id": prep.fc.token_id, "fc_token_added": prep.fc.added,
         "embeddings_resized": resized, "tied_embeddings": tied, "vocab_size": len(prep.tokenizer),
         "precision": precision.name, "packing": packing, "attn_implementation": attn,
-        "lm_head_scores_labelled_only": compact_head,
+        "lm_head_scores_labelled_only": compact_head, "trainable_tokens_copy_free": copy_free,
         "device": str(trainer.args.device), "world_size": trainer.args.world_size,
         "distributed_type": str(getattr(kind, "value", kind)), "backend": state.backend, "report_to": report_to,
         "data": prep.stats,

@@ -92,3 +92,85 @@ def score_only_labelled_positions() -> bool:
     compact_everywhere_but_neuron._fcd_compact = True  # type: ignore[attr-defined]
     trl_utils._use_triton = compact_everywhere_but_neuron
     return True
+
+
+def trainable_tokens_without_copies(model: Any) -> int:
+    """Train PEFT's trainable-token rows (the FC token's) without a copy of the whole matrix a forward.
+
+    PEFT builds the weight it uses as `base.index_copy(rows)`: a fresh copy of the 49k x 576 embedding
+    for the input embedding and another for the (tied) LM head on every forward, and the embedding's
+    backward then fills a dense 49k-row gradient of which one row is kept. In a profile of packed
+    fp32 steps on a 2-core AVX2 CPU those copies, fills and the dense gradient took about 9% of a step.
+
+    Instead the trained rows are written into the frozen base matrix in place (it takes no gradient;
+    a 1-row write), the embedding looks up the base matrix and puts the rows back in as the only
+    differentiable part (`torch.where` over the FC positions), and the LM head gets the base matrix
+    itself through an autograd function that hands the rows their slice of its gradient. Values
+    and gradients are those of PEFT's path; what is saved (the deltas) is unchanged. Training only:
+    the base matrix then holds the trained rows, so a model patched here must not be asked for its
+    base outputs with adapters disabled (training never does; serving loads adapters afresh). Not
+    under DeepSpeed ZeRO-3 or FSDP, whose partitioned matrices cannot be written a row at a time.
+    Returns the number of layers patched.
+    """
+    import types
+
+    import torch
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    class RowsInBase(torch.autograd.Function):
+        """`weight` (already holding `rows` at `index`) as an output whose gradient reaches `rows`."""
+
+        @staticmethod
+        def forward(ctx: Any, weight: Any, index: Any, rows: Any) -> Any:
+            ctx.save_for_backward(index)
+            return weight.view_as(weight)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[None, None, Any]:
+            (index,) = ctx.saved_tensors
+            return None, None, grad.index_select(0, index)
+
+    def rows_written(layer: Any, active: list[str]) -> tuple[Any, Any, Any] | None:
+        weight = layer.base_layer.weight
+        names = [a for a in active if a in layer.trainable_tokens_delta]
+        if not names:
+            return None
+        index = torch.tensor([i for a in names for i in layer.token_indices[a]], device=weight.device)
+        rows = torch.cat([layer.trainable_tokens_delta[a] for a in names]).to(weight.dtype)
+        with torch.no_grad():
+            # written only when the rows moved (an optimizer step): a second forward before the backward
+            # (the head after the embedding, an eval) leaves alone the matrix the first one's graph holds
+            if not torch.equal(weight.index_select(0, index), rows):
+                weight.index_copy_(0, index, rows)
+        return weight, index, rows
+
+    def get_merged_weights(self: Any, active_adapters: list[str]) -> Any:
+        written = rows_written(self, list(active_adapters))
+        return self.base_layer.weight if written is None else RowsInBase.apply(*written)
+
+    def forward_adapters(self: Any, x: Any, active_adapters: list[str], *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters or not active_adapters or self.merged:
+            return TrainableTokensLayer.forward_adapters(self, x, active_adapters, *args, **kwargs)
+        self._check_overlapping_tokens(active_adapters)
+        written = rows_written(self, list(active_adapters))
+        base = self.base_layer
+        if written is None:
+            return base(x, *args, **kwargs)
+        weight, index, rows = written
+        if not isinstance(base, torch.nn.Embedding):
+            return torch.nn.functional.linear(x, RowsInBase.apply(weight, index, rows))
+        out = torch.nn.functional.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                                            base.scale_grad_by_freq, base.sparse)
+        for i, token in enumerate(index.tolist()):
+            out = torch.where((x == token).unsqueeze(-1), rows[i].to(out.dtype), out)
+        scale = self._get_embed_scale()
+        return out if scale is None else out * scale.to(out.dtype)
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not getattr(module, "_fcd_no_copies", False):
+            module.get_merged_weights = types.MethodType(get_merged_weights, module)
+            module.forward_adapters = types.MethodType(forward_adapters, module)
+            module._fcd_no_copies = True
+            patched += 1
+    return patched
