@@ -34,7 +34,8 @@ def validation_problems(exc: Any, names: Mapping[str, str] | None = None) -> lis
             elif err.get("type") == "missing":
                 msg = "required field is missing"
             elif isinstance(err.get("input"), (str, int, float)) and not isinstance(err.get("input"), bool):
-                msg += f", not {err['input']!r}"
+                shown = repr(err["input"])  # the refused value, cut short: a request body can be megabytes
+                msg += f", not {shown if len(shown) <= 60 else shown[:57] + '...'}"
             msg = f"{loc}: {msg}" if loc else msg
         if msg not in out:
             out.append(msg)

@@ -229,6 +229,8 @@ def test_request_validation_errors_name_the_field():
     message, param = request_problem(_request_error({"model": "m", "messages": "hi", "n": 99}))
     assert message == "2 problems: n: Input should be less than or equal to 8, not 99; messages: Input should be a valid list, not 'hi'"
     assert param == "n"  # the first problem's place
+    message, param = request_problem(_request_error({"model": "m", "messages": "x" * 100_000}))
+    assert message.startswith("messages: Input should be a valid list, not 'xxx") and len(message) < 120, message
     bad_json = RequestValidationError([{"type": "json_invalid", "loc": ("body", 22), "msg": "JSON decode error",
                                         "input": {}, "ctx": {"error": "Expecting value"}}])
     assert request_problem(bad_json) == ("request body is not valid JSON: Expecting value", None)
