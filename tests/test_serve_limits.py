@@ -56,7 +56,7 @@ def _client(url: str, retries: int = 0) -> openai.OpenAI:
 
 def test_a_request_over_the_in_flight_limit_gets_a_429_with_retry_after(server):
     held = threading.Event()
-    done = threading.Event()
+    release = threading.Event()
 
     def hold_the_only_place() -> None:
         stream = _client(server).chat.completions.create(model="smollm2-135m", messages=ASK, max_tokens=64,
@@ -64,7 +64,9 @@ def test_a_request_over_the_in_flight_limit_gets_a_429_with_retry_after(server):
         for i, _ in enumerate(stream):
             if i == 1:
                 held.set()
-        done.set()
+            if release.is_set():  # the holder hangs up: the server gives the place back
+                break
+        stream.close()
 
     t = threading.Thread(target=hold_the_only_place)
     t.start()
@@ -74,9 +76,11 @@ def test_a_request_over_the_in_flight_limit_gets_a_429_with_retry_after(server):
     assert refused.value.response.headers["retry-after"] == "1"
     body = refused.value.response.json()["error"]
     assert body["code"] == "rate_limit_exceeded" and "--max-concurrent-requests" in body["message"]
-    if not done.is_set():  # the official client waits Retry-After and tries again: it gets through
-        answer = _client(server, retries=5).chat.completions.create(model="smollm2-135m", messages=ASK, max_tokens=4)
-        assert answer.choices[0].message is not None
+    # the official client waits Retry-After and tries again: it gets through once the place is free
+    # (released 1.5 s in, whatever the machine's speed: the 64-token stream alone may outlast 5 retries)
+    threading.Timer(1.5, release.set).start()
+    answer = _client(server, retries=5).chat.completions.create(model="smollm2-135m", messages=ASK, max_tokens=4)
+    assert answer.choices[0].message is not None
     t.join(120)
     # the place is given back when the stream ends: the next request is served
     assert _client(server).chat.completions.create(model="smollm2-135m", messages=ASK, max_tokens=4).usage.completion_tokens > 0
