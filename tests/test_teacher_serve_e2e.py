@@ -38,8 +38,10 @@ def _env() -> dict[str, str]:
 
 
 def _teacher(url: str, *extra: str) -> list[str]:
+    # a CPU student answering 4 requests at once on a busy 2-core machine can take minutes for one long
+    # answer: the default 120 s an attempt timed out on an AVX2-only machine under the test suite
     return ["--base-url", url, "--model", "smollm2-135m", "--api-key-env", "FCD_E2E_KEY", "--concurrency", "4",
-            "--no-progress", *extra]
+            "--timeout", "600", "--no-progress", *extra]
 
 
 def _rows(path: Path) -> list[dict]:
