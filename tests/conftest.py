@@ -58,7 +58,11 @@ def hf_server(tmp_path_factory, smollm2_dir) -> str:
     more (eval, teacher): each pytest worker starts it at most once. Its base URL, without /v1."""
     from fcdistill.serve.process import start_server
 
-    with start_server(["--model", "smollm2-135m", "--api-key", SERVE_KEY], tmp_path_factory.mktemp("serve") / "serve.log",
+    # --grammar-timeout: on a 2-core AVX2-only machine busy with the suite, the synth test's generation
+    # requests came back 400 and passed alone; the grammar timeout (60 s by default) is the server's only
+    # 400 that depends on load
+    with start_server(["--model", "smollm2-135m", "--api-key", SERVE_KEY, "--grammar-timeout", "600"],
+                      tmp_path_factory.mktemp("serve") / "serve.log",
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
         yield srv.url
 
