@@ -152,13 +152,13 @@ def trainable_tokens_without_copies(model: Any) -> int:
         if self.disable_adapters or not active_adapters or self.merged:
             return TrainableTokensLayer.forward_adapters(self, x, active_adapters, *args, **kwargs)
         self._check_overlapping_tokens(active_adapters)
-        written = rows_written(self, list(active_adapters))
         base = self.base_layer
+        if not isinstance(base, torch.nn.Embedding):  # an LM head: the weight TRL's fused head reads, too
+            return torch.nn.functional.linear(x, get_merged_weights(self, active_adapters))
+        written = rows_written(self, list(active_adapters))
         if written is None:
             return base(x, *args, **kwargs)
         weight, index, rows = written
-        if not isinstance(base, torch.nn.Embedding):
-            return torch.nn.functional.linear(x, RowsInBase.apply(weight, index, rows))
         out = torch.nn.functional.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
                                             base.scale_grad_by_freq, base.sparse)
         for i, token in enumerate(index.tolist()):
