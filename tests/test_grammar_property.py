@@ -9,6 +9,7 @@ for any logits, so a biased random draw is as good a witness as an unbiased one.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -23,6 +24,7 @@ from fcdistill.grammars import LoopGuard, SequenceConstraint, compile_grammar, t
 from fcdistill.tools import ToolSpec, closed_schema
 
 MAX_STEPS = 600
+BACKENDS = pytest.mark.parametrize("backend", ["outlines", "llguidance"])
 SUB_VOCAB = 6000  # the property needs real multi-character tokens, not all 49k: compile stays fast
 
 
@@ -33,23 +35,24 @@ def rig(smollm2_tokenizer):
     from outlines.models.transformers import TransformerTokenizer
     from outlines_core import Vocabulary
 
-    from fcdistill.grammars.vocabulary import TokenVocabulary
+    from fcdistill.grammars.vocabulary import TokenVocabulary, token_bytes
 
     tok = smollm2_tokenizer
     adapter = TransformerTokenizer(tok)
     special = set(tok.all_special_ids)
     fc_id = tok.convert_tokens_to_ids("<tool_call>")
-    words: dict[str, list[int]] = {}
+    words: dict[bytes, list[int]] = {}
     size = len(tok)
     pieces = [b""] * size
     for t, i in tok.get_vocab().items():
         if i < SUB_VOCAB and i not in special:
-            text = adapter.convert_token_to_string(t)
-            words.setdefault(text, []).append(i)
-            pieces[i] = text.encode()
+            raw = token_bytes(t, adapter.convert_token_to_string)  # byte tokens as their byte, as the server's
+            words.setdefault(raw, []).append(i)
+            pieces[i] = raw
     vocab = TokenVocabulary(key=("smollm2-sub", SUB_VOCAB, "<tool_call>"), vocabulary=Vocabulary(tok.eos_token_id, words),
                             size=size, eot_id=tok.eos_token_id, fc_id=fc_id, special_ids=frozenset(special),
-                            pieces=tuple(pieces))
+                            pieces=tuple(pieces), encode=functools.partial(tok.encode, add_special_tokens=False))
+    assert vocab.single_bytes >= set(range(0x20, 0x7F)) | set(range(0x80, 0xC0))  # so llguidance gets a close_bound
     lengths = torch.full((size,), 99.0)
     for t, i in tok.get_vocab().items():
         lengths[i] = len(adapter.convert_token_to_string(t))
@@ -130,12 +133,13 @@ def _check_calls(rig, tools, text, at_least_one: bool, at_most_one: bool, only: 
         jsonschema.validate(call.arguments, closed_schema(by_name[call.name].parameters))
 
 
+@BACKENDS
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tool_sets, st.sampled_from(["required", "named", "auto", "none"]), st.booleans(), st.integers(0, 2**31))
-def test_constrained_output_always_validates(rig, tools, mode, parallel, seed):
+def test_constrained_output_always_validates(rig, backend, tools, mode, parallel, seed):
     vocab = rig[0]
     choice = tools[seed % len(tools)].name if mode == "named" else mode
-    grammar, _ = compile_grammar(vocab, tools, choice, parallel)
+    grammar, _ = compile_grammar(vocab, tools, choice, parallel, backend=backend)
     if mode == "none":  # even a model that wants nothing but FC never gets it
         text, _ = _walk(rig, grammar, seed, fc_boost_at=0)
         assert "<tool_call>" not in text
@@ -263,14 +267,16 @@ def test_free_form_objects_and_arrays_get_flat_values(rig):
 
 
 # -- the budget: every forced answer is complete within max_tokens ---------------------------------------
+@BACKENDS
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tool_set_strategy(6), st.sampled_from(["required", "named", "auto"]), st.booleans(), st.integers(0, 2**31),
-       st.integers(0, 30))
-def test_answers_close_within_max_tokens(rig, tools, mode, parallel, seed, extra):
+       st.integers(0, 120))
+def test_answers_close_within_max_tokens(rig, backend, tools, mode, parallel, seed, extra):
     """Any max_tokens from the shortest valid call up: a `required` or named answer is complete (calls
-    closed, end-of-turn) within it, and under `auto` a call the model opened is closed too."""
+    closed, end-of-turn) within it, and under `auto` a call the model opened is closed too. Under
+    llguidance, budgets past `close_bound` start on the matcher and hand over to the Index mid-answer."""
     choice = tools[seed % len(tools)].name if mode == "named" else mode
-    grammar, _ = compile_grammar(rig[0], tools, choice, parallel)
+    grammar, _ = compile_grammar(rig[0], tools, choice, parallel, backend=backend)
     max_tokens = grammar.min_tokens + extra
     text, finished = _walk(rig, grammar, seed, fc_boost_at=seed % 7 if mode == "auto" else None,
                            max_tokens=max_tokens, guard=LoopGuard())
@@ -281,12 +287,13 @@ def test_answers_close_within_max_tokens(rig, tools, mode, parallel, seed, extra
                  only=choice if mode == "named" else None)
 
 
-def test_auto_offers_fc_only_while_a_call_fits(rig):
+@BACKENDS
+def test_auto_offers_fc_only_while_a_call_fits(rig, backend):
     import torch
 
     vocab = rig[0]
     grammar, _ = compile_grammar(vocab, [ToolSpec(name="f", parameters={
-        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})], "auto", True)
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})], "auto", True, backend=backend)
     for max_tokens, offered in ((grammar.min_tokens - 1, False), (grammar.min_tokens, True)):
         logits = torch.zeros(vocab.size)
         SequenceConstraint(grammar, max_tokens, LoopGuard()).mask_(logits)
@@ -295,10 +302,11 @@ def test_auto_offers_fc_only_while_a_call_fits(rig):
     assert finished and re.fullmatch(r'<tool_call>\[\{"name":"f","arguments":\{"x":\d\}\}\]<\|im_end\|>', text), text
 
 
-def test_json_response_format_closes_within_max_tokens(rig):
+@BACKENDS
+def test_json_response_format_closes_within_max_tokens(rig, backend):
     schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
                                                "why": {"type": "string"}}, "required": ["tags", "why"]}
-    grammar, _ = compile_grammar(rig[0], [], "none", True, json_schema=schema)
+    grammar, _ = compile_grammar(rig[0], [], "none", True, json_schema=schema, backend=backend)
     for seed in range(6):
         text, finished = _walk(rig, grammar, seed, max_tokens=grammar.min_tokens + seed * 3, guard=LoopGuard())
         assert finished, text
@@ -324,8 +332,9 @@ def _bonus(rig, texts: list[str], value: float = 1e4):
     return bonus
 
 
+@BACKENDS
 @pytest.mark.parametrize("habit", ["one more character", "one more item", "one more call", "never-repeating text"])
-def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit):
+def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit, backend):
     """Without the loop guard each of these runs to max_tokens (here far away): the same character, a new
     array item, the same call again, varied letters past the value budget. With it, the looping value
     (or the call list) is closed and the answer ends long before max_tokens, as a valid call. (One call
@@ -336,7 +345,7 @@ def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit):
     guard = LoopGuard(value_tokens=48)
     tools = [ROOMS, ToolSpec(name="ping", parameters={"type": "object", "properties": {}})]
     only = {"one more call": "ping"}.get(habit, "book")
-    grammar, _ = compile_grammar(vocab, [t for t in tools if t.name == only], "required", only == "ping")
+    grammar, _ = compile_grammar(vocab, [t for t in tools if t.name == only], "required", only == "ping", backend=backend)
     if habit == "never-repeating text":
         letters = [i for i in range(SUB_VOCAB) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 2]
         bonus = torch.zeros(vocab.size)
@@ -353,7 +362,8 @@ def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit):
         assert len(rig[2].parse(text).tool_calls) == guard.same_calls
 
 
-def test_different_parallel_calls_pass_untouched(smollm2_tokenizer):
+@BACKENDS
+def test_different_parallel_calls_pass_untouched(smollm2_tokenizer, backend):
     """Two cities, then two identical calls (BFCL's canonical targets repeat a call up to 4 times): every
     token is allowed, even at the tightest max_tokens that holds the answer; with room left, the guard
     never narrowed anything."""
@@ -363,7 +373,7 @@ def test_different_parallel_calls_pass_untouched(smollm2_tokenizer):
     vocab = token_vocabulary(tok, "<tool_call>")
     weather = ToolSpec(name="get_weather", parameters={"type": "object", "properties": {
         "city": {"type": "string"}, "days": {"type": "array", "items": {"type": "integer"}}}, "required": ["city"]})
-    grammar, _ = compile_grammar(vocab, [weather], "required", True)
+    grammar, _ = compile_grammar(vocab, [weather], "required", True, backend=backend)
     call = '{"name":"get_weather","arguments":{"city":"%s","days":[1,1,1,2]}}'
     for body in (f"[{call % 'Paris'},{call % 'London'}]", f"[{call % 'Paris'},{call % 'Paris'}]"):
         ids = [vocab.fc_id, *tok.encode(body, add_special_tokens=False), vocab.eot_id]

@@ -9,59 +9,137 @@ Every constrained answer closes within its token budget: the compiled grammar ca
 distance to a complete answer (`closing.CloseTable`), and a sequence given its max_tokens allows only
 tokens after which the rest still fits (this token, the shortest way to close, end-of-turn). A value
 the model loops in (`guard.ValueTracker`) is narrowed to tokens that close it.
+
+Two mask backends over the same regex. `outlines` (the default) compiles the Index and the close
+table up front. `llguidance` (llguidance_masks.py) builds a matcher in about a millisecond and masks
+lazily; the Index and close table, which only the budget and the loop guard need, are compiled in the
+background and waited for only when one of them could narrow the choice: the budget once the tokens
+left come within `close_bound` (regex_bound.py: no state is farther than that from a complete answer),
+the loop guard once a value loops. The sequence's tokens are then replayed through the Index, which
+masks from there on, so every guarantee is the outlines backend's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fcdistill.grammars.closing import CloseTable, build_close_table
 from fcdistill.grammars.guard import STRICT, LoopGuard, ValueTracker
+from fcdistill.grammars.regex_bound import close_bound
 from fcdistill.grammars.vocabulary import TokenVocabulary
 from fcdistill.tools import ToolSpec
 
+log = logging.getLogger(__name__)
 ToolChoice = Literal["none", "auto", "required"] | str  # any other string names a function
 WHITESPACE = ""
 # outlines-core's number has unbounded digits and exponent: `4e+836045` is valid JSON but overflows to
 # inf, which no client can read back. Bounded, the largest number is about 1e115.
 BOUNDED_NUMBER = r"((-)?(0|[1-9][0-9]{0,15}))(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?"
 DEFAULT_CACHE_MB = 256.0  # compiled grammars kept (LRU); a small tool set's takes about 1 MB
+Backend = Literal["outlines", "llguidance"]
+BACKENDS: tuple[str, ...] = ("outlines", "llguidance")
+PREFETCH_TOKENS = 32  # llguidance: start the Index's compile this many tokens before the budget could bind
+_exact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fcd-grammar")  # one: decoding keeps a core
 
 
 class GrammarError(ValueError):
     """A request whose constraint cannot be built (absent tool named, schema outlines cannot compile)."""
 
 
+class ExactLater:
+    """The outlines Index and close table of a grammar llguidance masks: compiled once, in the
+    background, on first want, and kept (the cache's size for the grammar is updated then)."""
+
+    def __init__(self, regex: str, vocab: TokenVocabulary, key: tuple[Any, ...]):
+        self.regex, self.vocab, self.key = regex, vocab, key
+        self._future: Future | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> Future:
+        with self._lock:
+            if self._future is None:
+                self._future = _exact_pool.submit(self._build)
+            return self._future
+
+    def result(self) -> tuple[Any, CloseTable]:
+        """Blocks until built; GrammarError if outlines cannot compile the regex."""
+        return self.start().result()
+
+    @property
+    def ready(self) -> bool:
+        return self._future is not None and self._future.done() and self._future.exception() is None
+
+    def _build(self) -> tuple[Any, CloseTable]:
+        from outlines_core import Index
+
+        start = time.perf_counter()
+        try:
+            index = Index(self.regex, self.vocab.vocabulary)
+        except Exception as exc:
+            raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
+        table = build_close_table(index, self.vocab.eot_id)
+        with _cache_lock:
+            _stats["exact_compiles"] += 1
+            _stats["exact_ms"] += int((time.perf_counter() - start) * 1000)
+            hit = _cache.get(self.key)
+            if hit is not None:
+                _cache[self.key] = (hit[0], hit[1] + _exact_bytes(index, table))
+                _evict()
+        return index, table
+
+
 @dataclass(frozen=True)
 class CompiledGrammar:
-    """What one (tokenizer, tools, mode) compiles to; shared by every request that asks for it."""
+    """What one (tokenizer, tools, mode, backend) compiles to; shared by every request that asks for it."""
 
     mode: Literal["none", "auto", "forced", "json", "free"]
-    index: Any  # outlines_core.Index for the calls (or JSON) part; None for none/free
+    index: Any  # outlines_core.Index for the calls (or JSON) part; None for none/free and under llguidance
     vocab: TokenVocabulary
     compile_ms: float
-    table: CloseTable | None = None  # distances to a complete answer; None for none/free
+    table: CloseTable | None = None  # distances to a complete answer; None for none/free and under llguidance
+    backend: Backend = "outlines"
+    matcher: Any = None  # llguidance: the matcher at the start, copied for each sequence
+    close_bound: int | None = None  # llguidance: no state is farther from a complete answer (None: unknown)
+    later: ExactLater | None = None  # llguidance: the Index and table, built when first wanted
+
+    def exact(self) -> tuple[Any, CloseTable | None]:
+        """The outlines Index and close table; under llguidance this compiles them (blocking) on first call."""
+        return (self.index, self.table) if self.later is None else self.later.result()
+
+    def may_bind(self, left: int | None) -> bool:
+        """Whether a budget of `left` tokens (this step's included) could narrow the choice or mask FC:
+        only then is the close table read. Always true for outlines, where the table is at hand."""
+        if left is None:
+            return False
+        return self.later is None or self.close_bound is None or left - 2 < self.close_bound
 
     @property
     def min_tokens(self) -> int:
         """Completion tokens of the shortest complete constrained answer: FC (for calls), the shortest
         call list or JSON value, end-of-turn. 0 when nothing is constrained."""
-        if self.table is None:
+        table = self.exact()[1]
+        if table is None:
             return 0
-        return self.table.start + (2 if self.mode in ("auto", "forced") else 1)
+        return table.start + (2 if self.mode in ("auto", "forced") else 1)
+
+    def fits(self, max_tokens: int) -> bool:
+        """Whether the shortest complete answer fits max_tokens; under llguidance decided from
+        `close_bound` when it can be, without compiling the Index."""
+        return not self.may_bind(max_tokens) or max_tokens >= self.min_tokens
 
 
 _cache: OrderedDict[tuple, tuple[CompiledGrammar, int]] = OrderedDict()  # key -> (grammar, approximate bytes)
 _cache_limit = [int(DEFAULT_CACHE_MB * 2**20)]
 _cache_lock = threading.Lock()
 _compiling: dict[tuple[Any, ...], Future] = {}  # grammars being compiled now, by cache key
-_stats = {"hits": 0, "misses": 0}
+_stats = {"hits": 0, "misses": 0, "exact_compiles": 0, "exact_ms": 0}
 
 
 def grammar_cache_info() -> dict[str, int]:
@@ -83,15 +161,21 @@ def _evict() -> None:
         total -= _cache.popitem(last=False)[1][1]
 
 
-def _approx_bytes(g: CompiledGrammar) -> int:
-    """What a cached grammar holds in memory, roughly: its Index as serialized (every state's token
-    transitions) and its close table (the token array plus a few dict entries a state)."""
+def _exact_bytes(index: Any, table: CloseTable | None) -> int:
+    """What an Index and close table hold in memory, roughly: the Index as serialized (every state's
+    token transitions) and the table (the token array plus a few dict entries a state)."""
     import pickle
 
-    size = len(pickle.dumps(g.index)) if g.index is not None else 0
-    if g.table is not None:
-        size += g.table.tokens.nbytes + 200 * len(g.table.groups)
-    return size + 1024
+    size = len(pickle.dumps(index)) if index is not None else 0
+    if table is not None:
+        size += table.tokens.nbytes + 200 * len(table.groups)
+    return size
+
+
+def _approx_bytes(g: CompiledGrammar) -> int:
+    """What a cached grammar holds in memory, roughly; an llguidance grammar's Index is added when built."""
+    size = 1024 + (len(g.later.regex) * 8 if g.later is not None else 0)  # llguidance: regex and lazy state
+    return size + _exact_bytes(g.index, g.table)
 
 
 def calls_schema(tools: list[ToolSpec], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
@@ -107,7 +191,8 @@ def calls_schema(tools: list[ToolSpec], only: str | None = None, parallel: bool 
 
 
 def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice = "auto",
-                    parallel: bool = True, json_schema: dict[str, Any] | None = None) -> tuple[CompiledGrammar, bool]:
+                    parallel: bool = True, json_schema: dict[str, Any] | None = None,
+                    backend: Backend = "outlines") -> tuple[CompiledGrammar, bool]:
     """The constraint for one request, and whether it came from the cache."""
     if json_schema is not None:
         mode, schema = "json", json_schema
@@ -125,7 +210,11 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
         schema = calls_schema(tools, only, parallel)
     if vocab.fc_id is None and mode in ("auto", "forced"):
         raise GrammarError("the model's tokenizer has no function-call token")
-    key = (vocab.key, mode, json.dumps(schema, sort_keys=True) if schema is not None else "")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown grammar backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if schema is None:
+        backend = "outlines"  # nothing to mask but FC: no backend is involved
+    key = (vocab.key, mode, json.dumps(schema, sort_keys=True) if schema is not None else "", backend)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -144,10 +233,7 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
         return compiling.result(), True  # raises the compile's GrammarError too
     try:
         start = time.perf_counter()
-        index = _compile_index(schema, vocab) if schema is not None else None
-        table = build_close_table(index, vocab.eot_id) if index is not None else None
-        compiled = CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
-                                   table=table)
+        compiled = _build(mode, schema, vocab, backend, key, start)
     except BaseException as exc:
         with _cache_lock:
             del _compiling[key]
@@ -161,6 +247,26 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
         _evict()
     compiling.set_result(compiled)
     return compiled, False
+
+
+def _build(mode: Any, schema: dict[str, Any] | None, vocab: TokenVocabulary, backend: Backend, key: tuple[Any, ...],
+           start: float) -> CompiledGrammar:
+    if schema is not None and backend == "llguidance":
+        from fcdistill.grammars.llguidance_masks import build_matcher
+
+        regex = _regex(schema)
+        try:
+            matcher = build_matcher(regex, vocab)
+        except ValueError as exc:  # past llguidance's limits: this grammar is compiled by outlines instead
+            log.warning("llguidance cannot build this grammar (%s); outlines-core compiles it", str(exc)[:200])
+        else:
+            return CompiledGrammar(mode=mode, index=None, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
+                                   backend="llguidance", matcher=matcher, close_bound=close_bound(regex, vocab.single_bytes),
+                                   later=ExactLater(regex, vocab, key))
+    index = _compile_index(schema, vocab) if schema is not None else None
+    table = build_close_table(index, vocab.eot_id) if index is not None else None
+    return CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
+                           table=table)
 
 
 _ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"})
@@ -226,14 +332,23 @@ def grammar_enforces(schema: Any) -> bool:
     return all(grammar_enforces(sub) for sub in subs)
 
 
-def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
-    from outlines_core import Index
+def _regex(schema: dict[str, Any]) -> str:
+    """The regex both backends compile: compact JSON, bounded numbers."""
     from outlines_core.json_schema import NUMBER, build_regex_from_schema
 
     try:
-        regex = build_regex_from_schema(json.dumps(compilable_schema(schema)), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
-        return Index(regex, vocab.vocabulary)
+        return build_regex_from_schema(json.dumps(compilable_schema(schema)), WHITESPACE).replace(NUMBER, BOUNDED_NUMBER)
     except Exception as exc:  # outlines-core raises ValueError/RuntimeError subclasses from Rust
+        raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
+
+
+def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
+    from outlines_core import Index
+
+    regex = _regex(schema)
+    try:
+        return Index(regex, vocab.vocabulary)
+    except Exception as exc:
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
 
 
@@ -245,7 +360,8 @@ class SequenceConstraint:
     still fit are allowed; under `auto`, FC is masked once even the shortest call no longer fits.
     `guard` turns on the loop guard. `forced_close` says whether either narrowed the choice ("budget"
     or "loop", the latter winning), computed in `advance` so that a copy fed the same tokens (the vllm
-    engine's API process) knows it too.
+    engine's API process) knows it too. Under llguidance a matcher masks until the budget or the loop
+    guard could narrow; then the outlines Index takes over from the same point (module docstring).
     """
 
     def __init__(self, grammar: CompiledGrammar, max_tokens: int | None = None, guard: LoopGuard | None = None):
@@ -254,29 +370,51 @@ class SequenceConstraint:
         self._guide_cls = Guide
         self.grammar = grammar
         self.vocab = grammar.vocab
-        self.guide: Any = None
+        self.guide: Any = None  # outlines: the Index's state
+        self.matcher: Any = None  # llguidance: the matcher, until the Index takes over
+        self._grammar_tokens: list[int] = []  # what the matcher consumed, to replay through the Index
         self.max_tokens = max_tokens
         self.left = max_tokens  # completion tokens left, this step's included; None: no budget
-        self.guard = guard if grammar.table is not None else None
+        constrained = grammar.table is not None or grammar.later is not None
+        self.guard = guard if constrained else None
         if self.guard is not None and not self.vocab.pieces:
             raise ValueError("the loop guard reads token bytes: build the vocabulary with token_pieces")
         self.tracker: ValueTracker | None = None
         self.forced_close: str | None = None
         self.phase = {"none": "text", "free": "text", "auto": "text", "forced": "fc", "json": "grammar"}[grammar.mode]
+        self._prefetch()
         if self.phase == "grammar":
             self._enter_grammar()
         self._bitmask: Any = None
 
+    def _prefetch(self) -> None:
+        """llguidance: start compiling the Index in the background before the budget could bind."""
+        later = self.grammar.later
+        if later is not None and self.left is not None and self.grammar.may_bind(self.left - PREFETCH_TOKENS):
+            later.start()
+
     def _enter_grammar(self) -> None:
-        self.phase, self.guide = "grammar", self._guide_cls(self.grammar.index)
+        self.phase = "grammar"
         if self.guard is not None:
             self.tracker = ValueTracker(self.guard, calls=self.grammar.mode != "json")
+        if self.grammar.matcher is not None and not self.grammar.may_bind(self.left):
+            self.matcher = self.grammar.matcher.deep_copy()
+        else:
+            self.guide = self._guide_cls(self.grammar.exact()[0])
+
+    def _to_index(self) -> None:
+        """Hand masking over from the llguidance matcher to the Index, at the same point."""
+        guide = self._guide_cls(self.grammar.exact()[0])
+        for token in self._grammar_tokens:
+            guide.advance(token)
+        self.guide, self.matcher = guide, None
 
     @property
     def _fc_masked(self) -> bool:
         """FC is banned in free text: always under `none`; under `auto` once a call would not fit."""
         mode = self.grammar.mode
-        return mode == "none" or (mode == "auto" and self.left is not None and self.left < self.grammar.min_tokens)
+        return mode == "none" or (mode == "auto" and self.grammar.may_bind(self.left)
+                                  and self.left < self.grammar.min_tokens)
 
     @property
     def in_grammar(self) -> bool:
@@ -285,9 +423,14 @@ class SequenceConstraint:
     def _narrowing(self) -> tuple[int | None, str | None]:
         """This step's bound on the next state's distance to a complete answer, and what imposes it
         (None, None: every token the grammar allows is fine). Only called in the grammar phase."""
-        table = self.grammar.table
-        if table is None or (self.left is None and self.tracker is None):
+        if self.left is None and self.tracker is None:
             return None, None
+        if self.matcher is not None:
+            looping = self.tracker is not None and self.tracker.narrowing is not None
+            if not looping and not self.grammar.may_bind(self.left):
+                return None, None
+            self._to_index()
+        table = self.grammar.exact()[1]
         state = self.guide.get_state()
         farthest = table.farthest_next(state)
         bound, reason = None, None
@@ -301,6 +444,22 @@ class SequenceConstraint:
         if bound is None:
             return None, None
         return max(bound, table.dist[state] - 1), reason  # a shortest way on always stays open
+
+    def _fill(self) -> Any:
+        """This step's grammar mask as a (1, words) int32 bitmask, from whichever backend masks now."""
+        import torch
+
+        if self._bitmask is None:
+            self._bitmask = torch.zeros((1, (self.vocab.size + 31) // 32), dtype=torch.int32)
+        if self.matcher is not None:
+            from fcdistill.grammars.llguidance_masks import fill_bitmask
+
+            fill_bitmask(self.matcher, self._bitmask)
+        else:
+            from outlines_core.kernels.torch import fill_next_token_bitmask
+
+            fill_next_token_bitmask(self.guide, self._bitmask)
+        return self._bitmask
 
     def mask_(self, logits: Any) -> None:
         """Set the logits of disallowed tokens to -inf, in place (a 1-D row)."""
@@ -325,19 +484,15 @@ class SequenceConstraint:
         bound, _ = self._narrowing()
         if bound is not None:
             state = self.guide.get_state()
+            table = self.grammar.exact()[1]
             banned = np.ones(width, dtype=bool)
-            banned[self.grammar.table.within(state, bound)] = False
-            if self.grammar.table.dist[state] == 0:
+            banned[table.within(state, bound)] = False
+            if table.dist[state] == 0:
                 banned[self.vocab.eot_id] = False
             logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
             return
-        from outlines_core.kernels.torch import fill_next_token_bitmask
-
-        if self._bitmask is None:
-            self._bitmask = torch.zeros((1, (self.vocab.size + 31) // 32), dtype=torch.int32)
-        fill_next_token_bitmask(self.guide, self._bitmask)
         # bit j of little-endian word i is token 32*i + j; unpacking bytes is ~25x faster than torch shifts
-        banned = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little") == 0
+        banned = np.unpackbits(self._fill().numpy().view(np.uint8), bitorder="little") == 0
         banned = banned[:width] if banned.size >= width else np.pad(banned, (0, width - banned.size), constant_values=True)
         logits.masked_fill_(torch.from_numpy(banned).to(logits.device), -torch.inf)
 
@@ -351,6 +506,15 @@ class SequenceConstraint:
             return self.vocab.eot_id
         if self.phase != "grammar":
             return None
+        if self.matcher is not None:
+            import numpy as np
+
+            words = self._fill().numpy()[0]
+            nonzero = np.flatnonzero(words)
+            if len(nonzero) != 1:
+                return None
+            word = int(words[nonzero[0]]) & 0xFFFFFFFF
+            return int(nonzero[0]) * 32 + word.bit_length() - 1 if word & (word - 1) == 0 else None
         allowed = self.guide.get_tokens()
         return int(allowed[0]) if len(allowed) == 1 else None
 
@@ -363,6 +527,7 @@ class SequenceConstraint:
                 self.forced_close = reason
         if self.left is not None:
             self.left -= 1
+            self._prefetch()
         if phase == "text":
             if token_id == self.vocab.fc_id and self.grammar.mode == "auto":
                 self._enter_grammar()
@@ -374,8 +539,15 @@ class SequenceConstraint:
             if token_id == self.vocab.eot_id:
                 self.phase = "done"
                 return
-            self.guide.advance(token_id)
+            if self.matcher is not None:
+                if not self.matcher.consume_token(token_id):
+                    raise ValueError(f"token {token_id} is not allowed here: {self.matcher.get_error()}")
+                self._grammar_tokens.append(token_id)
+                finished = self.matcher.is_accepting()
+            else:
+                self.guide.advance(token_id)
+                finished = self.guide.is_finished()
             if self.tracker is not None:
                 self.tracker.feed(token_id, self.vocab.pieces[token_id])
-            if self.guide.is_finished():
+            if finished:
                 self.phase = "done"

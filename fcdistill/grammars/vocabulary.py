@@ -31,6 +31,12 @@ class TokenVocabulary:
     fc_id: int | None
     special_ids: frozenset[int] = field(default_factory=frozenset)
     pieces: tuple[bytes, ...] = ()  # bytes of each token id, b"" for special ones (see token_pieces)
+    encode: Any = None  # text -> token ids, special tokens' text split as text (llguidance splits forced text with it)
+
+    @functools.cached_property
+    def single_bytes(self) -> frozenset[int]:
+        """The byte values that have a one-byte token: what bounds tokens by bytes (regex_bound)."""
+        return frozenset(raw[0] for raw in self.pieces if len(raw) == 1)
 
 
 def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | None = None) -> TokenVocabulary:
@@ -51,10 +57,15 @@ def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | No
             by_bytes.setdefault(raw, []).append(token_id)
     result = TokenVocabulary(key=key, vocabulary=Vocabulary(tokenizer.eos_token_id, by_bytes), size=size,
                              eot_id=tokenizer.eos_token_id, fc_id=fc_id, special_ids=frozenset(special_ids(tokenizer)),
-                             pieces=pieces)
+                             pieces=pieces, encode=_plain_encoder(tokenizer))
     with _lock:
         _cache[key] = result
     return result
+
+
+def _plain_encoder(tokenizer: Any) -> Any:
+    """text -> ids with special tokens' text split like any other (an enum value may spell `<tool_call>`)."""
+    return functools.partial(tokenizer.encode, add_special_tokens=False, split_special_tokens=True)
 
 
 def special_ids(tokenizer: Any) -> set[int]:

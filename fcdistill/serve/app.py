@@ -37,11 +37,13 @@ WATCH_ENGINE_S = 0.5  # how often the app looks at engine.failure
 
 
 def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | None = LoopGuard(),
-               limits: ServeLimits | None = None, on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
+               limits: ServeLimits | None = None, on_engine_failure: Callable[[str], None] | None = None,
+               grammar_backend: str = "outlines") -> FastAPI:
     """The app around an engine; `api_key` (when set) is required as a Bearer token on /v1/*.
 
     `guard` None turns off the budget and the loop guard (see OpenAIServing). `on_engine_failure` is
-    called once, with the reason, when the engine has failed for good."""
+    called once, with the reason, when the engine has failed for good. `grammar_backend`: what masks
+    constrained tokens (grammars/constraint.py)."""
     limits = limits or ServeLimits()
 
     async def watch_engine() -> None:
@@ -64,7 +66,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
     # below); a declared Content-Length over the limit is refused earlier, by the middleware further
     # down (added later, so outside this one: Starlette's own refusal is plain text)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)
-    serving = OpenAIServing(engine, guard, limits=limits)
+    serving = OpenAIServing(engine, guard, limits=limits, grammar_backend=grammar_backend)
     metrics = serving.metrics
     app.state.engine, app.state.serving = engine, serving
 

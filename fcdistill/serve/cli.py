@@ -66,6 +66,10 @@ def register(app: typer.Typer) -> None:
         grammar_timeout: Annotated[float, typer.Option(min=0.001, help=(
             "Seconds a new tool set's grammar may take to compile; longer is a 400 (the compile still "
             "finishes and is cached)."))] = 60.0,
+        grammar_backend: Annotated[str, typer.Option(help=(
+            "hf: what masks constrained tokens. outlines compiles each new tool set's automaton up front "
+            "(0.1-3 s on a CPU); llguidance builds a matcher in ~1 ms and masks lazily, compiling outlines' "
+            "automaton in the background only when max_tokens or the loop guard could narrow an answer."))] = "outlines",
         grammar_cache_mb: Annotated[float, typer.Option(min=1, help=(
             "Memory for compiled grammars, least recently used dropped first (a small tool set's takes ~1 MB)."))] = 256.0,
         on_engine_failure: Annotated[str, typer.Option(help=(
@@ -89,6 +93,15 @@ def register(app: typer.Typer) -> None:
             fail(f"unknown --batching {batching!r}; choose continuous or static")
         if engine not in ("hf", "vllm"):
             fail(f"unknown --engine {engine!r}; choose hf or vllm")
+        from fcdistill.grammars.constraint import BACKENDS
+
+        if grammar_backend not in BACKENDS:
+            fail(f"unknown --grammar-backend {grammar_backend!r}; choose {' or '.join(BACKENDS)}")
+        if grammar_backend == "llguidance" and engine == "vllm":
+            fail("--grammar-backend llguidance is for the hf engine; the vllm engine's logits processor runs "
+                 "outlines-core's automaton in vLLM's engine process")
+        if grammar_backend == "llguidance" and importlib.util.find_spec("llguidance") is None:
+            fail("--grammar-backend llguidance needs llguidance in this environment: pip install llguidance")
         if on_engine_failure not in ("exit", "restart"):
             fail(f"unknown --on-engine-failure {on_engine_failure!r}; choose exit or restart")
         if on_engine_failure == "restart" and engine == "vllm":
@@ -147,7 +160,8 @@ def register(app: typer.Typer) -> None:
             print(f"fcd serve: {reason}; stopping", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        run_server(create_app(eng, api_key=key, guard=loop_guard, limits=limits, on_engine_failure=engine_failed),
+        run_server(create_app(eng, api_key=key, guard=loop_guard, limits=limits, on_engine_failure=engine_failed,
+                              grammar_backend=grammar_backend),
                    host, port, announce, log_requests=log_requests, stop_engine=lambda: asyncio.run(eng.shutdown()))
         if failed:
             raise typer.Exit(3)

@@ -25,6 +25,8 @@ class Metrics:
         self.cache_size = Gauge("fcd_grammar_cache_entries", "Compiled grammars held", registry=r)
         self.cache_bytes = Gauge("fcd_grammar_cache_bytes", "Approximate memory of the compiled grammars held "
                                  "(bounded by --grammar-cache-mb)", registry=r)
+        self.index_compiles = Gauge("fcd_grammar_index_compiles", "llguidance backend: outlines Indexes compiled "
+                                    "because a budget or the loop guard could narrow a sequence's choice", registry=r)
         self.forced_close = Counter("fcd_forced_close", "Constrained answers the token budget or the loop guard closed",
                                     ["reason"], registry=r)
         for reason in ("budget", "loop"):
@@ -56,6 +58,7 @@ class Metrics:
         """The exposition; `engine`: the engine's own counters (Engine.stats), those it keeps."""
         self.cache_size.set(cache_info.get("size", 0))
         self.cache_bytes.set(cache_info.get("bytes", 0))
+        self.index_compiles.set(cache_info.get("exact_compiles", 0))
         engine = engine or {}
         for kind in ("computed", "reused"):
             if f"prefill_{kind}" in engine:

@@ -82,11 +82,12 @@ class OpenAIServing:
 
     `guard` None turns off the budget and the loop guard (constrained answers may then be cut at
     max_tokens, as before them): for measuring what they change. `limits`: what a request may ask
-    (limits.py)."""
+    (limits.py). `grammar_backend`: outlines or llguidance (grammars/constraint.py)."""
 
     def __init__(self, engine: Engine, guard: LoopGuard | None = LoopGuard(), metrics: Metrics | None = None,
-                 limits: ServeLimits | None = None):
+                 limits: ServeLimits | None = None, grammar_backend: str = "outlines"):
         self.engine = engine
+        self.grammar_backend = grammar_backend
         self.guard = guard
         self.metrics = metrics or Metrics()
         self.limits = limits or ServeLimits()
@@ -151,7 +152,7 @@ class OpenAIServing:
                            "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         if req.stream and req.n > 1:
             raise APIError(400, "n > 1 is not supported with stream", param="n")
-        grammar = await self.grammar_for(tools, choice, req.parallel_tool_calls, json_schema)
+        grammar = await self.grammar_for(tools, choice, req.parallel_tool_calls, json_schema, sp.max_tokens)
         budget_param = ("max_completion_tokens" if req.max_completion_tokens else "max_tokens" if req.max_tokens
                         else "messages")
         self.check_budget(grammar, sp.max_tokens, budget_param, choice)
@@ -315,12 +316,19 @@ class OpenAIServing:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     async def grammar_for(self, tools: list[ToolSpec], choice: str, parallel: bool,
-                          json_schema: dict[str, Any] | None) -> CompiledGrammar:
-        """The compiled constraint (cached across requests); a 400 naming tool_choice or tools when it cannot be built."""
+                          json_schema: dict[str, Any] | None, max_tokens: int) -> CompiledGrammar:
+        """The compiled constraint (cached across requests); a 400 naming tool_choice or tools when it cannot be built.
+        Under llguidance, a max_tokens the budget could bind from the start waits for the Index here too."""
         timeout = self.limits.grammar_timeout_s
+
+        def build() -> tuple[CompiledGrammar, bool]:
+            grammar, hit = compile_grammar(self.vocab, tools, choice, parallel, json_schema, backend=self.grammar_backend)
+            if grammar.may_bind(max_tokens):
+                grammar.exact()
+            return grammar, hit
+
         try:
-            grammar, hit = await asyncio.wait_for(
-                asyncio.to_thread(compile_grammar, self.vocab, tools, choice, parallel, json_schema), timeout)
+            grammar, hit = await asyncio.wait_for(asyncio.to_thread(build), timeout)
         except GrammarError as exc:
             raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools") from None
         except asyncio.TimeoutError:
@@ -338,7 +346,7 @@ class OpenAIServing:
 
         `param` names what set the budget: max_tokens, max_completion_tokens, or messages (neither was
         given, and the context left that much)."""
-        if grammar.mode not in ("forced", "json") or max_tokens >= grammar.min_tokens:
+        if grammar.mode not in ("forced", "json") or grammar.fits(max_tokens):
             return
         what = (("response_format json_schema", "JSON value") if grammar.mode == "json"
                 else (f"tool_choice {choice!r}" if choice == "required" else f"tool_choice function {choice!r}", "call"))
