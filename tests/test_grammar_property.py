@@ -287,6 +287,34 @@ def test_answers_close_within_max_tokens(rig, backend, tools, mode, parallel, se
                  only=choice if mode == "named" else None)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(tool_set_strategy(6), st.booleans())
+def test_close_bound_is_never_below_a_state_distance(rig, tools, parallel):
+    """llguidance hands masking to the Index once the tokens left come within close_bound: that is safe
+    only if no state of the Index is farther than close_bound from a complete answer."""
+    from fcdistill.grammars.closing import UNREACHABLE
+    from fcdistill.grammars.constraint import _regex, calls_schema
+    from fcdistill.grammars.regex_bound import close_bound
+
+    grammar, _ = compile_grammar(rig[0], tools, "required", parallel)
+    bound = close_bound(_regex(calls_schema(tools, parallel=parallel)), rig[0].single_bytes)
+    assert bound is not None and bound >= max(d for d in grammar.table.dist.values() if d < UNREACHABLE)
+
+
+def test_the_index_takes_over_before_the_budget_binds(rig):
+    """A model that wants one more character forever, no loop guard, a budget past close_bound: the
+    llguidance matcher masks first, hands over to the Index in time, and the budget closes the call."""
+    tools = [ROOMS]
+    grammar, _ = compile_grammar(rig[0], tools, "required", False, backend="llguidance")
+    max_tokens = grammar.close_bound + 60
+    c = SequenceConstraint(grammar, max_tokens)
+    c.advance(rig[0].fc_id)
+    assert c.matcher is not None and c.guide is None
+    text, finished = _walk(rig, grammar, 1, max_tokens=max_tokens - 1, constraint=c, bonus=_bonus(rig, ["a"]))
+    assert finished and c.matcher is None and c.forced_close == "budget", text[-200:]
+    _check_calls(rig, tools, "<tool_call>" + text, at_least_one=True, at_most_one=True)
+
+
 @BACKENDS
 def test_auto_offers_fc_only_while_a_call_fits(rig, backend):
     import torch
