@@ -189,6 +189,16 @@ def test_unparsable_generator_reply_is_counted_not_fatal(domain_files):
     assert res.total.kept == 0
 
 
+def test_teacher_errors_are_reported_with_the_teachers_own_message(domain_files):
+    """A teacher that refuses every request (HTTP 400, not retried): the run says why, not only how many."""
+    d = domain_files
+    with ReplayServer({"rules": []}) as srv:  # nothing matches: the replay teacher answers 400 with a reason
+        res = run_synth(_cfg(srv.url), _opts(d, d / "o4", judge=False), load_templates(), _domain(d))
+    assert res.teacher_errors == 8 and len(res.error_samples) == 1
+    assert "400" in res.error_samples[0] and "no recorded reply matches" in res.error_samples[0]
+    assert f"teacher error: {res.error_samples[0]}" in res.text()
+
+
 def _synth_cmd(d: Path, out: Path, url: str) -> list[str]:
     return [FCD, "synth", "--out", str(out), "--tools", str(d / "tools.json"), "--seeds", str(d / "seeds.jsonl"),
             "--count", "8", "--per-request", "4", "--styles", "simple=1", "--irrelevance-ratio", "0.34",

@@ -72,10 +72,6 @@ class ExactLater:
         """Blocks until built; GrammarError if outlines cannot compile the regex."""
         return self.start().result()
 
-    @property
-    def ready(self) -> bool:
-        return self._future is not None and self._future.done() and self._future.exception() is None
-
     def _build(self) -> tuple[Any, CloseTable]:
         from outlines_core import Index
 
@@ -85,12 +81,13 @@ class ExactLater:
         except Exception as exc:
             raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
         table = build_close_table(index, self.vocab.eot_id)
+        size = _exact_bytes(index, table)  # pickles the Index: not under the lock
         with _cache_lock:
             _stats["exact_compiles"] += 1
             _stats["exact_ms"] += int((time.perf_counter() - start) * 1000)
             hit = _cache.get(self.key)
             if hit is not None:
-                _cache[self.key] = (hit[0], hit[1] + _exact_bytes(index, table))
+                _cache[self.key] = (hit[0], hit[1] + size)
                 _evict()
         return index, table
 

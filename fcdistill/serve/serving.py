@@ -93,6 +93,10 @@ class OpenAIServing:
         self.limits = limits or ServeLimits()
         self.chat = ChatFormat(engine.tokenizer, fc_token=engine.fc_token)
         self.vocab = token_vocabulary(engine.tokenizer, engine.fc_token, engine.logits_size)
+        if grammar_backend == "llguidance":  # its tokenizer takes a few hundred ms: not on the first request
+            from fcdistill.grammars.llguidance_masks import ll_tokenizer
+
+            ll_tokenizer(self.vocab)
         self.in_flight = 0  # requests admitted and not yet answered (streams: until their last event)
 
     # -- admission -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import asyncio
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class SynthResult:
     teacher_errors: int
     client: dict[str, Any]
     files: list[str]
+    error_samples: list[str] = field(default_factory=list)  # the first distinct teacher errors, as the teacher said them
 
     def text(self) -> str:
         lines = [self.total.markdown("all examples"), self.relevant.markdown("relevant (generated)"),
@@ -62,6 +63,7 @@ class SynthResult:
                      f"tokens {c['prompt_tokens']}+{c['completion_tokens']}{cost}")
         if self.teacher_errors:
             lines.append(f"{self.teacher_errors} examples hit teacher errors and were left out; rerun to resume")
+            lines += [f"  teacher error: {m}" for m in self.error_samples]
         lines.append(f"wrote {self.out}: {', '.join(self.files)}")
         return "\n".join(lines)
 
@@ -95,6 +97,11 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
     for table in (rel, irr):
         skipped_stages(table, executor, eval_index, opts.judge)
     teacher_errors = 0
+    error_samples: list[str] = []
+
+    def sample(message: str) -> None:  # what the user needs to fix a failing teacher, not just a count
+        if message and message[:300] not in error_samples and len(error_samples) < 3:
+            error_samples.append(message[:300])
 
     async with TeacherClient(cfg, cache=cache) as client:
         verifier = Verifier(client, templates, executor, eval_index, opts.judge, cfg.progress)
@@ -110,6 +117,7 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
         for job, ans in await client.gather(jobs, generate, "generate"):
             if ans.transport_error:
                 teacher_errors += job.n
+                sample(ans.transport_error)
                 continue
             examples += parse_generation(ans.value, job, joint, ans.error)
 
@@ -130,6 +138,8 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
             await client.gather(examples, answer, "answer")
             dropped = [e for e in examples if e.failures and e.failures[0].code == "teacher_error"]
             teacher_errors += len(dropped)
+            for e in dropped:
+                sample(e.failures[0].detail)
             examples = [e for e in examples if e not in dropped]
 
         examples.sort(key=lambda e: e.id)
@@ -137,7 +147,9 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
         for s in domain.seeds:  # a copy of a few-shot seed is a duplicate, not new data
             dedup_rel.check(f"seed:{s.id}", s.query)
         examples, errors = await verifier.run(examples, dedup_rel)
-        teacher_errors += errors
+        teacher_errors += len(errors)
+        for e in errors:
+            sample(e.failures[0].detail)
         for ex in examples:
             rel.count(ex)
 
@@ -168,6 +180,7 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
                     continue
                 if ex.failures and ex.failures[0].code == "teacher_error":
                     teacher_errors += 1
+                    sample(ex.failures[0].detail)
                     continue
                 irr.count(ex)
                 masked_examples.append(ex)
@@ -189,12 +202,14 @@ async def _synth_async(cfg: TeacherConfig, opts: SynthOptions, templates: Templa
     files = _write_outputs(opts, examples + masked_examples, final)
     splits = dict(sorted(Counter(e.split for e in final).items()))
     result = SynthResult(out=opts.out, relevant=rel, irrelevance=irr, total=total, irrelevance_target=target,
-                         splits=splits, teacher_errors=teacher_errors, client=client_stats, files=files)
+                         splits=splits, teacher_errors=teacher_errors, client=client_stats, files=files,
+                         error_samples=error_samples)
     report = {"stage_table": total.as_dict(), "relevant": rel.as_dict(), "irrelevance": irr.as_dict(),
               "irrelevance_target": target, "irrelevance_ratio_target": opts.irrelevance_ratio,
               "irrelevance_ratio_kept": (irr.kept / len(final)) if final else None,
               "splits": splits, "strata": dict(sorted(Counter(stratum(e.calls) for e in final).items())),
-              "irrelevance_unused": irr_unused, "teacher_errors": teacher_errors, "client": client_stats,
+              "irrelevance_unused": irr_unused, "teacher_errors": teacher_errors, "teacher_error_samples": error_samples,
+              "client": client_stats,
               "stage_order": ["format", "execution", "duplicates", "contamination", "semantic"]}
     write_json_atomic(opts.out / "report.json", report)
     (opts.out / "report.md").write_text(result.text() + "\n", encoding="utf-8")

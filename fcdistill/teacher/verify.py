@@ -102,7 +102,8 @@ class Verifier:
         self.client, self.templates, self.executor = client, templates, executor
         self.eval_index, self.use_judge, self.progress = eval_index, judge, progress
 
-    async def run(self, examples: list[Example], dedup: Any) -> tuple[list[Example], int]:
+    async def run(self, examples: list[Example], dedup: Any) -> tuple[list[Example], list[Example]]:
+        """Check every example in place; returns those kept for counting and those a teacher error left out."""
         for ex in examples:
             if ex.ok:
                 ex.failures += style_failures(ex.calls, ex.style) + format_failures(ex.calls, ex.tools)
@@ -119,7 +120,7 @@ class Verifier:
         if self.use_judge:
             await self.judge_all([e for e in examples if e.ok], "judge")
         errors = [e for e in examples if e.failures and e.failures[0].code == "teacher_error"]
-        return [e for e in examples if e not in errors], len(errors)
+        return [e for e in examples if e not in errors], errors
 
     async def execute(self, ex: Example) -> None:
         results, fails = await self.executor.check(ex.calls)
@@ -229,7 +230,8 @@ async def _verify_async(cfg: TeacherConfig | None, opts: VerifyOptions, template
         verifier = Verifier(client, templates, executor, eval_index, opts.judge, opts.progress)
         _, errors = await verifier.run(examples, DuplicateIndex(threshold=opts.dedup_threshold))
         if errors:
-            raise TeacherError(f"{errors} judge requests failed at the teacher after retries; rerun to resume")
+            raise TeacherError(f"{len(errors)} judge requests failed at the teacher after retries (first: "
+                               f"{errors[0].failures[0].detail[:200]}); rerun to resume")
         if client is not None and cfg is not None:
             client_stats = client.stats.as_dict(cfg)
     finally:
