@@ -47,11 +47,11 @@ CASES = Path(__file__).with_name("everyday_tools.json")
 AGENTS = (1, 8)
 
 
-def workload(turns: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The tools and the first `turns` requests that one of them serves."""
+def workload(turns: int) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """The tools, the first `turns` requests that one of them serves, and the tool each one wants."""
     data = json.loads(CASES.read_text())
-    requests = [r["text"] for r in data["requests"] if r["tool"] is not None][:turns]
-    return data["tools"], requests
+    chosen = [r for r in data["requests"] if r["tool"] is not None][:turns]
+    return data["tools"], [r["text"] for r in chosen], [r["tool"] for r in chosen]
 
 
 def tool_result(name: str, arguments: str) -> str:
@@ -79,7 +79,9 @@ class Conversation:
 
 
 async def run_agents(client: Any, model: str, tools: list[dict[str, Any]], requests: list[str], agents: int,
-                     max_tokens: int) -> dict[str, Any]:
+                     max_tokens: int, named: list[str] | None = None) -> dict[str, Any]:
+    """`named`: force each turn's own tool by name (tool_choice {"type": "function", ...}), for a peer
+    that cannot take "required"; otherwise tool_choice "required"."""
     latencies: list[float] = []
     failures: list[str] = []
 
@@ -87,10 +89,13 @@ async def run_agents(client: Any, model: str, tools: list[dict[str, Any]], reque
         conv = Conversation()
         for turn, text in enumerate(requests):
             conv.add_user(text)
+            choice: Any = {"type": "function", "function": {"name": named[turn]}} if named else "required"
             t0 = time.perf_counter()
             try:
-                r = await client.chat.completions.create(model=model, messages=conv.messages, tools=tools,
-                                                         tool_choice="required", max_tokens=max_tokens, temperature=0)
+                # llama-cpp-python's request model wants a string content on an assistant turn with calls
+                messages = [m | {"content": m["content"] or ""} for m in conv.messages] if named else conv.messages
+                r = await client.chat.completions.create(model=model, messages=messages, tools=tools,
+                                                         tool_choice=choice, max_tokens=max_tokens, temperature=0)
                 calls = r.choices[0].message.tool_calls or []
                 if calls:
                     json.loads(calls[0].function.arguments)  # a call whose arguments are not JSON failed
@@ -214,7 +219,7 @@ def bare_loop(model_name: str, tools: list[dict[str, Any]], requests: list[str],
 
 
 async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, Any]], requests: list[str],
-                     out_dir: Path) -> dict[str, Any]:
+                     wanted: list[str], out_dir: Path) -> dict[str, Any]:
     import openai
 
     log = out_dir / f"agent_bench.{name}.log"
@@ -233,11 +238,16 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
     else:
         server = start_ours(args.model, log, engine=name.split("-")[1])
     result: dict[str, Any] = {"startup_seconds": round(time.perf_counter() - t0, 1)}
+    # llama-cpp-python's chatml-function-calling handler asserts tool_choice "auto" or a named function (a
+    # 500 on "required"), and under "auto" SmolLM2 answers every turn in text: it is told each turn's tool
+    named = wanted if name == "llamacpp" else None
+    result["tool_choice"] = "the turn's own tool, by name" if named else "required"
     try:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=600, max_retries=0)
         for agents in AGENTS:
             before = prefill_counters(server.url)
-            result[f"agents_{agents}"] = await run_agents(client, args.model, tools, requests, agents, args.max_tokens)
+            result[f"agents_{agents}"] = await run_agents(client, args.model, tools, requests, agents, args.max_tokens,
+                                                          named)
             reused = _delta(before, prefill_counters(server.url))
             if reused:
                 result[f"agents_{agents}"]["prefill_tokens"] = reused
@@ -250,16 +260,19 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    tools, requests = workload(args.turns)
+    tools, requests, wanted = workload(args.turns)
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     peers: dict[str, Any] = {}
+    if args.keep and Path(args.out).is_file():  # peers not run now stay as an earlier run measured them
+        peers = {k: v | {"from_earlier_run": True} for k, v in json.loads(Path(args.out).read_text())["peers"].items()}
     for name in args.peers.split(","):
         print(f"{name}: starting", file=sys.stderr, flush=True)
         if name == "bare":
             peers[name] = bare_loop(args.model, tools, requests, args.max_tokens)
         else:
-            peers[name] = await serve_peer(name, args, tools, requests, out_dir)
+            peers[name] = await serve_peer(name, args, tools, requests, wanted, out_dir)
+        peers[name]["load_average_after"] = os.getloadavg()
         print(f"{name}: {json.dumps(peers[name])}", file=sys.stderr, flush=True)
     goals = {}
     hf, vl, lc = (peers.get(k, {}) for k in ("fcd-hf", "vllm-openai", "llamacpp"))
@@ -283,6 +296,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--llamacpp-python", default=None, help="a python with llama-cpp-python[server] installed")
     parser.add_argument("--out", default="benchmarks/results/agent_bench.json")
+    parser.add_argument("--keep", action="store_true", help="keep the other peers of --out (rerun one peer; ratios "
+                                                            "across runs are then marked from_earlier_run)")
     args = parser.parse_args()
     args.load_at_start = os.getloadavg()
     result = asyncio.run(main_async(args))
