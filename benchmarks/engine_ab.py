@@ -110,12 +110,17 @@ def main() -> None:
     load = os.getloadavg()
     runs = {side: answers(names[side], getattr(args, side), items, args.adapter) for side in ("a", "b")}
     per_cat: dict[str, dict[str, Any]] = {}
+    differences: list[dict[str, Any]] = []
     for item in items:
         a, b = runs["a"]["answers"][item.id], runs["b"]["answers"][item.id]
         c = per_cat.setdefault(item.category, {"n": 0, "same_answer": 0, "same_calls": 0})
         c["n"] += 1
-        c["same_answer"] += a["text"] == b["text"] and a["calls"] == b["calls"]
+        same = a["text"] == b["text"] and a["calls"] == b["calls"]
+        c["same_answer"] += same
         c["same_calls"] += a["calls"] == b["calls"]
+        if not same:
+            differences.append({"id": item.id, **{side: {"text": r["text"], "calls": r["calls"], "tokens": r["tokens"]}
+                                                  for side, r in (("a", a), ("b", b))}})
     settings = {}
     for side in ("a", "b"):
         rows = runs[side]["answers"].values()
@@ -126,7 +131,7 @@ def main() -> None:
                           "p50_latency_s": round(seconds[len(seconds) // 2], 3), "engine": runs[side]["engine"]}
     total = {k: sum(c[k] for c in per_cat.values()) for k in ("n", "same_answer", "same_calls")}
     result = {"benchmark": "engine_ab", "model": "smollm2-135m", "adapter": args.adapter, "settings": settings,
-              "per_category": per_cat, "total": total,
+              "per_category": per_cat, "total": total, "differences": differences,
               "b_over_a_tokens_per_s": round(settings["b"]["tokens_per_s"] / settings["a"]["tokens_per_s"], 3),
               "loadavg_before": load, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count()}
     path = Path(args.result or RESULTS / f"engine_ab-{names['a']}-vs-{names['b']}.json".replace("=", "_").replace(",", "_"))

@@ -379,10 +379,12 @@ class SequenceConstraint:
         self.tracker: ValueTracker | None = None
         self.forced_close: str | None = None
         self.phase = {"none": "text", "free": "text", "auto": "text", "forced": "fc", "json": "grammar"}[grammar.mode]
+        self._bitmask: Any = None
+        self._filled_at = -1  # the step `_bitmask` was filled at (`forced` and `mask_` share one fill a step)
+        self._step = 0
         self._prefetch()
         if self.phase == "grammar":
             self._enter_grammar()
-        self._bitmask: Any = None
 
     def _prefetch(self) -> None:
         """llguidance: start compiling the Index in the background before the budget could bind."""
@@ -404,7 +406,7 @@ class SequenceConstraint:
         guide = self._guide_cls(self.grammar.exact()[0])
         for token in self._grammar_tokens:
             guide.advance(token)
-        self.guide, self.matcher = guide, None
+        self.guide, self.matcher, self._filled_at = guide, None, -1
 
     @property
     def _fc_masked(self) -> bool:
@@ -448,6 +450,9 @@ class SequenceConstraint:
 
         if self._bitmask is None:
             self._bitmask = torch.zeros((1, (self.vocab.size + 31) // 32), dtype=torch.int32)
+        if self._filled_at == self._step:
+            return self._bitmask
+        self._filled_at = self._step
         if self.matcher is not None:
             from fcdistill.grammars.llguidance_masks import fill_bitmask
 
@@ -518,6 +523,7 @@ class SequenceConstraint:
     def advance(self, token_id: int) -> None:
         """Move the state machine past a sampled token."""
         phase = self.phase
+        self._step += 1
         if phase == "grammar" and token_id != self.vocab.eot_id:
             _, reason = self._narrowing()  # what this step's mask was, from the state before the token
             if reason is not None and self.forced_close != "loop":
