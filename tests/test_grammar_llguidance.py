@@ -139,3 +139,16 @@ def test_llguidance_server_keeps_the_budget_guarantee(llg_server):
     calls = reply.choices[0].message.tool_calls
     assert calls and reply.usage.completion_tokens <= budget
     assert {"origin", "destination"} <= set(json.loads(calls[0].function.arguments))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--grammar-backend", "bogus"], "unknown --grammar-backend 'bogus'; choose outlines or llguidance"),
+    (["--grammar-backend", "llguidance", "--engine", "vllm"], "--grammar-backend llguidance is for the hf engine"),
+])
+def test_serve_refuses_a_grammar_backend_it_cannot_run(args, says):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fcdistill", "serve", "--model", "smollm2-135m", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-1000:]
