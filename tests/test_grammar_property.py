@@ -62,7 +62,8 @@ def rig(smollm2_tokenizer):
 
 def _walk(rig, grammar, seed: int, fc_boost_at: int | None = None, max_tokens: int | None = None,
           guard: LoopGuard | None = None, bonus=None, constraint: SequenceConstraint | None = None) -> tuple[str, bool]:
-    """Sample until end-of-turn, at most `max_tokens` tokens (end-of-turn included) or MAX_STEPS;
+    """Sample until end-of-turn, at most `max_tokens` tokens (end-of-turn included) or MAX_STEPS, taking the
+    token `forced()` names when it names one, as the hf engine's jump-forward does;
     `fc_boost_at`: from that step on, the FC token's logit is huge; `bonus`: added to every step's
     logits (a model with a habit); `constraint`: use this one (to look at it afterwards)."""
     import torch
@@ -77,9 +78,14 @@ def _walk(rig, grammar, seed: int, fc_boost_at: int | None = None, max_tokens: i
             logits[vocab.fc_id] = 1e4
         if bonus is not None:
             logits += bonus
+        forced = c.forced()  # what the hf engine's jump-forward appends without sampling
         c.mask_(logits)
         assert torch.isfinite(logits).any(), "the constraint allowed no token at all"
-        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        if forced is not None:
+            assert torch.isfinite(logits[forced]) and int(torch.isfinite(logits).sum()) == 1, "forced() != mask_()"
+            token = forced
+        else:
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
         if token == vocab.eot_id:
             return tok.decode(out, skip_special_tokens=False) + tok.eos_token, True
         c.advance(token)

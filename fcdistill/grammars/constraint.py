@@ -370,6 +370,7 @@ class SequenceConstraint:
         self.guide: Any = None  # outlines: the Index's state
         self.matcher: Any = None  # llguidance: the matcher, until the Index takes over
         self._grammar_tokens: list[int] = []  # what the matcher consumed, to replay through the Index
+        self._no_index = False  # outlines could not compile what llguidance masks: no hand-over
         self.max_tokens = max_tokens
         self.left = max_tokens  # completion tokens left, this step's included; None: no budget
         constrained = grammar.table is not None or grammar.later is not None
@@ -396,14 +397,28 @@ class SequenceConstraint:
         self.phase = "grammar"
         if self.guard is not None:
             self.tracker = ValueTracker(self.guard, calls=self.grammar.mode != "json")
-        if self.grammar.matcher is not None and not self.grammar.may_bind(self.left):
+        if self.grammar.matcher is not None:
             self.matcher = self.grammar.matcher.deep_copy()
+            self._hand_over()
         else:
-            self.guide = self._guide_cls(self.grammar.exact()[0])
+            self.guide = self._guide_cls(self.grammar.index)
 
-    def _to_index(self) -> None:
-        """Hand masking over from the llguidance matcher to the Index, at the same point."""
-        guide = self._guide_cls(self.grammar.exact()[0])
+    def _hand_over(self) -> None:
+        """While the matcher masks: hand masking over to the Index, at the same point, once the budget or
+        the loop guard could narrow this step's choice. If outlines cannot compile the grammar, the
+        matcher goes on without them (logged): this sequence, not its batch, loses the guarantee."""
+        if self.matcher is None or self._no_index:
+            return
+        looping = self.tracker is not None and self.tracker.narrowing is not None
+        if not looping and not self.grammar.may_bind(self.left):
+            return
+        try:
+            index = self.grammar.exact()[0]
+        except GrammarError as exc:
+            log.warning("no budget or loop guard for this answer: %s", exc)
+            self._no_index = True
+            return
+        guide = self._guide_cls(index)
         for token in self._grammar_tokens:
             guide.advance(token)
         self.guide, self.matcher, self._filled_at = guide, None, -1
@@ -424,11 +439,9 @@ class SequenceConstraint:
         (None, None: every token the grammar allows is fine). Only called in the grammar phase."""
         if self.left is None and self.tracker is None:
             return None, None
+        self._hand_over()
         if self.matcher is not None:
-            looping = self.tracker is not None and self.tracker.narrowing is not None
-            if not looping and not self.grammar.may_bind(self.left):
-                return None, None
-            self._to_index()
+            return None, None
         table = self.grammar.exact()[1]
         state = self.guide.get_state()
         farthest = table.farthest_next(state)
@@ -508,6 +521,7 @@ class SequenceConstraint:
             return self.vocab.eot_id
         if self.phase != "grammar":
             return None
+        self._hand_over()  # a step the budget could narrow is not the matcher's, forced or not
         if self.matcher is not None:
             import numpy as np
 

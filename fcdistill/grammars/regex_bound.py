@@ -69,14 +69,25 @@ def _node(op: Any, arg: Any, single_bytes: frozenset[int]) -> tuple[int, int]:
     if name == "LITERAL":
         n = _char_bytes(arg, single_bytes)
         return n, n
-    if name == "IN":  # the class's shortest member; a negated or category class has an ASCII one
-        members = [m for m in arg if str(m[0]) in ("LITERAL", "RANGE")]
-        if any(str(m[0]) in ("NEGATE", "CATEGORY") for m in arg) or not members:
+    if name == "IN":  # the class's shortest member
+        kinds = {str(k) for k, _ in arg}
+        members = [(str(k), v) for k, v in arg if str(k) in ("LITERAL", "RANGE")]
+        if "NEGATE" in kinds:  # shortest is one byte only if some printable ASCII character is left
+            if "CATEGORY" in kinds:
+                raise _NoBound("a negated class with a category")
+            out = {v for k, v in members if k == "LITERAL"} | {c for k, v in members if k == "RANGE"
+                                                               for c in range(max(v[0], 0x20), min(v[1], 0x7E) + 1)}
+            if set(range(0x20, 0x7F)) <= out:
+                raise _NoBound("a negated class without printable ASCII")
             return 1, _CHAR_MAX
-        return min(_char_bytes(v if str(k) == "LITERAL" else v[0], single_bytes) for k, v in members), _CHAR_MAX
+        if "CATEGORY" in kinds or not members:  # \d, \w, \s: ASCII members
+            return 1, _CHAR_MAX
+        return min(_char_bytes(v if k == "LITERAL" else v[0], single_bytes) for k, v in members), _CHAR_MAX
     if name in ("ANY", "NOT_LITERAL", "CATEGORY"):
         return 1, _CHAR_MAX
     if name == "SUBPATTERN":
+        if arg[1] or arg[2]:  # scoped flags: (?i:k) also matches the 3-byte KELVIN SIGN
+            raise _NoBound("a group with flags")
         return _sequence(arg[-1], single_bytes)
     if name == "BRANCH":
         branches = [_sequence(b, single_bytes) for b in arg[1]]

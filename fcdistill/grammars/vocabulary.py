@@ -64,8 +64,22 @@ def token_vocabulary(tokenizer: Any, fc_token: str | None, logits_size: int | No
 
 
 def _plain_encoder(tokenizer: Any) -> Any:
-    """text -> ids with special tokens' text split like any other (an enum value may spell `<tool_call>`)."""
-    return functools.partial(tokenizer.encode, add_special_tokens=False, split_special_tokens=True)
+    """text -> ids with special tokens' text split like any other (an enum value may spell `<tool_call>`),
+    through a copy of the fast tokenizer's backend: transformers' own `split_special_tokens` flips a flag
+    on the shared backend at every call, which would race with the server encoding prompts in other
+    threads. None for a tokenizer without a fast backend (llguidance needs one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.encode_special_tokens = True  # set once, before any thread uses it
+
+    def encode(text: str) -> list[int]:
+        return own.encode(text, add_special_tokens=False).ids
+
+    return encode
 
 
 def special_ids(tokenizer: Any) -> set[int]:

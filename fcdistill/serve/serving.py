@@ -36,6 +36,7 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_message_tool_call import Function
 
 from fcdistill.chat_format import CallDelta, CallStreamer, ChatFormat, as_messages
+from fcdistill.grammars.constraint import BACKENDS, PREFETCH_TOKENS
 from fcdistill.grammars import (CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar,
                                 grammar_enforces, token_vocabulary)
 from fcdistill.serve.engines.base import (Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams,
@@ -86,6 +87,8 @@ class OpenAIServing:
 
     def __init__(self, engine: Engine, guard: LoopGuard | None = LoopGuard(), metrics: Metrics | None = None,
                  limits: ServeLimits | None = None, grammar_backend: str = "outlines"):
+        if grammar_backend not in getattr(engine, "grammar_backends", BACKENDS):
+            raise ValueError(f"grammar backend {grammar_backend!r} does not run on this engine")
         self.engine = engine
         self.grammar_backend = grammar_backend
         self.guard = guard
@@ -327,7 +330,7 @@ class OpenAIServing:
 
         def build() -> tuple[CompiledGrammar, bool]:
             grammar, hit = compile_grammar(self.vocab, tools, choice, parallel, json_schema, backend=self.grammar_backend)
-            if grammar.may_bind(max_tokens):
+            if grammar.may_bind(max_tokens - PREFETCH_TOKENS):  # wanted within a few tokens: now, not mid-batch
                 grammar.exact()
             return grammar, hit
 

@@ -110,6 +110,8 @@ def with_fc_token(path: str, fc_token: str, cache_root: Path) -> str:
 class VLLMEngine:
     """vLLM AsyncLLM with our grammar logits processor; same interface as HFEngine."""
 
+    grammar_backends = ("outlines",)  # the Index travels to the engine core; llguidance is not carried there
+
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, max_batch: int = 16, dtype: str = "auto",
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
