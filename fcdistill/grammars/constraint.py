@@ -73,14 +73,8 @@ class ExactLater:
         return self.start().result()
 
     def _build(self) -> tuple[Any, CloseTable]:
-        from outlines_core import Index
-
         start = time.perf_counter()
-        try:
-            index = Index(self.regex, self.vocab.vocabulary)
-        except Exception as exc:
-            raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
-        table = build_close_table(index, self.vocab.eot_id)
+        index, table = _compile_exact(self.regex, self.vocab)
         size = _exact_bytes(index, table)  # pickles the Index: not under the lock
         with _cache_lock:
             _stats["exact_compiles"] += 1
@@ -101,7 +95,6 @@ class CompiledGrammar:
     vocab: TokenVocabulary
     compile_ms: float
     table: CloseTable | None = None  # distances to a complete answer; None for none/free and under llguidance
-    backend: Backend = "outlines"
     matcher: Any = None  # llguidance: the matcher at the start, copied for each sequence
     close_bound: int | None = None  # llguidance: no state is farther from a complete answer (None: unknown)
     later: ExactLater | None = None  # llguidance: the Index and table, built when first wanted
@@ -258,10 +251,9 @@ def _build(mode: Any, schema: dict[str, Any] | None, vocab: TokenVocabulary, bac
             log.warning("llguidance cannot build this grammar (%s); outlines-core compiles it", str(exc)[:200])
         else:
             return CompiledGrammar(mode=mode, index=None, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
-                                   backend="llguidance", matcher=matcher, close_bound=close_bound(regex, vocab.single_bytes),
+                                   matcher=matcher, close_bound=close_bound(regex, vocab.single_bytes),
                                    later=ExactLater(regex, vocab, key))
-    index = _compile_index(schema, vocab) if schema is not None else None
-    table = build_close_table(index, vocab.eot_id) if index is not None else None
+    index, table = _compile_exact(_regex(schema), vocab) if schema is not None else (None, None)
     return CompiledGrammar(mode=mode, index=index, vocab=vocab, compile_ms=(time.perf_counter() - start) * 1000,
                            table=table)
 
@@ -339,14 +331,16 @@ def _regex(schema: dict[str, Any]) -> str:
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
 
 
-def _compile_index(schema: dict[str, Any], vocab: TokenVocabulary) -> Any:
+def _compile_exact(regex: str, vocab: TokenVocabulary) -> tuple[Any, CloseTable]:
+    """outlines-core's Index over the vocabulary and its close table: up front (outlines backend) or
+    when first wanted (llguidance, ExactLater)."""
     from outlines_core import Index
 
-    regex = _regex(schema)
     try:
-        return Index(regex, vocab.vocabulary)
+        index = Index(regex, vocab.vocabulary)
     except Exception as exc:
         raise GrammarError(f"cannot compile a grammar for these tools: {exc}") from None
+    return index, build_close_table(index, vocab.eot_id)
 
 
 class SequenceConstraint:
