@@ -170,6 +170,7 @@ def _fcd(*args: str, env_extra: str = "") -> subprocess.CompletedProcess:
     (["data", "bfcl", "--mix-in", "0"], "--mix-in: Input should be greater than 0, not 0.0"),
     (["data", "bfcl", "--categories", "web_search"], "unknown BFCL category 'web_search'"),
     (["data", "bfcl", "--optional-args", "bogus"], "--optional-args: Input should be 'omit' or 'given', not 'bogus'"),
+    (["data", "bfcl", "--eval-per-category", "live_simple=0"], "--eval-per-category: expected CATEGORY=N with N > 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     proc = _fcd(*args, "--out", str(tmp_path))
@@ -274,6 +275,30 @@ def test_split_warns_about_ignored_caps_and_an_empty_mix_in(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "warning: --max-per-category live_multiple=3 ignored" in proc.stderr
     assert "warning: the mix-in is empty" in proc.stderr
+
+
+def test_training_on_live_keeps_the_eval_items_of_the_eval_only_split(tmp_path):
+    """--no-live-eval-only with --eval-per-category: live items beyond the eval count train, and the
+    eval set is item for item the one an eval-only split with the same count as a cap holds, so runs
+    that train on live data are scored on the same questions as runs that do not."""
+    cats = ["simple_python", "live_simple", "live_multiple"]
+    held = prepare_bfcl(SplitOptions(categories=cats, seed=3, max_per_category={"simple_python": 20,
+                                     "live_simple": 12, "live_multiple": 10}), tmp_path / "held")
+    assert held.counts["live_simple"]["train"] == 0 and held.counts["live_multiple"]["train"] == 0
+    opts = SplitOptions(categories=cats, seed=3, live_eval_only=False,
+                        max_per_category={"simple_python": 20, "live_simple": 40, "live_multiple": 30},
+                        eval_per_category={"live_simple": 12, "live_multiple": 10, "simple_python": 99})
+    trained = prepare_bfcl(opts, tmp_path / "trained")
+    assert [r.id for r in read_records(tmp_path / "trained", "eval") if r.category != "simple_python"] == \
+        [r.id for r in read_records(tmp_path / "held", "eval") if r.category != "simple_python"]
+    c = trained.counts
+    assert c["live_simple"]["eval"] == 12 and c["live_simple"]["train"] + c["live_simple"]["dropped_eval_overlap"] == 28
+    assert c["live_multiple"]["eval"] == 10 and c["live_multiple"]["train"] > 0
+    assert c["simple_python"] == {**c["simple_python"], "eval": 20, "train": 0}  # all 20 capped items are eval
+    assert any("--eval-per-category asks for more eval items than there are: simple_python (20 of 99)" in w
+               for w in trained.warnings), trained.warnings
+    train_ids = {r.id for r in read_records(tmp_path / "trained", "train")}
+    assert train_ids and not train_ids & {r.id for r in read_records(tmp_path / "trained", "eval")}
 
 
 def test_help_shows_defaults_whole_when_not_a_terminal():

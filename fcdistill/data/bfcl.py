@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -51,6 +51,10 @@ class SplitOptions(BaseModel):
     eval_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     mix_in_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_per_category: dict[str, int] = Field(default_factory=dict)
+    # eval items of a category in place of eval_fraction: the first N of its seeded order, so the eval
+    # set stays the same items whether the rest trains (live_eval_only false) or not, and whatever cap
+    # at or above N; the rest trains unless the category is eval-only
+    eval_per_category: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     seed: int = 42
     # optional parameters in the canonical targets: "omit" every one BFCL's answer lets go unsaid, or
     # "given": keep the value the answer lists (`["km/h", ""]` -> km/h), omitting only those it
@@ -61,7 +65,7 @@ class SplitOptions(BaseModel):
     def check(self) -> None:
         if not self.categories:
             raise DataError("no categories given")
-        named = [*self.categories, *self.eval_only, *self.max_per_category]
+        named = [*self.categories, *self.eval_only, *self.max_per_category, *self.eval_per_category]
         for c in named:
             if c not in KNOWN_CATEGORIES:
                 raise DataError(f"unknown BFCL category {c!r}; known: {', '.join(KNOWN_CATEGORIES)}")
@@ -310,11 +314,13 @@ def prepare_bfcl(opts: SplitOptions, out: Path) -> PrepareResult:
         rng.shuffle(records)
         if category in opts.max_per_category:
             records = records[: opts.max_per_category[category]]
-        if opts.is_eval_only(category):
-            cat_eval, cat_train = records, []
+        if category in opts.eval_per_category:
+            n_eval = opts.eval_per_category[category]
         else:
-            n_eval = round(len(records) * opts.eval_fraction)
-            cat_eval, cat_train = records[:n_eval], records[n_eval:]
+            n_eval = len(records) if opts.is_eval_only(category) else round(len(records) * opts.eval_fraction)
+        cat_eval, cat_train = records[:n_eval], records[n_eval:]
+        if opts.is_eval_only(category):
+            cat_train = []
         n_mix = round(len(cat_train) * opts.mix_in_fraction)
         for i, rec in enumerate(cat_train):
             rec.split = "train"
@@ -361,9 +367,13 @@ def _split_warnings(opts: SplitOptions, counts: dict[str, dict[str, int]]) -> li
     a mix-in that rounds to nothing (then `fcd label` has no ground truth to score the teacher on)."""
     out = []
     read = {*opts.categories, *opts.eval_only}
-    ignored = [f"{c}={n}" for c, n in opts.max_per_category.items() if c not in read]
-    if ignored:
-        out.append(f"--max-per-category {','.join(ignored)} ignored: not in --categories or --eval-only")
+    for flag, given in (("--max-per-category", opts.max_per_category), ("--eval-per-category", opts.eval_per_category)):
+        ignored = [f"{c}={n}" for c, n in given.items() if c not in read]
+        if ignored:
+            out.append(f"{flag} {','.join(ignored)} ignored: not in --categories or --eval-only")
+    short = [f"{c} ({v['eval']} of {n})" for c, n in opts.eval_per_category.items() if (v := counts.get(c)) and v["eval"] < n]
+    if short:
+        out.append(f"--eval-per-category asks for more eval items than there are: {', '.join(short)}")
     trained = {c: v for c, v in counts.items() if v["train"] > 0}
     empty = [f"{c} ({v['train']} train x {opts.mix_in_fraction:g})" for c, v in trained.items() if v["mix_in"] == 0]
     if trained and len(empty) == len(trained):

@@ -14,10 +14,24 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def _counts(flag: str, value: str) -> dict[str, int]:
+    """`live_simple=200,live_multiple=100` as a dict, refusing what is not CATEGORY=N with N > 0."""
+    from fcdistill.data.bfcl import DataError
+
+    out = {}
+    for item in _csv(value):
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) <= 0:
+            raise DataError(f"{flag}: expected CATEGORY=N with N > 0, got {item!r}")
+        out[name] = int(n)
+    return out
+
+
 # SplitOptions' fields as `fcd data bfcl` spells them, so its validation errors name the flag
 SPLIT_FLAGS = {"categories": "--categories", "eval_only": "--eval-only", "live_eval_only": "--live-eval-only",
                "eval_fraction": "--eval-fraction", "mix_in_fraction": "--mix-in",
-               "max_per_category": "--max-per-category", "seed": "--seed", "optional_args": "--optional-args"}
+               "max_per_category": "--max-per-category", "eval_per_category": "--eval-per-category",
+               "seed": "--seed", "optional_args": "--optional-args"}
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +48,8 @@ def register(app: typer.Typer) -> None:
         eval_fraction: Annotated[float, typer.Option(help="Share of each trainable category held out for eval.")] = 0.5,
         mix_in: Annotated[float, typer.Option(help="Share of train that keeps ground-truth labels; the rest awaits the teacher.")] = 0.1,
         max_per_category: Annotated[str, typer.Option(help="Sample caps, e.g. live_multiple=100,live_irrelevance=50 (seeded).")] = "",
+        eval_per_category: Annotated[str, typer.Option(help="Eval items of a category in place of --eval-fraction, e.g. "
+                                                            "live_simple=200 (the rest trains, given --no-live-eval-only).")] = "",
         seed: Annotated[int, typer.Option(help="Seed of the split, mix-in choice and caps.")] = 42,
         optional_args: Annotated[str, typer.Option(help="Optional parameters in the canonical targets: omit (every "
                                                         "one the answer lets go unsaid) or given (keep the value the "
@@ -46,14 +62,10 @@ def register(app: typer.Typer) -> None:
         from fcdistill.data.bfcl import DataError, SplitOptions, prepare_bfcl
 
         try:
-            caps = {}
-            for item in _csv(max_per_category):
-                name, _, n = item.partition("=")
-                if not n.isdigit() or int(n) <= 0:
-                    raise DataError(f"--max-per-category: expected CATEGORY=N with N > 0, got {item!r}")
-                caps[name] = int(n)
             opts = SplitOptions(categories=_csv(categories), eval_only=_csv(eval_only), live_eval_only=live_eval_only,
-                                eval_fraction=eval_fraction, mix_in_fraction=mix_in, max_per_category=caps, seed=seed,
+                                eval_fraction=eval_fraction, mix_in_fraction=mix_in,
+                                max_per_category=_counts("--max-per-category", max_per_category),
+                                eval_per_category=_counts("--eval-per-category", eval_per_category), seed=seed,
                                 optional_args=optional_args)
             result = prepare_bfcl(opts, out)
         except ValidationError as exc:

@@ -64,7 +64,11 @@ class BfclSpec(_Strict):
     eval_only: list[str] = Field(default_factory=list)
     eval_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     mix_in: float = Field(0.1, ge=0.0, le=1.0, description="share of train that keeps BFCL's labels")
+    live_eval_only: bool = Field(True, description="every live_* category goes wholly to eval",
+                                 json_schema_extra={WHEN_SET: True})
     max_per_category: dict[str, int] = Field(default_factory=dict)
+    eval_per_category: dict[str, int] = Field(default_factory=dict, description="eval items of a category in "
+                                              "place of eval_fraction", json_schema_extra={WHEN_SET: True})
     optional_args: Literal["omit", "given"] = Field("omit", description="optional parameters in the targets: "
                                                     "omitted, or the value BFCL's answer lists kept",
                                                     json_schema_extra={WHEN_SET: True})

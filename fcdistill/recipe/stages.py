@@ -108,8 +108,9 @@ def _data_run(ctx: Context) -> dict[str, Any]:
     if r.data.bfcl is not None:
         b = r.data.bfcl
         res = prepare_bfcl(SplitOptions(categories=b.categories, eval_only=b.eval_only, eval_fraction=b.eval_fraction,
-                                        mix_in_fraction=b.mix_in, max_per_category=b.max_per_category, seed=r.seed,
-                                        optional_args=b.optional_args),
+                                        live_eval_only=b.live_eval_only, mix_in_fraction=b.mix_in,
+                                        max_per_category=b.max_per_category, eval_per_category=b.eval_per_category,
+                                        seed=r.seed, optional_args=b.optional_args),
                            ctx.bfcl_dir)
         for warning in res.warnings:
             ctx.say(f"warning: {warning}")
@@ -137,6 +138,8 @@ def _data_describe(r: Recipe) -> str:
     if r.data.bfcl is not None:
         b = r.data.bfcl
         caps = f", caps {b.max_per_category}" if b.max_per_category else ""
+        caps += f", eval items {b.eval_per_category}" if b.eval_per_category else ""
+        caps += "" if b.live_eval_only else ", live categories trained on"
         parts.append(f"BFCL {', '.join(b.categories)} (eval share {b.eval_fraction}{caps})")
     if r.data.tools is not None:
         parts.append(f"your tools {r.data.tools} and seeds {r.data.seeds}")
