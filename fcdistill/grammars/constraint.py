@@ -72,6 +72,14 @@ class ExactLater:
         """Blocks until built; GrammarError if outlines cannot compile the regex."""
         return self.start().result()
 
+    def built(self) -> tuple[Any, CloseTable] | None:
+        """The Index and table if already compiled, else None (never waits, never starts a compile)."""
+        with self._lock:
+            future = self._future
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
+
     def _build(self) -> tuple[Any, CloseTable]:
         start = time.perf_counter()
         index, table = _compile_exact(self.regex, self.vocab)

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
             "Seconds a new tool set's grammar may take to compile; longer is a 400 (the compile still "
             "finishes and is cached)."))] = 60.0,
         grammar_backend: Annotated[str, typer.Option(help=(
-            "hf: what masks constrained tokens. outlines compiles each new tool set's automaton up front "
+            "What masks constrained tokens. outlines compiles each new tool set's automaton up front "
             "(0.1-3 s on a CPU); llguidance builds a matcher in ~1 ms and masks lazily, compiling outlines' "
             "automaton in the background only when max_tokens or the loop guard could narrow an answer."))] = "outlines",
         grammar_cache_mb: Annotated[float, typer.Option(min=1, help=(
@@ -97,9 +97,6 @@ def register(app: typer.Typer) -> None:
 
         if grammar_backend not in BACKENDS:
             fail(f"unknown --grammar-backend {grammar_backend!r}; choose {' or '.join(BACKENDS)}")
-        if grammar_backend == "llguidance" and engine == "vllm":
-            fail("--grammar-backend llguidance is for the hf engine; the vllm engine's logits processor runs "
-                 "outlines-core's automaton in vLLM's engine process")
         if grammar_backend == "llguidance" and importlib.util.find_spec("llguidance") is None:
             fail("--grammar-backend llguidance needs llguidance in this environment: pip install llguidance")
         if on_engine_failure not in ("exit", "restart"):

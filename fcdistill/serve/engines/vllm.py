@@ -110,7 +110,7 @@ def with_fc_token(path: str, fc_token: str, cache_root: Path) -> str:
 class VLLMEngine:
     """vLLM AsyncLLM with our grammar logits processor; same interface as HFEngine."""
 
-    grammar_backends = ("outlines",)  # the Index travels to the engine core; llguidance is not carried there
+    grammar_backends = ("outlines", "llguidance")  # the Index, or llguidance's regex, travels to the engine core
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, fc_token: str = "<tool_call>",
                  served_name: str | None = None, max_batch: int = 16, dtype: str = "auto",
@@ -171,13 +171,19 @@ class VLLMEngine:
         with self._pickle_lock:
             hit = self._pickled.get(id(g))
             if hit is None:
-                hit = (g, uuid.uuid4().hex, pickle.dumps((g.index, g.table)) if g.index is not None else None)
+                exact = (g.index, g.table) if g.index is not None else g.later.built() if g.later is not None else None
+                hit = (g, uuid.uuid4().hex, pickle.dumps(exact) if exact is not None else None)
                 self._pickled[id(g)] = hit  # holding g keeps its id unique while the entry lives
                 while len(self._pickled) > _PICKLE_CACHE_SIZE:
                     self._pickled.popitem(last=False)
             else:
                 self._pickled.move_to_end(id(g))
-        return {EXTRA_KEY: grammar_args(constraint, hit[1], hit[2])}
+        return {EXTRA_KEY: grammar_args(constraint, hit[1], hit[2], self.fc_token)}
+
+    def _mirror(self, constraint: Any, ids: list[int]) -> None:
+        for t in ids:
+            if t != self.tokenizer.eos_token_id:
+                constraint.advance(t)
 
     @property
     def failure(self) -> str | None:
@@ -217,9 +223,10 @@ class VLLMEngine:
                 piece = out.outputs[0]
                 delta, ids = piece.text, list(piece.token_ids)
                 if c is not None:  # mirror the engine core's state here, for in_grammar below
-                    for t in ids:
-                        if t != self.tokenizer.eos_token_id:
-                            c.advance(t)
+                    if c.grammar.later is None:
+                        self._mirror(c, ids)
+                    else:  # llguidance: a step may wait for the Index the budget needs, not on the event loop
+                        await asyncio.to_thread(self._mirror, c, ids)
                 if sp.stop and (c is None or not c.in_grammar) and delta:
                     head = cut_at_stop(sent, delta, sp.stop)
                     if head is not None:

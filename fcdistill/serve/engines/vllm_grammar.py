@@ -14,6 +14,13 @@ closing-distance table travel with the request as pickled bytes in `SamplingPara
 there by their key, so a repeated tool set is unpickled once. The request's max_tokens and loop-guard
 limits travel as plain values; the loop guard reads token bytes, which the engine core builds from
 the model's tokenizer the first time a guarded request arrives.
+
+Under `--grammar-backend llguidance` no Index travels: the regex does (and the FC token's text), and
+the engine core builds the llguidance matcher from it over the vocabulary it builds once from the
+same tokenizer (about a millisecond a tool set), with outlines' Index compiled there in the
+background only when the budget or the loop guard could narrow an answer, as in the hf engine. An
+Index the API process had already compiled (a budget that could bind from the first token) is sent
+pickled as before.
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ EXTRA_KEY = "fcdistill_grammar"
 _INDEX_CACHE_SIZE = 256
 
 
-def grammar_args(constraint: SequenceConstraint, key: str, index_bytes: bytes | None) -> dict[str, Any]:
+def grammar_args(constraint: SequenceConstraint, key: str, index_bytes: bytes | None,
+                 fc_token: str | None = None) -> dict[str, Any]:
     """What the engine core needs to rebuild the constraint: plain data, msgpack-serializable.
 
-    `index_bytes` is the pickled (Index, CloseTable) pair of the compiled grammar."""
-    v = constraint.vocab
-    return {"mode": constraint.grammar.mode, "key": key, "index": index_bytes,
+    `index_bytes` is the pickled (Index, CloseTable) pair of the compiled grammar; without it, a grammar
+    llguidance masks travels as its regex and `close_bound` (and `fc_token`, to build the vocabulary)."""
+    v, g = constraint.vocab, constraint.grammar
+    llguidance = index_bytes is None and g.later is not None
+    return {"mode": g.mode, "key": key, "index": index_bytes,
+            "regex": g.later.regex if llguidance else None, "close_bound": g.close_bound if llguidance else None,
+            "fc_token": fc_token if llguidance else None,
             "size": v.size, "eot_id": v.eot_id, "fc_id": v.fc_id, "max_tokens": constraint.max_tokens,
             "guard": dataclasses.asdict(constraint.guard) if constraint.guard is not None else None}
 
@@ -67,15 +79,46 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
         self._indexes: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._matched: OrderedDict[str, CompiledGrammar] = OrderedDict()  # llguidance grammars, by key
         self._tokenizer_path = vllm_config.model_config.tokenizer
+        self._tokenizer: Any = None
         self._pieces: tuple[bytes, ...] = ()
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+        return self._tokenizer
 
     def _token_pieces(self, size: int) -> tuple[bytes, ...]:
         if not self._pieces:
-            from transformers import AutoTokenizer
-
-            self._pieces = token_pieces(AutoTokenizer.from_pretrained(self._tokenizer_path), size)
+            self._pieces = token_pieces(self._load_tokenizer(), size)
         return self._pieces
+
+    def _llguidance_grammar(self, spec: dict[str, Any]) -> CompiledGrammar:
+        """The grammar the API process compiled under llguidance, rebuilt here from its regex: a matcher
+        over this process's vocabulary (built once from the same tokenizer) and the Index for later."""
+        hit = self._matched.get(spec["key"])
+        if hit is not None:
+            self._matched.move_to_end(spec["key"])
+            return hit
+        from fcdistill.grammars.constraint import ExactLater
+        from fcdistill.grammars.llguidance_masks import build_matcher
+        from fcdistill.grammars.vocabulary import token_vocabulary
+
+        vocab = token_vocabulary(self._load_tokenizer(), spec["fc_token"], spec["size"])
+        if (vocab.size, vocab.eot_id, vocab.fc_id) != (spec["size"], spec["eot_id"], spec["fc_id"]):
+            raise ValueError(f"the engine core's vocabulary ({vocab.size}, eot {vocab.eot_id}, FC {vocab.fc_id}) is "
+                             f"not the API process's ({spec['size']}, eot {spec['eot_id']}, FC {spec['fc_id']})")
+        regex = spec["regex"]
+        grammar = CompiledGrammar(mode=spec["mode"], index=None, vocab=vocab, compile_ms=0.0,
+                                  matcher=build_matcher(regex, vocab), close_bound=spec["close_bound"],
+                                  later=ExactLater(regex, vocab, ("vllm-core", spec["key"])))
+        self._matched[spec["key"]] = grammar
+        while len(self._matched) > _INDEX_CACHE_SIZE:
+            self._matched.popitem(last=False)
+        return grammar
 
     def is_argmax_invariant(self) -> bool:
         return False  # it removes tokens, so greedy decoding must see it
@@ -84,6 +127,9 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
         spec = (params.extra_args or {}).get(EXTRA_KEY)
         if not spec:
             return None
+        guard = LoopGuard(**spec["guard"]) if spec.get("guard") else None
+        if spec.get("regex") is not None:
+            return _RequestConstraint(SequenceConstraint(self._llguidance_grammar(spec), spec.get("max_tokens"), guard))
         index, table = None, None
         if spec["index"] is not None or spec["key"] in self._indexes:
             hit = self._indexes.get(spec["key"])
@@ -95,7 +141,6 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
             else:
                 self._indexes.move_to_end(spec["key"])
             index, table = hit
-        guard = LoopGuard(**spec["guard"]) if spec.get("guard") else None
         vocab = TokenVocabulary(key=("vllm", spec["size"], ""), vocabulary=None, size=spec["size"],
                                 eot_id=spec["eot_id"], fc_id=spec["fc_id"],
                                 pieces=self._token_pieces(spec["size"]) if guard is not None else ())
