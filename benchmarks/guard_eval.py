@@ -60,13 +60,18 @@ def _served_args(args: argparse.Namespace, out: Path) -> tuple[list[str], str]:
     return ["--model", str(merged), "--served-model-name", "tuned"], "tuned"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def student_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that serves one trained student and evaluates it (`_served_args`)."""
     ap.add_argument("--adapter", required=True, help="trained adapter (fcd train's adapter/ or a checkpoint-N/)")
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--data", required=True, help="data dir of `fcd data bfcl` (its eval split is asked)")
     ap.add_argument("--out", required=True, help="run directory (eval runs, server logs, merged model)")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    student_args(ap)
     ap.add_argument("--categories", default=CATEGORIES)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=16)

@@ -71,14 +71,12 @@ def _slug(flags: str) -> str:
 
 
 def main() -> None:
+    from benchmarks.guard_eval import _served_args, student_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapter", required=True, help="trained adapter (fcd train's adapter/)")
-    ap.add_argument("--base", default="smollm2-135m")
-    ap.add_argument("--data", required=True, help="data dir of `fcd data bfcl` (its eval split is asked)")
-    ap.add_argument("--out", required=True, help="run directory (eval runs, server logs, merged model)")
+    student_args(ap)
     ap.add_argument("--a", required=True, help="extra `fcd serve` flags of the first setting")
     ap.add_argument("--b", required=True, help="... of the second")
-    ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--categories", default=CATEGORIES)
     ap.add_argument("--limit", type=int, default=8, help="items per category")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -86,7 +84,6 @@ def main() -> None:
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
 
-    from benchmarks.guard_eval import _served_args
     from fcdistill.eval.report import compare_runs
     from fcdistill.eval.runner import run_eval
     from fcdistill.serve.process import start_server
