@@ -12,6 +12,8 @@ Usage:
   .venv/bin/python benchmarks/serve_eval_ab.py --adapter runs/x/train/adapter --data runs/x/data/bfcl \
       --out runs/ab --a "--grammar-backend outlines" --b "--grammar-backend llguidance" \
       [--engine vllm|hf] [--categories a,b] [--limit 8] [--max-tokens 256] [--concurrency 8]
+(one flag alone is given with `=`: --b=--no-guard). Every run asks afresh: earlier answers in --out
+are cleared, so times are never those of a resumed run.
 Result: benchmarks/results/serve_eval_ab-NAME.json (NAME from the engine and settings)
 """
 
@@ -23,6 +25,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -94,7 +97,8 @@ def main() -> None:
     settings = {"a": args.a, "b": args.b}
     runs: dict[str, Any] = {}
     for key, flags in settings.items():
-        run_dir = out / f"{key}-{_slug(flags)}"
+        run_dir = out / f"{args.engine}-{key}-{_slug(flags)}"
+        shutil.rmtree(run_dir, ignore_errors=True)
         with start_server(served + shlex.split(flags), out / f"serve-{key}.log", engine=args.engine,
                           timeout=900) as server:
             started = time.perf_counter()
@@ -108,8 +112,8 @@ def main() -> None:
                                                              for c, v in summary["categories"].items()}}
         print(key, flags, seconds, "s", runs[key]["latency_s"], metrics, flush=True)
 
-    compare_runs([Path(runs["a"]["dir"]), Path(runs["b"]["dir"])], out / "compare")
-    paired = json.loads((out / "compare" / "compare.json").read_text())["runs"][1].get("vs_first")
+    compare_runs([Path(runs["a"]["dir"]), Path(runs["b"]["dir"])], out / f"compare-{args.engine}")
+    paired = json.loads((out / f"compare-{args.engine}" / "compare.json").read_text())["runs"][1].get("vs_first")
     a, b = _answers(Path(runs["a"]["dir"])), _answers(Path(runs["b"]["dir"]))
     shared = sorted(set(a) & set(b))
     result = {

@@ -285,6 +285,10 @@ def test_training_on_live_keeps_the_eval_items_of_the_eval_only_split(tmp_path):
     held = prepare_bfcl(SplitOptions(categories=cats, seed=3, max_per_category={"simple_python": 20,
                                      "live_simple": 12, "live_multiple": 10}), tmp_path / "held")
     assert held.counts["live_simple"]["train"] == 0 and held.counts["live_multiple"]["train"] == 0
+    dropped = prepare_bfcl(SplitOptions(categories=["live_simple"], seed=3, eval_per_category={"live_simple": 5}),
+                           tmp_path / "dropped")
+    assert dropped.counts["live_simple"] == {**dropped.counts["live_simple"], "eval": 5, "train": 0}
+    assert any("eval-only categories, so the items past the count are dropped" in w for w in dropped.warnings)
     opts = SplitOptions(categories=cats, seed=3, live_eval_only=False,
                         max_per_category={"simple_python": 20, "live_simple": 40, "live_multiple": 30},
                         eval_per_category={"live_simple": 12, "live_multiple": 10, "simple_python": 99})

@@ -184,7 +184,8 @@ def test_an_option_added_later_counts_only_when_set(tmp_path, fake_stages):
     calls, _ = fake_stages
     _run(tmp_path)
     rec = json.loads((tmp_path / "data" / "stage.json").read_text())
-    assert "optional_args" not in rec["config"]["bfcl"]  # as a record from before the option existed
+    for added in ("optional_args", "live_eval_only", "eval_per_category"):  # as a record from before they existed
+        assert added not in rec["config"]["bfcl"], added
     assert set(_actions(tmp_path).values()) == {"skip"}
     assert _actions(tmp_path, "data.bfcl.optional_args=given")["data"] == "rerun"
     step = Planner(_recipe("data.bfcl.optional_args=given"), tmp_path).plan()[0]

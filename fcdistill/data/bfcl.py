@@ -374,6 +374,10 @@ def _split_warnings(opts: SplitOptions, counts: dict[str, dict[str, int]]) -> li
     short = [f"{c} ({v['eval']} of {n})" for c, n in opts.eval_per_category.items() if (v := counts.get(c)) and v["eval"] < n]
     if short:
         out.append(f"--eval-per-category asks for more eval items than there are: {', '.join(short)}")
+    capped = [f"{c}={n}" for c, n in opts.eval_per_category.items() if c in read and opts.is_eval_only(c)]
+    if capped:
+        out.append(f"--eval-per-category {','.join(capped)}: eval-only categories, so the items past the count are "
+                   "dropped, not trained on (--no-live-eval-only trains on live ones)")
     trained = {c: v for c, v in counts.items() if v["train"] > 0}
     empty = [f"{c} ({v['train']} train x {opts.mix_in_fraction:g})" for c, v in trained.items() if v["mix_in"] == 0]
     if trained and len(empty) == len(trained):

@@ -76,9 +76,16 @@ class ExactLater:
         """The Index and table if already compiled, else None (never waits, never starts a compile)."""
         with self._lock:
             future = self._future
-        if future is None or not future.done() or future.exception() is not None:
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
             return None
         return future.result()
+
+    def seed(self, exact: tuple[Any, CloseTable]) -> None:
+        """Take an Index and table compiled elsewhere (vLLM's engine process gets the API process's)."""
+        with self._lock:
+            if self._future is None:
+                self._future = Future()
+                self._future.set_result(exact)
 
     def _build(self) -> tuple[Any, CloseTable]:
         start = time.perf_counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
@@ -67,8 +67,9 @@ class BfclSpec(_Strict):
     live_eval_only: bool = Field(True, description="every live_* category goes wholly to eval",
                                  json_schema_extra={WHEN_SET: True})
     max_per_category: dict[str, int] = Field(default_factory=dict)
-    eval_per_category: dict[str, int] = Field(default_factory=dict, description="eval items of a category in "
-                                              "place of eval_fraction", json_schema_extra={WHEN_SET: True})
+    eval_per_category: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="eval items of a category in place of eval_fraction",
+        json_schema_extra={WHEN_SET: True})
     optional_args: Literal["omit", "given"] = Field("omit", description="optional parameters in the targets: "
                                                     "omitted, or the value BFCL's answer lists kept",
                                                     json_schema_extra={WHEN_SET: True})

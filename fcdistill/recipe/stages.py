@@ -72,7 +72,8 @@ def _without_unset_additions(model: Any, dumped: Any) -> Any:
         return dumped
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(WHEN_SET) and value == field.default:
+        if (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(WHEN_SET)
+                and value == field.get_default(call_default_factory=True)):
             dumped.pop(field.alias or name, None)
         elif name in dumped:
             dumped[name] = _without_unset_additions(value, dumped[name])

@@ -28,6 +28,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -161,6 +162,7 @@ class VLLMEngine:
             self._lora = {name: LoRARequest(name, i + 1, d) for i, (name, d) in enumerate(lora_dirs.items())}
         self._pickled: OrderedDict[int, tuple[Any, str, bytes | None]] = OrderedDict()
         self._pickle_lock = threading.Lock()
+        self._mirrors = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fcd-mirror")
         self._ids = itertools.count()
 
     def _grammar_extra(self, constraint: Any) -> dict[str, Any]:
@@ -170,14 +172,14 @@ class VLLMEngine:
         g = constraint.grammar
         with self._pickle_lock:
             hit = self._pickled.get(id(g))
-            if hit is None:
+            if hit is None or (hit[2] is None and g.later is not None and g.later.built() is not None):
+                # an Index compiled since (llguidance: the budget or the mirror wanted it) travels from now on
                 exact = (g.index, g.table) if g.index is not None else g.later.built() if g.later is not None else None
-                hit = (g, uuid.uuid4().hex, pickle.dumps(exact) if exact is not None else None)
+                hit = (g, hit[1] if hit is not None else uuid.uuid4().hex, pickle.dumps(exact) if exact is not None else None)
                 self._pickled[id(g)] = hit  # holding g keeps its id unique while the entry lives
                 while len(self._pickled) > _PICKLE_CACHE_SIZE:
                     self._pickled.popitem(last=False)
-            else:
-                self._pickled.move_to_end(id(g))
+            self._pickled.move_to_end(id(g))
         return {EXTRA_KEY: grammar_args(constraint, hit[1], hit[2], self.fc_token)}
 
     def _mirror(self, constraint: Any, ids: list[int]) -> None:
@@ -223,10 +225,11 @@ class VLLMEngine:
                 piece = out.outputs[0]
                 delta, ids = piece.text, list(piece.token_ids)
                 if c is not None:  # mirror the engine core's state here, for in_grammar below
-                    if c.grammar.later is None:
+                    if c.grammar.later is None or c.grammar.later.built() is not None:
                         self._mirror(c, ids)
-                    else:  # llguidance: a step may wait for the Index the budget needs, not on the event loop
-                        await asyncio.to_thread(self._mirror, c, ids)
+                    else:  # llguidance: a step may wait for the Index it needs, not on the event loop (nor
+                        # in the default executor, which grammar compiles and prompt rendering share)
+                        await asyncio.get_running_loop().run_in_executor(self._mirrors, self._mirror, c, ids)
                 if sp.stop and (c is None or not c.in_grammar) and delta:
                     head = cut_at_stop(sent, delta, sp.stop)
                     if head is not None:
@@ -256,6 +259,7 @@ class VLLMEngine:
         from fcdistill.serve.lifecycle import ENGINE_STOP_S
 
         engine, self.engine = self.engine, None
+        self._mirrors.shutdown(wait=False, cancel_futures=True)
         if engine is not None:
             engine.shutdown(timeout=ENGINE_STOP_S)
 

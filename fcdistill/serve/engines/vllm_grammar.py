@@ -15,12 +15,12 @@ there by their key, so a repeated tool set is unpickled once. The request's max_
 limits travel as plain values; the loop guard reads token bytes, which the engine core builds from
 the model's tokenizer the first time a guarded request arrives.
 
-Under `--grammar-backend llguidance` no Index travels: the regex does (and the FC token's text), and
-the engine core builds the llguidance matcher from it over the vocabulary it builds once from the
-same tokenizer (about a millisecond a tool set), with outlines' Index compiled there in the
-background only when the budget or the loop guard could narrow an answer, as in the hf engine. An
-Index the API process had already compiled (a budget that could bind from the first token) is sent
-pickled as before.
+Under `--grammar-backend llguidance` the regex travels (and the FC token's text), and the engine core
+builds the llguidance matcher from it over the vocabulary it builds once from the same tokenizer
+(about a millisecond a tool set), with outlines' Index compiled there in the background only when
+the budget or the loop guard could narrow an answer, as in the hf engine. Once the API process has
+an Index for the grammar (a budget that could bind from the first token, or its own mirror's
+hand-over), later requests carry it pickled, and the engine core takes it instead of compiling.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def grammar_args(constraint: SequenceConstraint, key: str, index_bytes: bytes | 
                  fc_token: str | None = None) -> dict[str, Any]:
     """What the engine core needs to rebuild the constraint: plain data, msgpack-serializable.
 
-    `index_bytes` is the pickled (Index, CloseTable) pair of the compiled grammar; without it, a grammar
-    llguidance masks travels as its regex and `close_bound` (and `fc_token`, to build the vocabulary)."""
+    `index_bytes` is the pickled (Index, CloseTable) pair of the compiled grammar, if there is one yet; a
+    grammar llguidance masks also travels as its regex and `close_bound` (and `fc_token`, to build the
+    vocabulary), so that the engine core masks with llguidance as the API process's mirror does."""
     v, g = constraint.vocab, constraint.grammar
-    llguidance = index_bytes is None and g.later is not None
+    llguidance = g.later is not None
     return {"mode": g.mode, "key": key, "index": index_bytes,
             "regex": g.later.regex if llguidance else None, "close_bound": g.close_bound if llguidance else None,
             "fc_token": fc_token if llguidance else None,
@@ -120,6 +121,11 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
             self._matched.popitem(last=False)
         return grammar
 
+    def _seed(self, grammar: CompiledGrammar, index_bytes: bytes | None) -> None:
+        """An Index the API process compiled for this grammar: used here instead of compiling it again."""
+        if index_bytes is not None and grammar.later is not None and grammar.later.built() is None:
+            grammar.later.seed(pickle.loads(index_bytes))  # bytes produced by our own API process
+
     def is_argmax_invariant(self) -> bool:
         return False  # it removes tokens, so greedy decoding must see it
 
@@ -129,7 +135,9 @@ class GrammarLogitsProcessor(AdapterLogitsProcessor):
             return None
         guard = LoopGuard(**spec["guard"]) if spec.get("guard") else None
         if spec.get("regex") is not None:
-            return _RequestConstraint(SequenceConstraint(self._llguidance_grammar(spec), spec.get("max_tokens"), guard))
+            grammar = self._llguidance_grammar(spec)
+            self._seed(grammar, spec["index"])
+            return _RequestConstraint(SequenceConstraint(grammar, spec.get("max_tokens"), guard))
         index, table = None, None
         if spec["index"] is not None or spec["key"] in self._indexes:
             hit = self._indexes.get(spec["key"])
