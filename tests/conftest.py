@@ -48,6 +48,17 @@ def adapter_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+# A tool SmolLM2 loops inside (rooms of 100, 200, 300... beds): the budget and loop-guard tests use it.
+BOOKING = {"type": "function", "function": {
+    "name": "book_rooms", "description": "Book hotel rooms for a guest.",
+    "parameters": {"type": "object", "properties": {
+        "guest": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
+                  "required": ["name"]},
+        "rooms": {"type": "array", "items": {"type": "object", "properties": {
+            "kind": {"type": "string"}, "beds": {"type": "integer"}}, "required": ["kind", "beds"]}}},
+        "required": ["guest", "rooms"]}}}
+
+
 # The key of the shared server below; its clients send it.
 SERVE_KEY = "fcd-test-key"
 

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from conftest import SERVE_KEY
+from conftest import BOOKING, SERVE_KEY
 from fcdistill.data.bfcl import canonical_calls, load_category
 from fcdistill.grammars import LoopGuard, SequenceConstraint, compile_grammar, token_vocabulary
 from fcdistill.grammars.closing import UNREACHABLE
@@ -159,14 +159,6 @@ def test_llguidance_server_keeps_the_budget_guarantee(llg_server):
     assert {"origin", "destination"} <= set(json.loads(calls[0].function.arguments))
 
 
-BOOKING = {"type": "function", "function": {
-    "name": "book_rooms", "description": "Book hotel rooms for a guest.",
-    "parameters": {"type": "object", "properties": {
-        "guest": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
-                  "required": ["name"]},
-        "rooms": {"type": "array", "items": {"type": "object", "properties": {
-            "kind": {"type": "string"}, "beds": {"type": "integer"}}, "required": ["kind", "beds"]}}},
-        "required": ["guest", "rooms"]}}}
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import BOOKING
 from shutdown_check import alive, signal_and_time, tree_of
 
 from fcdistill.serve.lifecycle import BOUND_S
@@ -255,14 +256,6 @@ def test_grammar_guarantee_through_the_server(client, tools, mode, parallel, see
         jsonschema.validate(json.loads(call.function.arguments), closed_schema(by_name[call.function.name].parameters))
 
 
-BOOKING = {"type": "function", "function": {
-    "name": "book_rooms", "description": "Book hotel rooms for a guest.",
-    "parameters": {"type": "object", "properties": {
-        "guest": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
-                  "required": ["name"]},
-        "rooms": {"type": "array", "items": {"type": "object", "properties": {
-            "kind": {"type": "string"}, "beds": {"type": "integer"}}, "required": ["kind", "beds"]}}},
-        "required": ["guest", "rooms"]}}}
 BOOK = [{"role": "user", "content": "Book two double rooms and one single room for Ann Lee."}]
 
 
