@@ -191,3 +191,24 @@ def test_an_option_added_later_counts_only_when_set(tmp_path, fake_stages):
     step = Planner(_recipe("data.bfcl.optional_args=given"), tmp_path).plan()[0]
     assert step.why == "bfcl.optional_args: None -> 'given'", step.why
 
+
+
+def test_a_full_finetune_is_kept_served_and_exported_from_its_model_directory(tmp_path, fake_stages):
+    """`train.set.finetune=full`: the train stage's output is `train/model`, which the hf engine serves
+    as the tuned student and the export stage writes; a removed `model/` reruns the stage."""
+    full = ("train.set.finetune=full", "export.merge=true")
+    recipe = _recipe(*full)
+    assert recipe.train.finetune == "full" and _recipe().train.finetune == "lora"
+    steps = {s.stage: s for s in Planner(recipe, tmp_path).plan()}
+    assert steps["export"].describe.startswith("write the fully fine-tuned smollm2-135m")
+    _run(tmp_path, *full)
+    assert (tmp_path / "train" / "model").is_dir() and not (tmp_path / "train" / "adapter").exists()
+    tuned = next(m for m in recipe.eval.models if m.tuned)
+    ctx = stages_mod.Context(recipe, tmp_path, print)
+    assert stages_mod._served(ctx, tuned) == (str(tmp_path / "train" / "model"), ["--served-model-name", "tuned"],
+                                              "tuned")
+    assert set(_actions(tmp_path, *full).values()) == {"skip"}
+    import shutil
+
+    shutil.rmtree(tmp_path / "train" / "model")
+    assert _actions(tmp_path, *full)["train"] == "rerun"

@@ -1,8 +1,9 @@
-"""The FC token's rows through TRL + PEFT on a model with untied output embeddings.
+"""The FC token's rows through TRL + PEFT on a model with untied output embeddings, and a full fine-tune.
 
 SmolLM2 (tied) is covered by test_train_sft.py. Here a small randomly initialised llama with
 `tie_word_embeddings=False` and SmolLM2's tokenizer takes the added-token path: both the input row
-and the lm_head row must be trained (independently), saved in the adapter, and merged.
+and the lm_head row must be trained (independently), saved in the adapter, and merged. The same
+small model is fine-tuned whole (`finetune: full`): trained, checkpointed, resumed and exported.
 """
 
 from __future__ import annotations
@@ -162,3 +163,59 @@ def test_packed_rows_keep_examples_apart(untied_dir, data, tmp_path):
         for s, e in zip(starts, [*starts[1:], len(pos)]):
             alone = model(input_ids=batch["input_ids"][:, s:e], use_cache=False).logits
             assert torch.allclose(packed[:, s:e], alone, atol=1e-4), (s, e)
+
+
+def test_full_finetune_trains_every_layer_resumes_and_exports(untied_dir, data, tmp_path):
+    """`finetune: full`: no PEFT; every layer and both FC rows train in fp32; the result is a plain
+    model directory (`model/`) that loads, resumes from its checkpoints and exports in another dtype."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fcdistill.train.export import greedy_completions, load_trained, merge_adapter
+    from fcdistill.train.sft import find_checkpoint, train
+
+    out = tmp_path / "full"
+    cfg = _config(untied_dir, data, out, finetune="full", save_steps=2, save_total_limit=None,
+                  optim={"learning_rate": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"})
+    result = train(cfg)
+    assert result.final_dir == out / "model" and result.global_step == 4
+    assert not (out / "adapter").exists() and not (result.final_dir / "adapter_config.json").exists()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["finetune"] == "full" and info["precision"] == "fp32" and info["fc_token_id"] == 49152
+    base = AutoModelForCausalLM.from_pretrained(str(untied_dir))
+    base.resize_token_embeddings(49153, mean_resizing=False)
+    assert info["trainable_parameters"] == sum(p.numel() for p in base.parameters())
+
+    saved = load_file(str(result.final_dir / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    before = dict(base.named_parameters())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        assert not torch.allclose(saved[name], before[name]), name  # not only the FC rows: every layer
+    pieces = [44, 19324, 79, 4350, 46]
+    start_in = base.get_input_embeddings().weight[pieces].mean(0)
+    fc_in, fc_out = saved["model.embed_tokens.weight"][49152], saved["lm_head.weight"][49152]
+    assert (fc_in - start_in).norm() > 1e-3 * start_in.norm() and not torch.allclose(fc_in, fc_out)
+
+    model, tok, meta = load_trained(out)  # the run directory is accepted, as for adapters
+    assert meta["format"] == "full" and len(tok) == 49153 and not hasattr(model, "peft_config")
+
+    # a checkpoint is model weights plus trainer state; a run killed after step 2 resumes from it
+    assert find_checkpoint(out).name == "checkpoint-4" and (out / "checkpoint-2" / "model.safetensors").is_file()
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(result.final_dir)
+    (out / "train_result.json").unlink()
+    resumed = train(cfg, resume=True)
+    assert resumed.resumed_from == str(out / "checkpoint-2") and resumed.global_step == 4
+    again = load_file(str(resumed.final_dir / "model.safetensors"))
+    assert torch.allclose(again["model.layers.0.self_attn.q_proj.weight"],
+                          saved["model.layers.0.self_attn.q_proj.weight"], atol=1e-5)
+
+    exported = merge_adapter(out, tmp_path / "export", dtype="bf16")
+    assert json.loads((exported / "fcdistill.json").read_text())["format"] == "merged"
+    assert {t.dtype for t in load_file(str(exported / "model.safetensors")).values()} == {torch.bfloat16}
+    fmt = ChatFormat(tok)
+    prompts = [fmt.render_prompt(e.messages, synthetic.TOOLS) for e in synthetic.examples(2, seed=9, held_out=True)]
+    first = greedy_completions(model, tok, prompts, max_new_tokens=4)
+    assert len(first) == 2 and greedy_completions(load_trained(resumed.final_dir)[0], tok, prompts, max_new_tokens=4) == first

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fcdistill.errors import validation_message
 from fcdistill.train.config import _existing_file as _existing
@@ -182,6 +182,11 @@ class TrainSpec(_Strict):
         "auto", description="auto: accelerate when accelerate_config is given and a GPU is present")
     accelerate_config: Path | None = None
     num_processes: int | None = Field(None, ge=1)
+    _finetune: str = PrivateAttr("lora")  # the config's `finetune` after the overrides (lora | full)
+
+    @property
+    def finetune(self) -> str:
+        return self._finetune
 
     @field_validator("set", mode="before")
     @classmethod
@@ -207,10 +212,11 @@ class TrainSpec(_Strict):
             raise ValueError("train: launcher accelerate needs accelerate_config (see configs/accelerate/)")
         # data.train does not exist before the run: the config is checked against a stand-in file
         try:
-            load_config(self.config, [f"{k}={_yaml_scalar(v)}" for k, v in self.set.items()]
-                        + [f"data.train={self.config}"])
+            cfg = load_config(self.config, [f"{k}={_yaml_scalar(v)}" for k, v in self.set.items()]
+                              + [f"data.train={self.config}"])
         except ConfigError as exc:
             raise ValueError(f"train: {exc}") from None
+        self._finetune = cfg.finetune
         return self
 
 
@@ -228,7 +234,8 @@ def _yaml_scalar(value: Any) -> str:
 
 
 class ExportSpec(_Strict):
-    """Merge the adapter into a full model (vLLM serves the tuned student merged)."""
+    """Merge the adapter into a full model (vLLM serves the tuned student merged); a full fine-tune's
+    model is written in `dtype`."""
 
     merge: bool = True
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -329,9 +329,21 @@ def _train_describe(r: Recipe) -> str:
 def _export_run(ctx: Context) -> dict[str, Any]:
     from fcdistill.train.export import merge_adapter
 
-    path = merge_adapter(ctx.dir("train") / "adapter", ctx.dir("export") / "merged", dtype=ctx.recipe.export.dtype,
-                         overwrite=True)
+    path = merge_adapter(_trained(ctx), ctx.dir("export") / "merged", dtype=ctx.recipe.export.dtype, overwrite=True)
     return {"merged": str(path)}
+
+
+def _trained(ctx: Context) -> Path:
+    """The train stage's result: `adapter/`, or `model/` for a full fine-tune."""
+    from fcdistill.train.config import final_dir_name
+
+    return ctx.dir("train") / final_dir_name(ctx.recipe.train.finetune)
+
+
+def _export_describe(r: Recipe) -> str:
+    if r.train is not None and r.train.finetune == "full":
+        return f"write the fully fine-tuned {r.student} ({r.export.dtype})"
+    return f"merge the adapter into {r.student} ({r.export.dtype})"
 
 
 # -- eval ---------------------------------------------------------------------------------------------
@@ -348,7 +360,9 @@ def _served(ctx: Context, m: EvalModel) -> tuple[str, list[str], str]:
     base = m.model or r.student
     if m.tuned and r.serve.engine == "vllm":
         return str(ctx.dir("export") / "merged"), ["--served-model-name", m.name], m.name
-    adapter = ctx.dir("train") / "adapter" if m.tuned else m.adapter
+    if m.tuned and r.train.finetune == "full":
+        return str(_trained(ctx)), ["--served-model-name", m.name], m.name
+    adapter = _trained(ctx) if m.tuned else m.adapter
     if adapter is not None:
         return base, ["--adapter", f"{m.name}={adapter}"], m.name
     if m.model is None:
@@ -456,9 +470,9 @@ STAGE_DEFS: dict[str, Stage] = {
                    config=lambda r: {"train": _dump(r.train), "student": r.student, "fc_token": r.fc_token,
                                      "seed": r.seed},
                    describe=_train_describe, run=_train_run,
-                   outputs=lambda c: [c.dir("train") / "adapter"]),
+                   outputs=lambda c: [_trained(c)]),
     "export": Stage(after=lambda r: ["train"], files=lambda r: [], config=lambda r: {"export": _dump(r.export)},
-                    describe=lambda r: f"merge the adapter into {r.student} ({r.export.dtype})", run=_export_run,
+                    describe=_export_describe, run=_export_run,
                     outputs=lambda c: [c.dir("export") / "merged"]),
     "eval": Stage(after=_eval_after, files=lambda r: [],
                   config=lambda r: {"eval": _dump(r.eval), "serve": _dump(r.serve), "student": r.student},

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result, Prepared):
         print(f"config ok: FC token {result.fc.token!r} id {result.fc.token_id}")
     else:
-        print(f"trained {result.global_step} steps; adapter: {result.adapter_dir}")
+        print(f"trained {result.global_step} steps; {result.final_dir.name}: {result.final_dir}")
     return 0
 
 

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
                                                        "--set lora.r=8 (value read as YAML).")] = None,
         check: Annotated[bool, typer.Option(help="Validate the config and data, print their stats, load no model.")] = False,
     ) -> None:
-        """LoRA SFT of the student around the FC token (TRL + PEFT); `accelerate launch -m fcdistill.train` runs the same."""
+        """SFT of the student around the FC token (TRL; LoRA via PEFT, or `finetune: full`); `accelerate launch -m fcdistill.train` runs the same."""
         from fcdistill.train.config import ConfigError
         from fcdistill.train.sft import Prepared, run
 
@@ -37,11 +37,11 @@ def register(app: typer.Typer) -> None:
                        f"({'added' if fc.added else 'reused'})")
             typer.echo(json.dumps(result.stats))
             return
-        typer.echo(f"trained {result.global_step} steps; adapter: {result.adapter_dir}")
+        typer.echo(f"trained {result.global_step} steps; {result.final_dir.name}: {result.final_dir}")
 
     @app.command("export")
     def export_cmd(
-        adapter: Annotated[Path, typer.Option(help="Adapter directory, or the training run directory holding adapter/.")],
+        adapter: Annotated[Path, typer.Option(help="Adapter directory, a full fine-tune's model/, or the training run directory holding either.")],
         out: Annotated[Path, typer.Option(help="Output directory for the merged model.")],
         merge: Annotated[bool, typer.Option("--merge", help="Merge the adapter into the base weights (full model).")] = False,
         dtype: Annotated[str, typer.Option(help="auto (the base checkpoint's dtype) | fp32 | bf16 | fp16.")] = "auto",

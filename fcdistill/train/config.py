@@ -141,6 +141,9 @@ class TrainConfig(_Strict):
     student: str = "smollm2-135m"
     fc_token: str = DEFAULT_FC_TOKEN
     data: DataSettings
+    # lora: LoRA adapters plus the FC token's rows (the result is a PEFT adapter); full: every weight
+    # trains in fp32 master weights (the result is a plain model directory; `lora` is not used)
+    finetune: Literal["lora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
 
@@ -200,9 +203,15 @@ class TrainConfig(_Strict):
         return self.data.eval is not None or self.data.eval_fraction > 0
 
     @property
-    def adapter_dir(self) -> Path:
-        """Where the final adapter (PEFT format + tokenizer + chat template) is written."""
-        return self.output_dir / "adapter"
+    def final_dir(self) -> Path:
+        """Where the result is written: `adapter/` (PEFT format) or, for a full fine-tune, `model/`
+        (a transformers model directory); either with the tokenizer, chat template and fcdistill.json."""
+        return self.output_dir / final_dir_name(self.finetune)
+
+
+def final_dir_name(finetune: str) -> str:
+    """The run directory's result folder for a finetune method."""
+    return "model" if finetune == "full" else "adapter"
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

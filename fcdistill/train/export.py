@@ -1,4 +1,4 @@
-"""Load a trained student (adapter or merged) and merge an adapter into a full model.
+"""Load a trained student (adapter, full fine-tune or merged) and export it as one full model.
 
 An adapter directory (written by `fcd train`) holds PEFT's files (adapter_config.json with the
 FC token as `trainable_token_indices`, adapter_model.safetensors), the tokenizer with the FC token,
@@ -11,6 +11,9 @@ The merged export is a plain transformers directory (no PEFT, no quantization_co
 transformers, vLLM and `fcd serve --model` load like any other model; the FC token is then part of
 the vocabulary. vLLM cannot take a LoRA adapter that adds tokens, so added-token students are
 served merged.
+
+A full fine-tune (`finetune: full`) writes `model/`, already a plain model directory; exporting it
+only writes it in the requested dtype.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ class ExportError(ValueError):
     """A directory that is not an fcdistill adapter/merged export; the CLI prints it as one line."""
 
 
-def adapter_dir_of(path: str | Path) -> Path:
-    """Accept either the adapter directory or the training run directory that contains `adapter/`."""
+def trained_dir_of(path: str | Path) -> Path:
+    """The adapter directory, a full fine-tune's model directory, or the run directory holding either."""
     p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    raise ExportError(f"{p} is not an adapter directory (no adapter_config.json) nor a run directory with adapter/")
+    for d in (p, p / "adapter", p / "model"):
+        if (d / "adapter_config.json").is_file() or ((d / "config.json").is_file() and (d / ADAPTER_META).is_file()):
+            return d
+    raise ExportError(f"{p} is not a trained student: no adapter directory (adapter_config.json), no model "
+                      "directory of `fcd train` (config.json with fcdistill.json), nor a run directory with adapter/ "
+                      "or model/")
 
 
 def _base_dir(meta: dict[str, Any]) -> str:
@@ -52,7 +56,8 @@ def _base_dir(meta: dict[str, Any]) -> str:
 
 
 def load_trained(path: str | Path, *, dtype: Any = None, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, meta) for an adapter directory, a run directory or a merged model directory.
+    """(model, tokenizer, meta) for an adapter directory, a run directory or a model directory (merged,
+    or a full fine-tune's).
 
     Adapters come back as a PeftModel in eval mode (not merged, so the adapter's own forward is what
     runs); merged directories as a plain transformers model.
@@ -63,12 +68,12 @@ def load_trained(path: str | Path, *, dtype: Any = None, device: str | None = No
     p = Path(path)
     dtype = dtype or torch.float32
     try:
-        adapter = adapter_dir_of(p)
+        p = trained_dir_of(p)
     except ExportError:
-        adapter = None
-    if adapter is None:
         if not (p / "config.json").is_file():
-            raise ExportError(f"{p} is neither an adapter, a run directory, nor a model directory")
+            raise ExportError(f"{p} is neither an adapter, a run directory, nor a model directory") from None
+    adapter = p if (p / "adapter_config.json").is_file() else None
+    if adapter is None:
         tokenizer = AutoTokenizer.from_pretrained(str(p))
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
         meta = read_meta(p)
@@ -88,7 +93,8 @@ def load_trained(path: str | Path, *, dtype: Any = None, device: str | None = No
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
-    """Write base + adapter (LoRA deltas and the FC token rows) as one plain transformers model.
+    """Write base + adapter (LoRA deltas and the FC token rows) as one plain transformers model; a
+    full fine-tune's model directory (or its run directory) is written as it is, in `dtype`.
 
     dtype: auto keeps the base checkpoint's dtype (fp32 for the converted SmolLM2, bf16 for Qwen);
     merging itself runs in fp32 so the low-rank update is not rounded twice.
@@ -96,7 +102,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", 
     import torch
     from transformers import AutoConfig
 
-    adapter_dir = adapter_dir_of(adapter)
+    adapter_dir = trained_dir_of(adapter)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -113,7 +119,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, dtype: str = "auto", 
             raise ExportError(f"unknown --dtype {dtype!r}; choose auto, fp32, bf16 or fp16")
         target = names[dtype]
     model, tokenizer, meta = load_trained(adapter_dir, dtype=torch.float32)
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged = merged.to(target)
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # vLLM refuses a config that names one

@@ -1,15 +1,16 @@
-"""LoRA SFT of a student around the FC token, with TRL's SFTTrainer and PEFT.
+"""SFT of a student around the FC token, with TRL's SFTTrainer: LoRA (PEFT) or a full fine-tune.
 
 The run is split in two so that bad input fails fast: `prepare` needs only the tokenizer (it reads
 and length-checks the data, adds or reuses the FC token), `train` then loads the model, grows its
 embeddings when the FC token is new, and trains LoRA adapters plus the FC token's embedding row
-(PEFT `trainable_token_indices`; with untied output embeddings the lm_head row too). The same code
+(PEFT `trainable_token_indices`; with untied output embeddings the lm_head row too), or, with
+`finetune: full`, every weight (the FC rows with them). The same code
 runs under `fcd train` and `accelerate launch -m fcdistill.train` (DDP, FSDP2, DeepSpeed): the
 launcher only sets the environment that transformers' Trainer reads.
 
 A run directory holds `run_info.json`, `config.yaml`, `train_log.jsonl` (one line per log event:
 loss, eval_loss, learning rate, tokens/s), TensorBoard events when installed, `checkpoint-N/`
-(resumable with `--resume`), and finally `adapter/` and `train_result.json`.
+(resumable with `--resume`), and finally `adapter/` (a full fine-tune: `model/`) and `train_result.json`.
 """
 
 from __future__ import annotations
@@ -154,13 +155,16 @@ class Precision:
     autocast: bool  # the Trainer's mixed precision; a bf16 base on CPU runs without it
 
 
-def resolve_precision(requested: str) -> Precision:
+def resolve_precision(requested: str, *, full: bool = False) -> Precision:
     """auto: bf16 on a GPU or CPU that has it natively, else fp32.
 
     On a GPU, bf16 is the Trainer's autocast over bf16 weights. On a CPU, autocast costs a cast per op
     and gains little; instead the frozen base is stored in bf16 and runs without autocast, while
     PEFT keeps the LoRA weights (and so the optimizer state) in fp32 and casts activations at each
     adapter: the base's matmuls run in bf16, the trained parameters never round to it.
+
+    `full`: every weight is trained, so every weight stays fp32 (an Adam step of ~1e-5 rounds away in
+    bf16) and bf16/fp16 is the Trainer's autocast, on a CPU too.
     """
     import torch
 
@@ -172,6 +176,8 @@ def resolve_precision(requested: str) -> Precision:
     if name == "fp16" and not cuda:
         raise ConfigError("precision fp16 needs a CUDA GPU; use fp32 (or auto) on CPU")
     # fp16 keeps fp32 master weights (the grad scaler refuses fp16 gradients); bf16 needs no scaler
+    if full:
+        return Precision(name, torch.float32, autocast=name in ("bf16", "fp16"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[name]
     return Precision(name, dtype, autocast=cuda and name in ("bf16", "fp16"))
 
@@ -382,7 +388,8 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     found = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
                     if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))), reverse=True)
     for _, path in found:
-        if (path / "trainer_state.json").is_file() and any(path.glob("adapter_model.*")):
+        weights = any(path.glob("adapter_model.*")) or any(path.glob("model*.safetensors"))
+        if (path / "trainer_state.json").is_file() and weights:
             return path
     return None
 
@@ -423,7 +430,7 @@ def _resolve_packing(cfg: TrainConfig) -> bool:
 @dataclass
 class TrainResult:
     output_dir: Path
-    adapter_dir: Path
+    final_dir: Path  # adapter/ or, for a full fine-tune, model/
     global_step: int
     resumed_from: str | None
     metrics: dict[str, Any]
@@ -437,7 +444,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     from trl import SFTConfig, SFTTrainer
 
     out = cfg.output_dir
-    precision = resolve_precision(cfg.precision)
+    full = cfg.finetune == "full"
+    precision = resolve_precision(cfg.precision, full=full)
     if cfg.tensorboard is True and not tensorboard_available():
         raise ConfigError("tensorboard: true, but tensorboard is not installed (pip install tensorboard)")
     # PEFT announces it will save the resized embeddings; prune_embedding_copies removes them again
@@ -487,16 +495,19 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.train_rows])
         eval_ds = Dataset.from_list([{k: r[k] for k in columns} for r in prep.eval_rows]) if prep.eval_rows else None
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=prep.tokenizer, peft_config=lora_config(cfg, model, prep.fc.token_id),
+                             processing_class=prep.tokenizer,
+                             peft_config=None if full else lora_config(cfg, model, prep.fc.token_id),
                              callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or [])])
     _loss_on_the_bar(trainer)
-    fit_trainable_tokens_to_fused_lm_head(trainer.model, upcast=not trainer.is_deepspeed_enabled)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    copy_free = not sharded and trainable_tokens_without_copies(trainer.model) > 0
+    copy_free = False
+    if not full:
+        fit_trainable_tokens_to_fused_lm_head(trainer.model, upcast=not trainer.is_deepspeed_enabled)
+        copy_free = not sharded and trainable_tokens_without_copies(trainer.model) > 0
     state = trainer.accelerator.state
     kind = state.distributed_type
     info = {
-        "student": cfg.student, "model_dir": prep.model_dir,
+        "student": cfg.student, "model_dir": prep.model_dir, "finetune": cfg.finetune,
         "fc_token": prep.fc.token, "fc_token_id": prep.fc.token_id, "fc_token_added": prep.fc.added,
         "embeddings_resized": resized, "tied_embeddings": tied, "vocab_size": len(prep.tokenizer),
         "precision": precision.name, "packing": packing, "attn_implementation": attn,
@@ -512,20 +523,20 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
 
 def train(cfg: TrainConfig, *, resume: bool = False, prepared: Prepared | None = None,
           callbacks: list[Any] | None = None) -> TrainResult:
-    """Train (or resume) one run; returns where the adapter is. Every rank calls this under accelerate."""
+    """Train (or resume) one run; returns where the result is. Every rank calls this under accelerate."""
     prep = prepared or prepare(cfg)
-    out = cfg.output_dir
+    out, final = cfg.output_dir, cfg.final_dir
     checkpoint = find_checkpoint(out)
     if checkpoint is not None and not resume:
         raise ConfigError(f"output_dir {out} already has {checkpoint.name}; pass --resume to continue that run "
                           "or choose another output_dir")
-    if checkpoint is None and not resume and (out / "adapter").exists():
-        raise ConfigError(f"output_dir {out} already holds a finished run (adapter/); choose another output_dir")
+    if checkpoint is None and not resume and final.exists():
+        raise ConfigError(f"output_dir {out} already holds a finished run ({final.name}/); choose another output_dir")
     finished = out / "train_result.json"
-    if resume and finished.is_file() and (out / "adapter" / "adapter_config.json").is_file():
+    if resume and finished.is_file() and (final / ADAPTER_META).is_file():
         done = json.loads(finished.read_text(encoding="utf-8"))
         log.warning("--resume: %s already finished (%s steps); nothing to do", out, done.get("global_step"))
-        return TrainResult(out, out / "adapter", int(done.get("global_step", 0)), done.get("resumed_from"), done)
+        return TrainResult(out, final, int(done.get("global_step", 0)), done.get("resumed_from"), done)
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
     resumed_from = str(checkpoint) if resume and checkpoint else None
@@ -545,17 +556,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, prepared: Prepared | None =
     if trainer.eval_dataset is not None:  # eval_loss of the final weights, unless the schedule just logged it
         done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         metrics.update({k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate())
-    adapter_dir = cfg.adapter_dir
-    trainer.save_model(str(adapter_dir))  # PEFT adapter (+ tokenizer, chat template) from the main process
+    trainer.save_model(str(final))  # the adapter or the model (+ tokenizer, chat template) from the main process
     if main:
-        prune_embedding_copies(adapter_dir)
-        prep.tokenizer.save_pretrained(str(adapter_dir))
-        write_meta(adapter_dir, prep, kind="adapter", tied=info["tied_embeddings"])
+        prune_embedding_copies(final)
+        prep.tokenizer.save_pretrained(str(final))
+        write_meta(final, prep, kind="full" if cfg.finetune == "full" else "adapter", tied=info["tied_embeddings"])
         summary = {"global_step": trainer.state.global_step, "resumed_from": resumed_from,
-                   "adapter_dir": str(adapter_dir), **metrics}
+                   "final_dir": str(final), **metrics}
         (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(out, adapter_dir, trainer.state.global_step, resumed_from, metrics)
+    return TrainResult(out, final, trainer.state.global_step, resumed_from, metrics)
 
 
 def write_meta(directory: Path, prep: Prepared, *, kind: str, tied: bool) -> None:
