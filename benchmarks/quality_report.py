@@ -18,6 +18,10 @@ Usage:
       --augment-stats runs/quality-aug/data-aug/augment_stats.json \
       [--everyday reports/everyday_tools.json] [--train-bench benchmarks/results/train_bench.json] \
       [--note "free text shown under the title"] --out reports/quality
+  A later report that adds runs to an earlier one whose eval dirs are gone:
+      --keep reports/quality.json --run "augmented+live=runs/quality-live/eval/tuned" ...
+  (the kept runs and ablations stay as recorded; every run records its per-item outcomes, so a kept
+  run that has them is paired with the new ones.)
 """
 
 from __future__ import annotations
@@ -131,6 +135,51 @@ def train_bench_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pair_with(ref: dict[str, Any], entry: dict[str, Any], categories: list[str]) -> dict[str, Any] | None:
+    """`entry` against `ref` item by item (both need recorded outcomes): gained, lost, exact McNemar p."""
+    from fcdistill.eval.report import mcnemar_p
+
+    a, b = ref.get("items"), entry.get("items")
+    if not a or not b:
+        return None
+    cats = {i: c for c in categories for i in (entry.get("item_categories") or {}).get(c, [])}
+    out: dict[str, Any] = {}
+    for c in categories:
+        ids = [i for i in b if cats.get(i) == c and i in a]
+        gained = sum(b[i] and not a[i] for i in ids)
+        lost = sum(a[i] and not b[i] for i in ids)
+        out[c] = {"paired": len(ids), "gained": gained, "lost": lost, "p_mcnemar": mcnemar_p(gained, lost)}
+    return out
+
+
+def with_outcomes(cmp: dict[str, Any], dirs: list[Path]) -> dict[str, Any]:
+    """Record each run's per-item outcomes (and their categories) so later reports can pair with it."""
+    from fcdistill.eval.report import _load_run
+
+    for entry, d in zip(cmp["runs"], dirs):
+        loaded = _load_run(d)[1]
+        entry["items"] = {i: ok for i, (_, ok) in loaded.items()}
+        cats: dict[str, list[str]] = {}
+        for i, (c, _) in loaded.items():
+            cats.setdefault(c, []).append(i)
+        entry["item_categories"] = cats
+    return cmp
+
+
+def keep_runs(kept: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The kept report's held-out runs first, as recorded, then the new runs; a new run is paired with
+    the kept baseline when that has recorded outcomes, else (as compare_data does) with the first new run."""
+    old = kept["held_out"]
+    categories = list(dict.fromkeys([*old["categories"], *new["categories"]]))
+    ref = old["runs"][0] if old["runs"][0].get("items") else None
+    for entry in new["runs"]:
+        if ref is not None:
+            entry["vs_first"] = pair_with(ref, entry, categories)
+    baseline = old["baseline"] if ref is not None else f"{old['baseline']} (kept runs, as recorded) / {new['baseline']}"
+    return {"categories": categories, "runs": [*old["runs"], *new["runs"]], "baseline": baseline,
+            "shared_categories": [c for c in categories if c in old["shared_categories"] or c in new["categories"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", default=[], required=True,
@@ -144,21 +193,37 @@ def main() -> None:
     ap.add_argument("--everyday", type=Path)
     ap.add_argument("--train-bench", type=Path)
     ap.add_argument("--note", default="")
+    ap.add_argument("--keep", type=Path, help="an earlier quality.json whose runs and ablations stay, as recorded")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "quality")
     args = ap.parse_args()
 
     from fcdistill.eval.report import compare_data
 
     runs = [_pair(r) for r in args.run]
-    main_cmp = compare_data([p for _, p in runs])
+    main_cmp = with_outcomes(compare_data([p for _, p in runs]), [p for _, p in runs])
     for entry, (name, _) in zip(main_cmp["runs"], runs):
         entry["label"] = name
+    kept = json.loads(args.keep.read_text(encoding="utf-8")) if args.keep else None
+    pairing = f"runs after the first paired item by item with {runs[0][0]} (+gained/−lost, exact McNemar p)"
+    if kept is not None:
+        main_cmp = keep_runs(kept, main_cmp)
+        if main_cmp["runs"][0].get("items"):
+            pairing = f"runs paired item by item with {main_cmp['baseline']} (+gained/−lost, exact McNemar p)"
+        else:
+            pairing = (f"{', '.join(r['label'] for r in kept['held_out']['runs'])} kept from `{args.keep}` as recorded "
+                       f"(their eval outputs are gone; paired as then); {pairing}")
     report: dict[str, Any] = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                               "command": " ".join(sys.argv), "targets": TARGETS, "held_out": main_cmp}
     md = ["# Student quality", "", args.note, "" if args.note else "",
           "## Held-out BFCL (never trained on)", "",
-          "Accuracy % (correct/answered; Wilson CI95); ✓/✗ against the target; runs after the first paired "
-          f"item by item with {runs[0][0]} (+gained/−lost, exact McNemar p).", "", *accuracy_table(main_cmp), ""]
+          f"Accuracy % (correct/answered; Wilson CI95); ✓/✗ against the target; {pairing}.", "",
+          *accuracy_table(main_cmp), ""]
+    kept_ablations = (kept or {}).get("ablations") or {}
+    if kept_ablations:
+        report["ablations"] = dict(kept_ablations)
+        md += ["## Ablations", ""]
+        for ref_name, abl_cmp in kept_ablations.items():
+            md += [f"Against {ref_name}, item by item (kept as recorded).", "", *accuracy_table(abl_cmp), ""]
     if args.ablation:
         groups: dict[str, list[tuple[str, Path]]] = {}  # the run an ablation moves one lever of -> its ablations
         named = dict(runs)
@@ -168,10 +233,12 @@ def main() -> None:
             if base not in named:
                 raise SystemExit(f"error: --ablation {text!r}: no --run named {base!r}")
             groups.setdefault(base, []).append(_pair(rest))
-        report["ablations"] = {}
-        md += ["## Ablations", ""]
+        if not kept_ablations:
+            report["ablations"] = {}
+            md += ["## Ablations", ""]
         for ref_name, abl in groups.items():
-            abl_cmp = compare_data([named[ref_name], *(p for _, p in abl)])
+            abl_cmp = with_outcomes(compare_data([named[ref_name], *(p for _, p in abl)]),
+                                    [named[ref_name], *(p for _, p in abl)])
             for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
                 entry["label"] = name
             report["ablations"][ref_name] = abl_cmp
