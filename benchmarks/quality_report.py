@@ -190,7 +190,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="the data dir whose eval split was evaluated")
     ap.add_argument("--train-file", type=Path, required=True, help="the train records trained on (contamination)")
     ap.add_argument("--augment-stats", type=Path)
-    ap.add_argument("--everyday", type=Path)
+    ap.add_argument("--everyday", type=Path, action="append", default=[],
+                    help="a benchmarks/everyday_tools.py result; repeatable (their models side by side)")
     ap.add_argument("--train-bench", type=Path)
     ap.add_argument("--note", default="")
     ap.add_argument("--keep", type=Path, help="an earlier quality.json whose runs and ablations stay, as recorded")
@@ -255,10 +256,13 @@ def main() -> None:
            f"**{cont['flagged_overlaps']} flagged overlaps** (a shared {cont['ngram']}-word span, or a whole short "
            "question).", ""]
     if args.everyday:
-        every = json.loads(args.everyday.read_text())
-        report["everyday_tools"] = {k: v["summary"] for k, v in every["models"].items()}
-        md += ["## Everyday tools (outside BFCL)", "", f"From `{args.everyday}` (benchmarks/everyday_tools.py).", "",
-               *everyday_table(every), ""]
+        models: dict[str, Any] = {}
+        for path in args.everyday:
+            models.update(json.loads(path.read_text())["models"])
+        report["everyday_tools"] = {k: v["summary"] for k, v in models.items()}
+        files = ", ".join(f"`{p}`" for p in args.everyday)
+        md += ["## Everyday tools (outside BFCL)", "", f"From {files} (benchmarks/everyday_tools.py).", "",
+               *everyday_table({"models": models}), ""]
     if args.train_bench:
         bench = json.loads(args.train_bench.read_text())
         report["train_bench"] = bench
