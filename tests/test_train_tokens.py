@@ -68,9 +68,9 @@ def test_untied_model_trains_both_fc_rows(trained, untied_dir):
     fc_id = info["fc_token_id"]
     assert fc_id == 49152
 
-    cfg = json.loads((trained.adapter_dir / "adapter_config.json").read_text())
+    cfg = json.loads((trained.final_dir / "adapter_config.json").read_text())
     assert cfg["trainable_token_indices"] == {"model.embed_tokens": [fc_id], "lm_head": [fc_id]}
-    saved = load_file(str(trained.adapter_dir / "adapter_model.safetensors"))
+    saved = load_file(str(trained.final_dir / "adapter_model.safetensors"))
     emb_key = next(k for k in saved if "embed_tokens.token_adapter.trainable_tokens_delta" in k)
     out_key = next(k for k in saved if "lm_head.token_adapter.trainable_tokens_delta" in k)
     assert not any(k.endswith("base_layer.weight") for k in saved)  # no full-matrix copies
@@ -92,12 +92,12 @@ def test_untied_adapter_and_merged_agree(trained, tmp_path, smollm2_tokenizer):
 
     model, tok, meta = load_trained(trained.output_dir)  # a run directory is accepted too
     assert meta["fc_token"] == "<tool_call>" and meta["tied_embeddings"] is False
-    merged_dir = merge_adapter(trained.adapter_dir, tmp_path / "merged")
+    merged_dir = merge_adapter(trained.final_dir, tmp_path / "merged")
     merged, mtok, mmeta = load_trained(merged_dir)
     assert mmeta["format"] == "merged" and len(mtok) == len(tok) == 49153
     from safetensors.torch import load_file
 
-    saved = load_file(str(trained.adapter_dir / "adapter_model.safetensors"))
+    saved = load_file(str(trained.final_dir / "adapter_model.safetensors"))
     out_key = next(k for k in saved if "lm_head.token_adapter.trainable_tokens_delta" in k)
     assert torch.allclose(merged.get_output_embeddings().weight[49152], saved[out_key][0], atol=1e-6)
 
@@ -177,7 +177,7 @@ def test_full_finetune_trains_every_layer_resumes_and_exports(untied_dir, data, 
     from fcdistill.train.sft import find_checkpoint, train
 
     out = tmp_path / "full"
-    cfg = _config(untied_dir, data, out, finetune="full", save_steps=2, save_total_limit=None,
+    cfg = _config(untied_dir, data, out, finetune="full", save_steps=2, save_total_limit=None, precision="fp32",
                   optim={"learning_rate": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"})
     result = train(cfg)
     assert result.final_dir == out / "model" and result.global_step == 4
@@ -211,6 +211,11 @@ def test_full_finetune_trains_every_layer_resumes_and_exports(untied_dir, data, 
     again = load_file(str(resumed.final_dir / "model.safetensors"))
     assert torch.allclose(again["model.layers.0.self_attn.q_proj.weight"],
                           saved["model.layers.0.self_attn.q_proj.weight"], atol=1e-5)
+
+    from fcdistill.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holds a finetune: full run"):  # a LoRA config cannot resume it
+        train(_config(untied_dir, data, out), resume=True)
 
     exported = merge_adapter(out, tmp_path / "export", dtype="bf16")
     assert json.loads((exported / "fcdistill.json").read_text())["format"] == "merged"

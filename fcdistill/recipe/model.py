@@ -256,7 +256,7 @@ class EvalModel(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     model: str | None = None  # a model alias, directory or hub id (default: the recipe's student)
     adapter: Path | None = None  # a LoRA adapter directory served on top of `model` (hf engine)
-    tuned: bool = False  # this run's trained student (the adapter on hf, the merged export on vllm)
+    tuned: bool = False  # this run's trained student (on hf its adapter or full model, on vllm the export)
     endpoint: str | None = None  # an outside OpenAI-compatible endpoint: asked as it is, nothing served
     api_key_env: str | None = None
 
@@ -363,7 +363,7 @@ class Recipe(_Strict):
         if self.train is not None and self.data.bfcl is None and self.synth is None and self.verify is None:
             problems.append("train: nothing to train on; add data.bfcl, synth or verify")
         if self.export is not None and self.train is None:
-            problems.append("export: merges the trained adapter; add a train section")
+            problems.append("export: writes the trained student as one model; add a train section")
         if self.eval is not None:
             tuned = [m.name for m in self.eval.models if m.tuned]
             if tuned and self.train is None:

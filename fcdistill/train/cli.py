@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         from fcdistill.train.export import ExportError, merge_adapter
 
         if not merge:
-            fail("nothing to export: the adapter directory is already loadable by `fcd serve --adapter`; "
-                 "pass --merge to write a merged full model")
+            fail("nothing to export: an adapter is already loadable by `fcd serve --adapter` (a full fine-tune's "
+                 "model/ by `fcd serve --model`); pass --merge to write one full model")
         try:
             path = merge_adapter(adapter, out, dtype=dtype, overwrite=overwrite)
         except ExportError as exc:

@@ -388,7 +388,9 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     found = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
                     if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))), reverse=True)
     for _, path in found:
-        weights = any(path.glob("adapter_model.*")) or any(path.glob("model*.safetensors"))
+        # an adapter, a full model, or (full, sharded) DeepSpeed's or FSDP's own state
+        weights = any(path.glob("adapter_model.*")) or any(path.glob("model*.safetensors")) \
+            or any(path.glob("global_step*")) or any(path.glob("pytorch_model_fsdp*"))
         if (path / "trainer_state.json").is_file() and weights:
             return path
     return None
@@ -539,6 +541,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, prepared: Prepared | None =
         return TrainResult(out, final, int(done.get("global_step", 0)), done.get("resumed_from"), done)
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+    if checkpoint is not None and resume and (out / "run_info.json").is_file():
+        before = json.loads((out / "run_info.json").read_text(encoding="utf-8")).get("finetune", "lora")
+        if before != cfg.finetune:
+            raise ConfigError(f"--resume: {out} holds a finetune: {before} run; this config asks for finetune: "
+                              f"{cfg.finetune} (choose another output_dir)")
     resumed_from = str(checkpoint) if resume and checkpoint else None
 
     trainer, info = build_trainer(cfg, prep, callbacks=callbacks)
@@ -562,7 +569,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, prepared: Prepared | None =
         prep.tokenizer.save_pretrained(str(final))
         write_meta(final, prep, kind="full" if cfg.finetune == "full" else "adapter", tied=info["tied_embeddings"])
         summary = {"global_step": trainer.state.global_step, "resumed_from": resumed_from,
-                   "final_dir": str(final), **metrics}
+                   "final_dir": str(final), **({"adapter_dir": str(final)} if cfg.finetune == "lora" else {}),
+                   **metrics}
         (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, final, trainer.state.global_step, resumed_from, metrics)
