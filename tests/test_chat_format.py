@@ -261,7 +261,7 @@ def test_a_repeated_call_is_never_streamed_and_a_similar_one_is(seed):
     text = fmt.render_target(None, calls)
     rng = random.Random(seed)
     streamer, pieces = _stream(text, [rng.randint(1, 5) for _ in range(len(text))], copies=1)
-    kept = first_copies(calls)
+    kept = first_copies(calls, fmt.call_texts(text))
     assert kept == [a, b, STREAM_CALLS[1]]
     assert [(p.index, p.name) for p in pieces if p.name is not None] == [(0, a.name), (1, b.name), (2, "math.sqrt")]
     for i, call in enumerate(kept):
@@ -272,7 +272,14 @@ def test_a_repeated_call_is_never_streamed_and_a_similar_one_is(seed):
     _, unguarded = _stream(text, [3] * len(text))
     assert len({p.index for p in unguarded}) == 5  # without the rule every call streams
     two, pieces = _stream(text, [rng.randint(1, 5) for _ in range(len(text))], copies=2)  # two copies allowed
-    assert first_copies(calls, 2) == calls and len({p.index for p in pieces}) == 5 and two.finish(calls) == []
+    assert first_copies(calls, fmt.call_texts(text), 2) == calls and len({p.index for p in pieces}) == 5 and two.finish(calls) == []
     thrice = [a, a, a]
     _, pieces = _stream(fmt.render_target(None, thrice), [4] * 400, copies=2)
-    assert first_copies(thrice, 2) == [a, a] and {p.index for p in pieces} == {0, 1}
+    assert first_copies(thrice, fmt.call_texts(fmt.render_target(None, thrice)), 2) == [a, a]
+    assert {p.index for p in pieces} == {0, 1}
+    # the same arguments spelled differently are different calls, to the guard and here alike
+    spelled = fmt.render_target(None, [a]).replace('"days":[1,2]', '"days":[1.0,2]')
+    twice = fmt.render_target(None, [a, a])
+    mixed = twice[:twice.index(",{")] + "," + spelled[spelled.index("[") + 1:]
+    parsed = fmt.parse(mixed).tool_calls
+    assert parsed == [a, a] and first_copies(parsed, fmt.call_texts(mixed)) == [a, a]

@@ -80,6 +80,11 @@ class ValueTracker:
         self.roots = 3 if self.calls else 1
 
     @property
+    def may_repeat(self) -> bool:
+        """Some call has all the copies it may have: one more would trip the guard."""
+        return any(n >= self.guard.same_calls for n in self.calls_seen.values())
+
+    @property
     def narrowing(self) -> str | None:
         """STRICT while a tripped string is open, SOFT while only tripped containers are, else None."""
         if self.tripped[STRICT]:

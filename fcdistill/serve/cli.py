@@ -51,9 +51,9 @@ def register(app: typer.Typer) -> None:
             "Loop guard: tokens one string, array or object value inside a call may take before it is closed "
             "[default 256: BFCL's longest is 92]."), min=1)] = None,
         same_call_limit: Annotated[int, typer.Option(min=1, help=(
-            "Loop guard: copies of one call (same name and arguments) an answer may hold; the next copy closes "
+            "Loop guard: copies of one call (the same text, name and arguments) an answer may hold; the next copy closes "
             "the answer and is dropped [default 1; raise it for tools such as dice that one answer may call "
-            "twice alike]."))] = 1,
+            "twice alike; not used with --no-guard]."))] = 1,
         log_requests: Annotated[bool, typer.Option("--log-requests", help=(
             "Access log on stderr: client, method, path, status, seconds, model and tokens of each request."))] = False,
         enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help=(

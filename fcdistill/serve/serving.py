@@ -409,7 +409,7 @@ class OpenAIServing:
             return text, []
         calls = parsed.tool_calls
         if self.guard is not None:  # the guard ends an answer at a call's copy too many, which is not returned
-            calls = first_copies(calls, self.guard.same_calls)
+            calls = first_copies(calls, self.chat.call_texts(text), self.guard.same_calls)
         return parsed.content, calls
 
     def forced_close(self, gen: GenerationRequest) -> dict[str, str]:
