@@ -189,6 +189,15 @@ class ChatFormat:
         """The training completion: the assistant turn followed by end-of-turn."""
         return self.render_assistant(content, tool_calls) + self.eot
 
+    def call_texts(self, completion: str) -> list[str]:
+        """The generated text of each complete call object after the FC token, in order: what the loop
+        guard compares to count copies of a call."""
+        at = completion.find(self.fc_token)
+        if at < 0:
+            return []
+        body = completion[at + len(self.fc_token):]
+        return [body[c.start:c.end] for c in _scan_partial_calls(body) if c.end is not None]
+
     def parse(self, completion: str) -> ParsedCompletion:
         """(content, tool_calls) from a completion; malformed calls come back as text with a reason.
 
@@ -269,10 +278,27 @@ class CallDelta:
 
 @dataclass
 class _Partial:
+    start: int  # where the call's object starts in the body
     name: str | None = None
     args_start: int | None = None  # where the arguments' value starts in the body
     args_end: int | None = None  # where it ends, once it is complete
     args_is_object: bool = False
+    end: int | None = None  # just after the call's object, once it is complete
+
+
+def first_copies(calls: list[ToolCall], texts: list[str], limit: int = 1) -> list[ToolCall]:
+    """The calls without the copies of one call beyond its first `limit`. Two calls are the same when
+    their generated text is (`ChatFormat.call_texts`), as the loop guard counts them; `texts` that do not
+    line up with `calls` leave them as they are."""
+    if len(texts) != len(calls):
+        return calls
+    seen: dict[str, int] = {}
+    out = []
+    for c, text in zip(calls, texts):
+        seen[text] = seen.get(text, 0) + 1
+        if seen[text] <= limit:
+            out.append(c)
+    return out
 
 
 def _scan_partial_calls(body: str) -> list[_Partial]:
@@ -316,11 +342,13 @@ def _scan_partial_calls(body: str) -> list[_Partial]:
         elif ch in "{[":
             depth += 1
             if depth == level and ch == "{":
-                calls.append(_Partial())
+                calls.append(_Partial(start=i))
                 expect_key = True
         elif ch in "}]":
             if depth == level + 1 and key == "arguments" and calls and calls[-1].args_end is None:
                 calls[-1].args_end = i + 1
+            if depth == level and ch == "}" and calls:
+                calls[-1].end = i + 1
             depth -= 1
             if depth < level:
                 key = None
@@ -338,12 +366,33 @@ class CallStreamer:
 
     `stream_arguments(name)` says whether that function's arguments may stream before they are
     checked; a call whose arguments may not comes whole when `finish` is given the checked calls.
+
+    `copies` (the server's loop guard is on: its `same_calls`): a copy of a call beyond the first `copies`
+    of it is never sent (`first_copies`). While a new call's text is still the start of a call that has
+    all its copies already it is held back; once it differs it streams, and if it ends as one more copy
+    it is dropped unseen.
     """
 
-    def __init__(self, fc_token: str, stream_arguments: Any = None):
+    def __init__(self, fc_token: str, stream_arguments: Any = None, copies: int | None = None):
         self.fc_token = fc_token
         self.stream_arguments = stream_arguments or (lambda name: True)
+        self.copies = copies
         self.sent: list[tuple[str, int]] = []  # per announced call: its name, argument characters sent
+        self._announced: dict[int, int] = {}  # body index of a call -> its index in `sent`
+
+    def _repeats(self, body: str, calls: list[_Partial], i: int) -> bool | None:
+        """True: call i is a copy beyond the limit; None: it may still become one; False: it cannot."""
+        if self.copies is None:
+            return False
+        call = calls[i]
+        text = body[call.start:call.end] if call.end is not None else body[call.start:]
+        counts: dict[str, int] = {}
+        for c in calls[:i]:
+            if c.end is not None:
+                counts[body[c.start:c.end]] = counts.get(body[c.start:c.end], 0) + 1
+        if call.end is not None:
+            return counts.get(text, 0) >= self.copies
+        return None if any(n >= self.copies and e.startswith(text) for e, n in counts.items()) else False
 
     def feed(self, text: str) -> list[CallDelta]:
         """The new pieces, given the whole completion so far."""
@@ -352,20 +401,24 @@ class CallStreamer:
             return []
         body = text[at + len(self.fc_token):]
         out: list[CallDelta] = []
-        for i, call in enumerate(_scan_partial_calls(body)):
-            if i > len(self.sent):
-                break
-            if i == len(self.sent):
-                if call.name is None or call.args_start is None or not call.args_is_object \
+        calls = _scan_partial_calls(body)
+        for i, call in enumerate(calls):
+            if i not in self._announced:
+                repeats = self._repeats(body, calls, i)
+                if repeats:
+                    continue  # a copy: never sent
+                if repeats is None or call.name is None or call.args_start is None or not call.args_is_object \
                         or not self.stream_arguments(call.name):
                     break  # announced in order: a later call waits for this one
+                self._announced[i] = len(self.sent)
                 self.sent.append((call.name, 0))
-                out.append(CallDelta(i, name=call.name))
-            name, done = self.sent[i]
+                out.append(CallDelta(self._announced[i], name=call.name))
+            k = self._announced[i]
+            name, done = self.sent[k]
             args = body[call.args_start:call.args_end] if call.args_end is not None else body[call.args_start:]
             if len(args) > done:
-                out.append(CallDelta(i, arguments=args[done:]))
-                self.sent[i] = (name, len(args))
+                out.append(CallDelta(k, arguments=args[done:]))
+                self.sent[k] = (name, len(args))
         return out
 
     def finish(self, calls: list[ToolCall]) -> list[CallDelta] | None:

@@ -199,10 +199,10 @@ STREAM_CALLS = [ToolCall(name="get_weather", arguments={"city": 'Pa"ris {x}', "d
                 ToolCall(name="note", arguments={"text": "a, b] c}", "n": -1.5e3, "ok": True, "none": None})]
 
 
-def _stream(text: str, sizes: list[int], stream_arguments=None):
+def _stream(text: str, sizes: list[int], stream_arguments=None, copies=None):
     from fcdistill.chat_format import CallStreamer
 
-    streamer, pieces, at = CallStreamer("<tool_call>", stream_arguments), [], 0
+    streamer, pieces, at = CallStreamer("<tool_call>", stream_arguments, copies=copies), [], 0
     for size in sizes:
         at = min(len(text), at + size)
         pieces += streamer.feed(text[:at])
@@ -245,3 +245,41 @@ def test_a_call_that_may_not_stream_comes_whole_after_the_checks():
 def test_text_without_calls_streams_no_call():
     streamer, pieces = _stream("no tools needed <|im_end|>", [2] * 20)
     assert pieces == [] and streamer.finish([]) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_repeated_call_is_never_streamed_and_a_similar_one_is(seed):
+    """With the loop guard's repeat rule: a call that starts like an earlier one is held back until it
+    differs (then streams whole so far), a copy is never sent, and the streamed calls are `first_copies`."""
+    import random
+
+    from fcdistill.chat_format import first_copies
+
+    a, b = STREAM_CALLS[0], ToolCall(name="get_weather", arguments={**STREAM_CALLS[0].arguments, "opts": {"u": "F"}})
+    calls = [a, b, a, STREAM_CALLS[1], STREAM_CALLS[1]]
+    fmt = ChatFormat()
+    text = fmt.render_target(None, calls)
+    rng = random.Random(seed)
+    streamer, pieces = _stream(text, [rng.randint(1, 5) for _ in range(len(text))], copies=1)
+    kept = first_copies(calls, fmt.call_texts(text))
+    assert kept == [a, b, STREAM_CALLS[1]]
+    assert [(p.index, p.name) for p in pieces if p.name is not None] == [(0, a.name), (1, b.name), (2, "math.sqrt")]
+    for i, call in enumerate(kept):
+        assert json.loads("".join(p.arguments for p in pieces if p.index == i)) == call.arguments
+    second = [p for p in pieces if p.index == 1]  # held while it read as a copy of the first, then sent
+    assert second[1].arguments.startswith('{"city":"Pa\\"ris {x}","days":[1,2],"opts":{"u":"F'), second
+    assert streamer.finish(kept) == []
+    _, unguarded = _stream(text, [3] * len(text))
+    assert len({p.index for p in unguarded}) == 5  # without the rule every call streams
+    two, pieces = _stream(text, [rng.randint(1, 5) for _ in range(len(text))], copies=2)  # two copies allowed
+    assert first_copies(calls, fmt.call_texts(text), 2) == calls and len({p.index for p in pieces}) == 5 and two.finish(calls) == []
+    thrice = [a, a, a]
+    _, pieces = _stream(fmt.render_target(None, thrice), [4] * 400, copies=2)
+    assert first_copies(thrice, fmt.call_texts(fmt.render_target(None, thrice)), 2) == [a, a]
+    assert {p.index for p in pieces} == {0, 1}
+    # the same arguments spelled differently are different calls, to the guard and here alike
+    spelled = fmt.render_target(None, [a]).replace('"days":[1,2]', '"days":[1.0,2]')
+    twice = fmt.render_target(None, [a, a])
+    mixed = twice[:twice.index(",{")] + "," + spelled[spelled.index("[") + 1:]
+    parsed = fmt.parse(mixed).tool_calls
+    assert parsed == [a, a] and first_copies(parsed, fmt.call_texts(mixed)) == [a, a]

@@ -77,6 +77,37 @@ def test_llguidance_matches_outlines_on_bfcl_tool_sets(vocab, smollm2_tokenizer,
     assert cs[1].matcher is not None and llg.later._future is None  # 512 tokens: the Index was never wanted
 
 
+def test_a_call_that_reads_as_a_copy_starts_the_index_compile_before_it_trips(vocab, smollm2_tokenizer):
+    """Under llguidance a copy of a call hands masking over to the Index when it trips the guard. The
+    Index starts compiling once a call reads as a copy past its name (the same function again), so the
+    trip does not wait a whole compile on the engine step; a call of another function starts nothing."""
+    from fcdistill.chat_format import ChatFormat
+    from fcdistill.tools import ToolCall, ToolSpec
+
+    fmt = ChatFormat(smollm2_tokenizer)
+    for case in ("copy", "other function"):
+        tools = [ToolSpec(name=f"{case.replace(' ', '_')}_{n}", parameters={
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}) for n in ("a", "b")]
+        grammar, _ = compile_grammar(vocab, tools, "required", True, backend="llguidance")  # a fresh tool set
+        assert grammar.later._future is None
+        second = tools[0] if case == "copy" else tools[1]
+        calls = [ToolCall(name=tools[0].name, arguments={"city": "Paris"}),
+                 ToolCall(name=second.name, arguments={"city": "Paris"})]
+        ids = smollm2_tokenizer.encode(fmt.render_target(None, calls), add_special_tokens=False)
+        c = SequenceConstraint(grammar, 4096, LoopGuard())
+        started_at = None
+        for n, token in enumerate(ids[:-3]):  # up to just before the second call closes
+            c.advance(token)
+            if started_at is None and grammar.later._future is not None:
+                started_at = smollm2_tokenizer.decode(ids[:n + 1])
+        if case == "copy":
+            assert started_at is not None and started_at.endswith('"arguments":'), started_at
+            assert c.matcher is not None  # nothing tripped yet: still llguidance's
+            grammar.later.result()
+        else:
+            assert started_at is None, started_at
+
+
 CITY = {"type": "function", "function": {"name": "get_weather", "description": "Weather now in a city.", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "description": "City name"},
                                      "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},

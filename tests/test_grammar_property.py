@@ -396,14 +396,14 @@ def test_a_model_that_always_wants_more_still_closes_its_call(rig, habit, backen
     assert 1000 - c.left < 300, text  # tokens spent
     _check_calls(rig, tools, text, at_least_one=True, at_most_one=False)
     if habit == "one more call":
-        assert len(rig[2].parse(text).tool_calls) == guard.same_calls
+        assert len(rig[2].parse(text).tool_calls) == guard.same_calls + 1  # the copy the server then drops
 
 
 @BACKENDS
-def test_different_parallel_calls_pass_untouched(smollm2_tokenizer, backend):
-    """Two cities, then two identical calls (BFCL's canonical targets repeat a call up to 4 times): every
-    token is allowed, even at the tightest max_tokens that holds the answer; with room left, the guard
-    never narrowed anything."""
+def test_different_parallel_calls_pass_untouched_and_a_repeat_ends_the_list(smollm2_tokenizer, backend):
+    """Two cities: every token is allowed, even at the tightest max_tokens that holds the answer; with
+    room left, the guard never narrowed anything. The same call twice: still every token up to the
+    copy's end (the server then drops the copy), but the guard closes the list there: no third call."""
     import torch
 
     tok = smollm2_tokenizer
@@ -414,12 +414,16 @@ def test_different_parallel_calls_pass_untouched(smollm2_tokenizer, backend):
     call = '{"name":"get_weather","arguments":{"city":"%s","days":[1,1,1,2]}}'
     for body in (f"[{call % 'Paris'},{call % 'London'}]", f"[{call % 'Paris'},{call % 'Paris'}]"):
         ids = [vocab.fc_id, *tok.encode(body, add_special_tokens=False), vocab.eot_id]
+        repeat = "London" not in body
         for max_tokens in (len(ids), len(ids) + 100):
             c = SequenceConstraint(grammar, max_tokens, LoopGuard())
-            for t in ids:
+            for i, t in enumerate(ids):
                 logits = torch.zeros(vocab.size)
                 c.mask_(logits)
                 assert torch.isfinite(logits[t]), (body, max_tokens, tok.decode([t]))
+                if repeat and i == len(ids) - 2:  # the list's `]`: a third call is refused
+                    assert not torch.isfinite(logits[tok.convert_tokens_to_ids(",")])
                 c.advance(t)
-            assert c.phase == "done" and (max_tokens == len(ids) or c.forced_close is None)
+            assert c.phase == "done"
+            assert c.forced_close == ("loop" if repeat else None) or (max_tokens == len(ids) and not repeat)
 

@@ -266,3 +266,33 @@ def test_sse_ends_with_done_unless_an_error_ended_it():
     crashed = asyncio.run(collect())
     assert len(crashed) == 2 and "KeyError" in json.loads(crashed[-1][len("data: "):])["error"]["message"]
     assert released == [True]
+
+
+def test_a_repeated_call_ends_the_answer_and_is_not_returned(engine, serving):
+    """Shown an answer that made one call three times, SmolLM2 does the same for the next question.
+    Without the loop guard all three copies come back; with it (the default) the list is closed at the
+    first repeat and the copy is dropped, streamed or not."""
+    from fcdistill.grammars import LoopGuard
+    from fcdistill.serve.serving import OpenAIServing
+
+    def call(i: int) -> dict:
+        return {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+
+    history = [{"role": "user", "content": "What's the weather in Rome?"},
+               {"role": "assistant", "content": None, "tool_calls": [call(1), call(2), call(3)]},
+               *({"role": "tool", "tool_call_id": f"call_{i}", "content": "sunny"} for i in (1, 2, 3)),
+               {"role": "assistant", "content": "Rome is sunny."}, *ASK]
+    req = dict(messages=history, tools=[WEATHER], tool_choice="required", max_tokens=120)
+    loose = _chat(OpenAIServing(engine, guard=None), _chat_request(**req)).choices[0]
+    paris = [json.loads(t.function.arguments) for t in loose.message.tool_calls]
+    assert len(paris) == 3 and paris[0] == paris[1] == paris[2], paris  # what the model does unguarded
+
+    guarded = _chat(serving, _chat_request(**req)).choices[0]
+    assert [json.loads(t.function.arguments) for t in guarded.message.tool_calls] == paris[:1]
+    assert guarded.finish_reason == "tool_calls" and (guarded.model_extra or {}).get("forced_close") == "loop"
+    chunks = _chat_stream(serving, _chat_request(**req, stream=True))
+    calls = _reassembled(chunks)
+    assert sorted(calls) == [0] and json.loads("".join(d.function.arguments for d in calls[0])) == paris[0]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    two = _chat(OpenAIServing(engine, guard=LoopGuard(same_calls=2)), _chat_request(**req)).choices[0]  # --same-call-limit 2
+    assert [json.loads(t.function.arguments) for t in two.message.tool_calls] == paris[:2]

@@ -575,5 +575,7 @@ class SequenceConstraint:
                 finished = self.guide.is_finished()
             if self.tracker is not None:
                 self.tracker.feed(token_id, self.vocab.pieces[token_id])
+                if self.matcher is not None and self.grammar.later is not None and self.tracker.may_repeat:
+                    self.grammar.later.start()  # llguidance: a copy would hand over to the Index: compile it now
             if finished:
                 self.phase = "done"

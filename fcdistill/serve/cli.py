@@ -50,6 +50,10 @@ def register(app: typer.Typer) -> None:
         value_token_limit: Annotated[int | None, typer.Option(help=(
             "Loop guard: tokens one string, array or object value inside a call may take before it is closed "
             "[default 256: BFCL's longest is 92]."), min=1)] = None,
+        same_call_limit: Annotated[int, typer.Option(min=1, help=(
+            "Loop guard: copies of one call (the same text, name and arguments) an answer may hold; the next copy closes "
+            "the answer and is dropped [default 1; raise it for tools such as dice that one answer may call "
+            "twice alike; not used with --no-guard]."))] = 1,
         log_requests: Annotated[bool, typer.Option("--log-requests", help=(
             "Access log on stderr: client, method, path, status, seconds, model and tokens of each request."))] = False,
         enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help=(
@@ -147,7 +151,8 @@ def register(app: typer.Typer) -> None:
             fail(str(exc).splitlines()[0])
         set_grammar_cache_limit(grammar_cache_mb)
         key = api_key or os.environ.get("FCD_API_KEY") or None
-        loop_guard = (LoopGuard(value_tokens=value_token_limit) if value_token_limit else LoopGuard()) if guard else None
+        limits_of_values = {"value_tokens": value_token_limit} if value_token_limit else {}
+        loop_guard = LoopGuard(**limits_of_values, same_calls=same_call_limit) if guard else None
         shown_host = f"[{host}]" if ":" in host else host
         announce = start_line(f"http://{shown_host}:{port}", engine, eng.model_name, eng.adapters, bool(key))
         failed: list[str] = []

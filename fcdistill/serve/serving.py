@@ -11,6 +11,8 @@ Each constrained answer carries its max_tokens into the constraint, which then a
 call (or JSON value) in time; `required`, a named tool and response_format json_schema are refused
 up front when max_tokens cannot hold even the shortest valid answer. A choice whose answer the budget
 or the loop guard had to close says so in a non-standard `forced_close` field ("budget" | "loop").
+With the guard on, an answer holds at most `same_calls` copies of one call (default one): the guard
+closes the call list at the copy too many, which is not returned (nor streamed).
 
 Apart from the FastAPI app (as vLLM's serving_chat.py is from its api_server.py) so that it is tested
 by calling it, with a real engine and no server.
@@ -35,7 +37,7 @@ from openai.types.chat import (
 )
 from openai.types.chat.chat_completion_message_tool_call import Function
 
-from fcdistill.chat_format import CallDelta, CallStreamer, ChatFormat, as_messages
+from fcdistill.chat_format import CallDelta, CallStreamer, ChatFormat, as_messages, first_copies
 from fcdistill.grammars.constraint import BACKENDS, PREFETCH_TOKENS
 from fcdistill.grammars import (CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar,
                                 grammar_enforces, token_vocabulary)
@@ -220,7 +222,8 @@ class OpenAIServing:
         # Arguments stream as they are generated where the grammar alone guarantees them; a call to a
         # tool with checks beyond the grammar (bounds, patterns) comes whole, after the checks.
         streamable = {t.name for t in tools if grammar_enforces(t.parameters)} if gen.constraint is not None else set()
-        streamer = CallStreamer(self.chat.fc_token, streamable.__contains__) if tools else None
+        streamer = CallStreamer(self.chat.fc_token, streamable.__contains__,
+                                copies=self.guard.same_calls if self.guard is not None else None) if tools else None
         yield chunk(Delta(role="assistant", content=""))
         text, streamed, n_tokens, reason = "", 0, 0, "stop"
         try:
@@ -404,7 +407,10 @@ class OpenAIServing:
         if any(call_errors(c, tools) for c in parsed.tool_calls):
             self.metrics.rejected_calls.inc()
             return text, []
-        return parsed.content, parsed.tool_calls
+        calls = parsed.tool_calls
+        if self.guard is not None:  # the guard ends an answer at a call's copy too many, which is not returned
+            calls = first_copies(calls, self.chat.call_texts(text), self.guard.same_calls)
+        return parsed.content, calls
 
     def forced_close(self, gen: GenerationRequest) -> dict[str, str]:
         """The choice's `forced_close` field (and the metric) when the budget or the loop guard closed it."""
