@@ -310,7 +310,7 @@ def test_one_compile_per_new_tool_set_under_concurrent_requests(smollm2_tokenize
     assert len({id(g) for g, _ in results}) == 1 and sorted(hit for _, hit in results) == [False, True, True, True]
 
 
-def test_a_grammar_over_the_compile_timeout_is_a_400_and_is_cached_for_later(smollm2_tokenizer):
+def test_a_grammar_over_the_compile_timeout_is_a_503_to_retry_and_is_cached_for_later(smollm2_tokenizer):
     from fcdistill.serve.serving import OpenAIServing
 
     serving = OpenAIServing(_Engine(smollm2_tokenizer), limits=ServeLimits(grammar_timeout_s=0.001))
@@ -318,7 +318,8 @@ def test_a_grammar_over_the_compile_timeout_is_a_400_and_is_cached_for_later(smo
     req = ChatCompletionRequest(model="m", messages=ASK, tools=[tool], max_tokens=200)
     with pytest.raises(APIError) as slow:
         asyncio.run(serving.prepare_chat(req))
-    assert slow.value.status == 400 and slow.value.param == "tools" and "too complex" in slow.value.message
+    assert slow.value.status == 503 and slow.value.param == "tools" and slow.value.code == "grammar_compiling"
+    assert slow.value.headers == {"Retry-After": "1"} and "still compiling" in slow.value.message
     patient = OpenAIServing(_Engine(smollm2_tokenizer))
     plan = asyncio.run(patient.prepare_chat(req))  # the compile finished in its thread, or finishes now
     assert plan.gens and plan.gens[0].constraint is not None

@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
             "Longest prompt in tokens (400 above) [default: the context length less one]."))] = None,
         grammar_timeout: Annotated[float, typer.Option(min=0.001, help=(
-            "Seconds a new tool set's grammar may take to compile; longer is a 400 (the compile still "
-            "finishes and is cached)."))] = 60.0,
+            "Seconds a request waits for a new tool set's grammar to compile; longer is a 503 with "
+            "Retry-After (the compile goes on, is cached, and a retry joins it)."))] = 60.0,
         grammar_backend: Annotated[str, typer.Option(help=(
             "What masks constrained tokens. outlines compiles each new tool set's automaton up front "
             "(0.1-3 s on a CPU); llguidance builds a matcher in ~1 ms and masks lazily, compiling outlines' "

@@ -327,7 +327,8 @@ class OpenAIServing:
 
     async def grammar_for(self, tools: list[ToolSpec], choice: str, parallel: bool,
                           json_schema: dict[str, Any] | None, max_tokens: int) -> CompiledGrammar:
-        """The compiled constraint (cached across requests); a 400 naming tool_choice or tools when it cannot be built.
+        """The compiled constraint (cached across requests); a 400 naming tool_choice or tools when it cannot be
+        built, a 503 with Retry-After while a new one is still compiling after --grammar-timeout.
         Under llguidance, a max_tokens the budget could bind from the start waits for the Index here too."""
         timeout = self.limits.grammar_timeout_s
 
@@ -342,11 +343,16 @@ class OpenAIServing:
         except GrammarError as exc:
             raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools") from None
         except asyncio.TimeoutError:
-            # the compile goes on in its thread and is cached when it ends: a retry may find it ready
+            # The compile goes on in its thread and is cached when it ends, and a retry joins it rather
+            # than starting another: the condition is transient, so a 503 a client retries, not a 400
+            # it keeps as the answer.
             what = "response_format json_schema" if json_schema is not None else "tool set"
-            raise APIError(400, f"the {what} is too complex: its grammar did not compile within {timeout:g} s "
-                                "(--grammar-timeout); simplify the schemas or send fewer tools",
-                           param="response_format" if json_schema is not None else "tools") from None
+            wait = self.limits.retry_after_s
+            raise APIError(503, f"the {what}'s grammar is still compiling after {timeout:g} s (--grammar-timeout); "
+                                f"it keeps compiling and is cached, so a retry after {wait} s joins it. A schema "
+                                "that never finishes needs simpler schemas or fewer tools",
+                           "server_error", param="response_format" if json_schema is not None else "tools",
+                           code="grammar_compiling", headers={"Retry-After": str(wait)}) from None
         self.metrics.grammar(grammar.compile_ms / 1000, hit)
         return grammar
 
