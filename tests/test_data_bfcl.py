@@ -42,8 +42,25 @@ def test_canonical_calls_take_first_value_and_omit_optional():
         ToolCall(name="X.y", arguments={"flag": "true", "n": "3", "big": "1500L"})]
 
 
+def test_stated_keeps_an_optional_value_only_where_the_question_says_it():
+    from fcdistill.data.bfcl import stated_in
+
+    q = "Convert 10,000 USD to euros in metric units, rounding to 2 places; include NASDAQ and nyse."
+    assert [stated_in(v, q) for v in ("usd", "metric", "NASDAQ", 10000, 2, 2.0, ["nasdaq", "NYSE"])] == [True] * 7
+    # not a whole word, not said, or not the kind of value a question says
+    assert [stated_in(v, q) for v in ("c", "all", "euro", 0, 1000, 10.5, True, None, [], {"a": 1})] == [False] * 10
+    assert not stated_in(5, "a 5.5 kg box") and stated_in(5, "5 boxes.") and stated_in(0.05, "at alpha 0.05")
+    gt = [{"f": {"unit": ["metric", ""], "region": ["all", ""], "year": [2023, ""], "n": [3, ""], "fmt": ["json", ""],
+                 "full": [True, ""], "opt": [""]}}]
+    docs = [{"name": "f", "parameters": {"properties": {}, "required": ["fmt"]}}]
+    calls = canonical_calls(gt, "python", docs, optional="stated", question="Show 3 results in Metric.")
+    # the schema requires `fmt`: kept as given, though unsaid
+    assert calls == [ToolCall(name="f", arguments={"unit": "metric", "n": 3, "fmt": "json"})]
+
+
 def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_path):
-    """optional_args="given" keeps an optional parameter's listed value and omits only a bare `[""]`.
+    """optional_args="given" keeps an optional parameter's listed value and omits only a bare `[""]`;
+    "stated" keeps it only where the question says it, so it lies between the two.
     Judged by bfcl_eval's checker, the default targets fail where BFCL lists `""` for a parameter the
     function requires (e.g. simple_python_17's `formatted`); the kept values fail less often. A target
     the checker rejects is a label error of its record."""
@@ -51,12 +68,12 @@ def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_pa
     from fcdistill.eval.score import Scorer
 
     gt = [{"f": {"a": [5, 6], "b": ["", "x"], "u": ["km/h", ""], "c": [{"k": ["v", "w"], "opt": [""]}]}}]
-    assert canonical_calls(gt, keep_given=True) == [
+    assert canonical_calls(gt, optional="given") == [
         ToolCall(name="f", arguments={"a": 5, "b": "x", "u": "km/h", "c": {"k": "v"}})]
     cats = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple"]
     args, failed = {}, {}
     scorer = Scorer()
-    for mode in ("omit", "given"):
+    for mode in ("omit", "given", "stated"):
         prepare_bfcl(SplitOptions(categories=cats, seed=3, optional_args=mode), tmp_path / mode)
         _, _, items = load_eval_set(tmp_path / mode / "manifest.json", cats, None)
         failed[mode] = set()
@@ -74,6 +91,8 @@ def test_given_optional_values_are_kept_and_fail_bfcls_checker_less_often(tmp_pa
     assert all(args["given", i] >= args["omit", i] for i in ids)
     assert sum(args["given", i] > args["omit", i] for i in ids) > 0.2 * len(ids)
     assert len(failed["given"]) < len(failed["omit"]) and len(failed["given"]) <= 0.01 * len(ids), failed
+    assert all(args["omit", i] <= args["stated", i] <= args["given", i] for i in ids)
+    assert 0 < sum(args["stated", i] < args["given", i] for i in ids) and failed["stated"] <= failed["omit"], failed
     manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
     assert manifest["options"]["optional_args"] == "given"
 
@@ -169,7 +188,7 @@ def _fcd(*args: str, env_extra: str = "") -> subprocess.CompletedProcess:
     (["data", "bfcl", "--eval-fraction", "1.0"], "--eval-fraction: Input should be less than 1, not 1.0"),
     (["data", "bfcl", "--mix-in", "0"], "--mix-in: Input should be greater than 0, not 0.0"),
     (["data", "bfcl", "--categories", "web_search"], "unknown BFCL category 'web_search'"),
-    (["data", "bfcl", "--optional-args", "bogus"], "--optional-args: Input should be 'omit' or 'given', not 'bogus'"),
+    (["data", "bfcl", "--optional-args", "bogus"], "--optional-args: Input should be 'omit', 'given' or 'stated', not 'bogus'"),
     (["data", "bfcl", "--eval-per-category", "live_simple=0"], "--eval-per-category: expected CATEGORY=N with N > 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needle):

@@ -3,7 +3,8 @@
 Every record carries the question (as chat messages), its tools normalized to JSON Schema, and a
 target where one is known: canonical calls from the possible answers (first acceptable value per
 parameter; an optional parameter is omitted, or with `optional_args="given"` filled with the first
-value its answer lists), a plain-text answer for irrelevance items, none for
+value its answer lists, or with `"stated"` only where the question says that value), a plain-text
+answer for irrelevance items, none for
 relevance items. Live categories are eval-only by default: they are the out-of-distribution check.
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -44,6 +46,10 @@ def category_language(category: str) -> str:
     return "java" if category.endswith("_java") else "javascript" if category.endswith("_javascript") else "python"
 
 
+OptionalArgs = Literal["omit", "given", "stated"]
+OPTIONAL_ARGS: tuple[str, ...] = get_args(OptionalArgs)
+
+
 class SplitOptions(BaseModel):
     categories: list[str]
     eval_only: list[str] = Field(default_factory=list)
@@ -60,7 +66,10 @@ class SplitOptions(BaseModel):
     # "given": keep the value the answer lists (`["km/h", ""]` -> km/h), omitting only those it
     # gives no value (`[""]`). bfcl's checker accepts the target either way where BFCL's answer is
     # consistent with its schema; "given" also keeps required parameters BFCL lists with `""`.
-    optional_args: Literal["omit", "given"] = "omit"
+    # "stated": keep the listed value only where the question says it (a word-bounded string or
+    # number in the user text), so the student learns to fill what it was told and not to invent
+    # defaults ("all", "metric", 2023) that BFCL's answer may not list; required ones stay as given.
+    optional_args: OptionalArgs = "omit"
 
     def check(self) -> None:
         if not self.categories:
@@ -110,26 +119,49 @@ class Record(BaseModel):
         return self.ground_truth is not None or self.target_content is not None or self.conversation is not None
 
 
-def canonical_value(value: Any, keep_given: bool = False) -> Any:
+def stated_in(value: Any, question: str) -> bool:
+    """Whether the question says this value: a string or number as a whole word (case-insensitive;
+    `10000` also as `10,000`, `5.0` also as `5`), a non-empty list whose every item is said. A boolean,
+    an object or None is never said in so many words."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, list):
+        return bool(value) and all(stated_in(v, question) for v in value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return bool(text) and re.search(rf"(?<!\w){re.escape(text)}(?!\w)", question.lower()) is not None
+    if isinstance(value, (int, float)):
+        forms = {str(value), f"{value:,}"}
+        if isinstance(value, float) and value.is_integer():
+            forms |= {str(int(value)), f"{int(value):,}"}
+        return any(re.search(rf"(?<![\w.]){re.escape(f)}(?!\w|\.\d)", question) for f in forms)
+    return False
+
+
+def canonical_value(value: Any, optional: OptionalArgs = "omit", question: str = "",
+                    required: frozenset[str] = frozenset()) -> Any:
     """A possible-answer value with nested option lists reduced to their first acceptable choice.
 
-    An optional parameter (`""` among its options) is omitted, unless `keep_given` and its options
-    list a value other than `None` (BFCL's "the default"): then the first such value is kept."""
+    An optional parameter (`""` among its options) is omitted, unless `optional` keeps a value its
+    options list other than `None` (BFCL's "the default"): "given" keeps the first such value,
+    "stated" the first one `question` says (any, for a parameter in `required`: the schema wants it)."""
     if isinstance(value, dict):
         out = {}
         for k, options in value.items():
             if isinstance(options, list):
-                given = [o for o in options if o != "" and o is not None] if keep_given else []
+                given = [o for o in options if o != "" and o is not None] if optional != "omit" else []
+                if optional == "stated" and k not in required:
+                    given = [o for o in given if stated_in(o, question)]
                 if given:
-                    out[k] = canonical_value(given[0], keep_given)
+                    out[k] = canonical_value(given[0], optional, question)
                 elif options and "" not in options:
-                    out[k] = canonical_value(options[0], keep_given)
+                    out[k] = canonical_value(options[0], optional, question)
                 # else optional: omitted
             else:
-                out[k] = canonical_value(options, keep_given)
+                out[k] = canonical_value(options, optional, question)
         return out
     if isinstance(value, list):
-        return [canonical_value(v, keep_given) for v in value]
+        return [canonical_value(v, optional, question) for v in value]
     return value
 
 
@@ -146,17 +178,19 @@ def _source_string(value: Any, java_type: str | None = None) -> Any:
 
 
 def canonical_calls(ground_truth: list[dict[str, Any]], language: str = "python",
-                    functions: list[dict[str, Any]] | None = None, keep_given: bool = False) -> list[ToolCall]:
+                    functions: list[dict[str, Any]] | None = None, optional: OptionalArgs = "omit",
+                    question: str = "") -> list[ToolCall]:
     """BFCL ground truth (`[{fn: {param: [acceptable...]}}]`) -> canonical ToolCalls.
 
-    `functions` (BFCL's own docs) give Java parameter types, which decide literal suffixes;
-    `keep_given` keeps optional parameters whose answer lists a value (see canonical_value)."""
+    `functions` (BFCL's own docs) give Java parameter types, which decide literal suffixes, and the
+    parameters each requires; `optional` and `question` decide optional parameters (see canonical_value)."""
     types = {f["name"]: {k: v.get("type") for k, v in (f.get("parameters") or {}).get("properties", {}).items()}
              for f in functions or []}
+    required = {f["name"]: frozenset((f.get("parameters") or {}).get("required") or []) for f in functions or []}
     calls = []
     for entry in ground_truth:
         for name, params in entry.items():
-            args = canonical_value(params, keep_given)
+            args = canonical_value(params, optional, question, required.get(name, frozenset()))
             if language != "python":
                 java = types.get(name, {}) if language == "java" else {}
                 args = {k: _source_string(v, java.get(k)) for k, v in args.items()}
@@ -222,7 +256,7 @@ def _multi_turn_records(category: str) -> list[Record]:
     return records
 
 
-def load_category(category: str, optional_args: str = "omit") -> tuple[list[Record], dict[str, str]]:
+def load_category(category: str, optional_args: OptionalArgs = "omit") -> tuple[list[Record], dict[str, str]]:
     """All records of one category (split unset) and the hashes of the files read; `optional_args`
     as in SplitOptions."""
     data_dir = bfcl_data_dir()
@@ -256,7 +290,7 @@ def load_category(category: str, optional_args: str = "omit") -> tuple[list[Reco
         elif item["id"] in answers:
             rec.possible_answer = answers[item["id"]]
             rec.ground_truth = canonical_calls(rec.possible_answer, language, item.get("function"),
-                                               keep_given=optional_args == "given")
+                                               optional_args, question_text(messages))
             rec.label_errors = [e for c in rec.ground_truth for e in call_errors(c, tools)]
         records.append(rec)
     return records, hashes

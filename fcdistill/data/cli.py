@@ -52,8 +52,9 @@ def register(app: typer.Typer) -> None:
                                                             "live_simple=200 (the rest trains, given --no-live-eval-only).")] = "",
         seed: Annotated[int, typer.Option(help="Seed of the split, mix-in choice and caps.")] = 42,
         optional_args: Annotated[str, typer.Option(help="Optional parameters in the canonical targets: omit (every "
-                                                        "one the answer lets go unsaid) or given (keep the value the "
-                                                        "answer lists).")] = "omit",
+                                                        "one the answer lets go unsaid), given (keep the value the "
+                                                        "answer lists) or stated (keep it where the question says "
+                                                        "it).")] = "omit",
     ) -> None:
         """Split BFCL v4 categories from the installed bfcl_eval into train/eval, with a manifest."""
         from pydantic import ValidationError

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, PrivateAttr, ValidationError, field_validator, model_validator
 
+from fcdistill.data.bfcl import OptionalArgs
 from fcdistill.errors import validation_message
 from fcdistill.train.config import _existing_file as _existing
 
@@ -70,8 +71,9 @@ class BfclSpec(_Strict):
     eval_per_category: dict[str, Annotated[int, Field(gt=0)]] = Field(
         default_factory=dict, description="eval items of a category in place of eval_fraction",
         json_schema_extra={WHEN_SET: True})
-    optional_args: Literal["omit", "given"] = Field("omit", description="optional parameters in the targets: "
-                                                    "omitted, or the value BFCL's answer lists kept",
+    optional_args: OptionalArgs = Field("omit", description="optional parameters in the targets: omitted, "
+                                        "the value BFCL's answer lists kept (given), or kept only where the "
+                                        "question says it (stated)",
                                                     json_schema_extra={WHEN_SET: True})
 
     @field_validator("categories", "eval_only")
