@@ -24,3 +24,12 @@ def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict[st
     if not isinstance(tree, dict):
         raise error(f"{path}: expected a mapping of fields at the top level")
     return tree
+
+
+def existing_file(path: Path, what: str) -> Path:
+    """`path` when it is a file; otherwise a ValueError naming `what` (a config field validator's error)."""
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} is not a file: {path}")
+    return path

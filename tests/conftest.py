@@ -69,9 +69,8 @@ def hf_server(tmp_path_factory, smollm2_dir) -> str:
     more (eval, teacher): each pytest worker starts it at most once. Its base URL, without /v1."""
     from fcdistill.serve.process import start_server
 
-    # --grammar-timeout: on a 2-core AVX2-only machine busy with the suite, the synth test's generation
-    # requests came back 400 and passed alone; the grammar timeout (60 s by default) is the server's only
-    # 400 that depends on load
+    # --grammar-timeout: on a 2-core AVX2-only machine busy with the suite, a compile can outlast the
+    # default 60 s; the server then answers 503 and clients retry, but a long timeout spares their retries
     with start_server(["--model", "smollm2-135m", "--api-key", SERVE_KEY, "--grammar-timeout", "600"],
                       tmp_path_factory.mktemp("serve") / "serve.log",
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
@@ -86,6 +85,13 @@ LONGEST_FIRST = ["test_serve.py", "test_train_sft.py", "test_eval_endpoint.py", 
                  "test_engine_hf.py"]
 
 
+# Fixtures that load the real model, serve it or train: a test using one is `slow` wherever it lives.
+MODEL_FIXTURES = {"engine", "serving", "server", "hf_server", "adapter_dir"}
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -18,6 +18,8 @@ from shutdown_check import alive, signal_and_time, tree_of
 from fcdistill.serve.lifecycle import BOUND_S
 from fcdistill.tools import closed_schema
 
+pytestmark = pytest.mark.slow  # every test here loads the model or serves it
+
 API_KEY = "test-key-123"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city.",
@@ -212,6 +214,7 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(engine, server, client
     text = httpx.get(f"{server}/metrics").text
     assert 'fcd_requests_total{path="/v1/chat/completions",status="200"}' in text
     assert "fcd_completion_tokens_total" in text and "fcd_grammar_compile_seconds_count" in text
+    assert "\nfcd_requests_in_flight 0.0\n" in text  # both answered; /metrics itself is not admitted
     hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("fcd_grammar_cache_hits_total")))
     assert hits >= 1
     if engine == "hf":  # the second request reused the first one's prompt from the prefix cache

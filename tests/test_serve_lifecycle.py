@@ -58,13 +58,17 @@ CHAIN = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time
     import fcdistill.cli  # as the `fcd` script does; spawned children import this main module again
 
-    def grandchild():
+    def grandchild(ready):
+        ready.set()  # its target runs after the import that asked for the parent-death signal
         time.sleep(600)
 
     def child():
-        p = mp.get_context("spawn").Process(target=grandchild)
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        p = ctx.Process(target=grandchild, args=(ready,))
         p.start()
-        print(os.getpid(), p.pid, flush=True)
+        ready.wait(60)
+        print(os.getpid(), p.pid, flush=True)  # both processes are armed by now
         time.sleep(600)
 
     if __name__ == "__main__":
@@ -87,7 +91,6 @@ def test_spawned_processes_die_with_a_killed_server(tmp_path):
         pids = [int(p) for p in server.stdout.readline().split()]
         assert len(pids) == 2, pids
         procs = [psutil.Process(p) for p in pids]
-        time.sleep(0.5)
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
         gone, alive = psutil.wait_procs(procs, timeout=10)

@@ -50,8 +50,17 @@ def _busy(url: str) -> list[httpx.Client]:
     assert streaming.wait(120), "the stream never started"
     keep_alive = httpx.Client(timeout=120)
     assert keep_alive.get(f"{url}/health").status_code == 200  # the connection stays open
-    time.sleep(1.0)
+    # both requests admitted (the stream has sent tokens; the plain one is generating once admitted)
+    deadline = time.monotonic() + 60
+    while _in_flight(keep_alive, url) < 2:
+        assert time.monotonic() < deadline, "the plain request was never admitted"
+        time.sleep(0.05)
     return [keep_alive]
+
+
+def _in_flight(client: httpx.Client, url: str) -> float:
+    line = next(x for x in client.get(f"{url}/metrics").text.splitlines() if x.startswith("fcd_requests_in_flight "))
+    return float(line.split()[1])
 
 
 class contextlib_suppress:

@@ -19,9 +19,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, PrivateAttr, ValidationError, field_validator, model_validator
 
+from fcdistill.configfile import existing_file
 from fcdistill.data.bfcl import OptionalArgs
 from fcdistill.errors import validation_message
-from fcdistill.train.config import _existing_file as _existing
 
 # The order stages run in. `serve` has no outputs of its own: the eval stage starts and stops the
 # server(s) it describes.
@@ -102,7 +102,7 @@ class DataSpec(_Strict):
             raise ValueError("data: give tools and seeds together")
         for path, what in ((self.tools, "data.tools"), (self.seeds, "data.seeds")):
             if path is not None:
-                _existing(path, what)
+                existing_file(path, what)
         return self
 
 
@@ -200,7 +200,7 @@ class TrainSpec(_Strict):
     @field_validator("config", "accelerate_config")
     @classmethod
     def _files(cls, v: Path | None, info: Any) -> Path | None:
-        return None if v is None else _existing(v, f"train.{info.field_name}")
+        return None if v is None else existing_file(v, f"train.{info.field_name}")
 
     @model_validator(mode="after")
     def _config_loads(self) -> TrainSpec:

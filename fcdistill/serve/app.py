@@ -133,7 +133,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render(grammar_cache_info(), engine.stats())
+        body, content_type = metrics.render(grammar_cache_info(), engine.stats(), serving.in_flight)
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")

@@ -35,6 +35,8 @@ class Metrics:
                              "from the hf engine's prefix cache", ["kind"], registry=r)
         self.prefix_cache_bytes = Gauge("fcd_prefix_cache_bytes", "Memory of the prompts' keys and values held "
                                         "(bounded by --prefix-cache-mb)", registry=r)
+        self.in_flight = Gauge("fcd_requests_in_flight", "Requests admitted and not yet answered (streams: until "
+                               "their last event), bounded by --max-concurrent-requests", registry=r)
         self.jumped = Gauge("fcd_jump_forward_tokens", "Tokens since start that the grammar forced and the hf engine "
                             "appended without sampling them (jump-forward)", registry=r)
 
@@ -54,11 +56,13 @@ class Metrics:
             self.cache_misses.inc()
             self.compile.observe(compile_seconds)
 
-    def render(self, cache_info: dict[str, Any], engine: dict[str, int] | None = None) -> tuple[bytes, str]:
+    def render(self, cache_info: dict[str, Any], engine: dict[str, int] | None = None,
+               in_flight: int = 0) -> tuple[bytes, str]:
         """The exposition; `engine`: the engine's own counters (Engine.stats), those it keeps."""
         self.cache_size.set(cache_info.get("size", 0))
         self.cache_bytes.set(cache_info.get("bytes", 0))
         self.index_compiles.set(cache_info.get("exact_compiles", 0))
+        self.in_flight.set(in_flight)
         engine = engine or {}
         for kind in ("computed", "reused"):
             if f"prefill_{kind}" in engine:

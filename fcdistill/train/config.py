@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcdistill.chat_format import DEFAULT_FC_TOKEN
-from fcdistill.configfile import read_yaml_mapping
+from fcdistill.configfile import existing_file, read_yaml_mapping
 from fcdistill.errors import validation_message
 
 
@@ -30,14 +30,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _existing_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ValueError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"{what} is not a file: {path}")
-    return path
 
 
 class DataSettings(_Strict):
@@ -51,12 +43,12 @@ class DataSettings(_Strict):
     @field_validator("train")
     @classmethod
     def _train_exists(cls, v: Path) -> Path:
-        return _existing_file(v, "data.train file")
+        return existing_file(v, "data.train file")
 
     @field_validator("eval")
     @classmethod
     def _eval_exists(cls, v: Path | None) -> Path | None:
-        return None if v is None else _existing_file(v, "data.eval file")
+        return None if v is None else existing_file(v, "data.eval file")
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSettings:
