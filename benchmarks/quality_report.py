@@ -211,11 +211,15 @@ def main() -> None:
         if main_cmp["runs"][0].get("items"):
             pairing = f"runs paired item by item with {main_cmp['baseline']} (+gained/−lost, exact McNemar p)"
         else:
-            added = (f"the runs added here paired item by item with {runs[0][0]}" if len(runs) > 1
-                     else f"{runs[0][0]}, added here, unpaired")
-            pairing = (f"{', '.join(r['label'] for r in kept['held_out']['runs'])} kept from `{args.keep}` as recorded "
-                       f"(their eval outputs are gone; paired with {kept['held_out']['runs'][0]['label']} as then); "
-                       f"{added}")
+            old_runs = kept["held_out"]["runs"]
+            paired = [r["label"] for r in old_runs[1:] if r.get("vs_first")]
+            unpaired = [r["label"] for r in old_runs[1:] if not r.get("vs_first")]
+            then = "; ".join(x for x in (f"{', '.join(paired)} paired with {old_runs[0]['label']}" if paired else "",
+                                         f"{', '.join(unpaired)} unpaired" if unpaired else "") if x)
+            added = (f"{', '.join(n for n, _ in runs[1:])}, added here, paired item by item with {runs[0][0]}"
+                     if len(runs) > 1 else f"{runs[0][0]}, added here, unpaired")
+            pairing = (f"{', '.join(r['label'] for r in old_runs)} kept from `{args.keep}` as recorded (their eval "
+                       f"outputs are gone; {then or 'as then'}); {added}")
     report: dict[str, Any] = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                               "command": " ".join(sys.argv), "targets": TARGETS, "held_out": main_cmp}
     md = ["# Student quality", "", args.note, "" if args.note else "",

@@ -50,6 +50,7 @@ def test_stated_keeps_an_optional_value_only_where_the_question_says_it():
     # not a whole word, not said, or not the kind of value a question says
     assert [stated_in(v, q) for v in ("c", "all", "euro", 0, 1000, 10.5, True, None, [], {"a": 1})] == [False] * 10
     assert not stated_in(5, "a 5.5 kg box") and stated_in(5, "5 boxes.") and stated_in(0.05, "at alpha 0.05")
+    assert not stated_in(10, "10,000 units") and not stated_in(500, "1,500 m") and stated_in(10, "10, 20 and 30")
     gt = [{"f": {"unit": ["metric", ""], "region": ["all", ""], "year": [2023, ""], "n": [3, ""], "fmt": ["json", ""],
                  "full": [True, ""], "opt": [""]}}]
     docs = [{"name": "f", "parameters": {"properties": {}, "required": ["fmt"]}}]

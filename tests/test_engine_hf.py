@@ -15,7 +15,7 @@ from fcdistill.grammars import SequenceConstraint, compile_grammar, token_vocabu
 from fcdistill.serve.engines.base import GenerationRequest, SamplingParams
 from fcdistill.tools import normalize_tools
 
-pytestmark = pytest.mark.slow  # every test here loads the model or serves it
+pytestmark = pytest.mark.slow  # the hf engine over the real model (one prefix-cache test only builds caches)
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his dog."}]
 WEATHER = [{"role": "user", "content": "What is the weather in Paris in celsius?"}]

@@ -325,6 +325,38 @@ def test_a_grammar_over_the_compile_timeout_is_a_503_to_retry_and_is_cached_for_
     assert plan.gens and plan.gens[0].constraint is not None
 
 
+def test_requests_waiting_for_a_running_compile_hold_no_worker_thread(smollm2_tokenizer, monkeypatch):
+    """Retries of a slow compile (the 503's point) wait for it on the event loop: with a 2-thread
+    executor, one thread compiling and six requests waiting, prompt rendering still gets a thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcdistill.grammars import constraint
+    from fcdistill.serve.serving import OpenAIServing
+    from fcdistill.tools import normalize_tools
+
+    serving = OpenAIServing(_Engine(smollm2_tokenizer), limits=ServeLimits(grammar_timeout_s=120))
+    tools = normalize_tools([_tool(f"held_{uuid.uuid4().hex[:8]}", city={"type": "string"})])
+    opened = threading.Event()
+    real_build = constraint._build
+    monkeypatch.setattr(constraint, "_build", lambda *a: opened.wait(60) and real_build(*a))
+
+    async def main() -> list:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        first = asyncio.create_task(serving.grammar_for(tools, "auto", True, None, 200))
+        while constraint.compile_pending(serving.vocab, tools, "auto") is None:  # the compile has begun
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(serving.grammar_for(tools, "auto", True, None, 200)) for _ in range(6)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in waiting)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 10) == 42  # a thread is free
+        opened.set()
+        return await asyncio.gather(first, *waiting)
+
+    grammars = asyncio.run(main())
+    assert len({id(g) for g in grammars}) == 1
+
+
 def test_the_grammar_cache_is_bounded_by_memory(smollm2_tokenizer):
     """--grammar-cache-mb: least recently used grammars leave once the cache holds more than its limit."""
     from fcdistill.grammars import compile_grammar, grammar_cache_info, set_grammar_cache_limit

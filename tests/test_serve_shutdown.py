@@ -50,10 +50,10 @@ def _busy(url: str) -> list[httpx.Client]:
     assert streaming.wait(120), "the stream never started"
     keep_alive = httpx.Client(timeout=120)
     assert keep_alive.get(f"{url}/health").status_code == 200  # the connection stays open
-    # both requests admitted (the stream has sent tokens; the plain one is generating once admitted)
+    # both requests admitted: the stream is sending tokens, the plain one is being prepared or generating
     deadline = time.monotonic() + 60
-    while _in_flight(keep_alive, url) < 2:
-        assert time.monotonic() < deadline, "the plain request was never admitted"
+    while (n := _in_flight(keep_alive, url)) < 2:
+        assert time.monotonic() < deadline, f"{n:g} requests in flight after 60 s, not the request and the stream"
         time.sleep(0.05)
     return [keep_alive]
 

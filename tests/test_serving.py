@@ -254,18 +254,54 @@ def test_sse_ends_with_done_unless_an_error_ended_it():
     failed = asyncio.run(lines(chunk, error_body("boom", "server_error")))
     assert len(failed) == 2 and json.loads(failed[-1][len("data: "):])["error"]["message"] == "boom"
 
-    async def broken():  # a bug after the first chunk: an error event ends the stream, the place is given back
+    async def broken():  # a bug after the first chunk: an error event ends the stream
         yield chunk
         raise KeyError("oops")
 
-    released = []
-
     async def collect() -> list[str]:
-        return [line async for line in sse(broken(), lambda: released.append(True))]
+        return [line async for line in sse(broken())]
 
     crashed = asyncio.run(collect())
     assert len(crashed) == 2 and "KeyError" in json.loads(crashed[-1][len("data: "):])["error"]["message"]
-    assert released == [True]
+
+
+def test_a_stream_gives_its_place_back_however_it_ends():
+    """EventStream releases the request's place in flight after a whole stream, after a bug mid-way, and
+    when the client left before the first event (Starlette then never starts the body iterator)."""
+    from fcdistill.serve.app import EventStream, sse
+
+    chunk = ChatCompletionChunk(id="c", object="chat.completion.chunk", created=0, model="m", choices=[])
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "path": "/"}
+
+    async def events():
+        await asyncio.sleep(0.05)  # the first event takes a moment, as a model's first token does
+        yield chunk
+
+    async def serve(receive_first: dict) -> tuple[list[bool], list[dict]]:
+        released, sent, started = [], [], []
+
+        async def gen():
+            started.append(True)
+            async for line in sse(events()):
+                yield line
+
+        async def receive() -> dict:
+            if receive_first["type"] == "http.disconnect":
+                return receive_first
+            await asyncio.sleep(10)  # a client that stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0)  # a real socket write is a checkpoint: cancellation can land here
+            sent.append(message)
+
+        await EventStream(gen(), lambda: released.append(True))(scope, receive, send)
+        return released, sent, started
+
+    released, sent, _ = asyncio.run(serve({"type": "http.request"}))
+    assert released == [True] and sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    released, sent, started = asyncio.run(serve({"type": "http.disconnect"}))
+    assert released == [True] and not started  # gone before the body began: released all the same
 
 
 def test_a_repeated_call_ends_the_answer_and_is_not_returned(engine, serving):

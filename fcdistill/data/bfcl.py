@@ -15,7 +15,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -47,7 +47,6 @@ def category_language(category: str) -> str:
 
 
 OptionalArgs = Literal["omit", "given", "stated"]
-OPTIONAL_ARGS: tuple[str, ...] = get_args(OptionalArgs)
 
 
 class SplitOptions(BaseModel):
@@ -134,7 +133,8 @@ def stated_in(value: Any, question: str) -> bool:
         forms = {str(value), f"{value:,}"}
         if isinstance(value, float) and value.is_integer():
             forms |= {str(int(value)), f"{int(value):,}"}
-        return any(re.search(rf"(?<![\w.]){re.escape(f)}(?!\w|\.\d)", question) for f in forms)
+        # not a piece of a longer figure: 10 is not said by "10,000" or "1.10", nor 5 by "2.5"
+        return any(re.search(rf"(?<![\w.])(?<!\d,){re.escape(f)}(?!\w|[.,]\d)", question) for f in forms)
     return False
 
 

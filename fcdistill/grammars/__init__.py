@@ -14,6 +14,7 @@ from fcdistill.grammars.constraint import (
     SequenceConstraint,
     ToolChoice,
     compile_grammar,
+    compile_pending,
     grammar_enforces,
     grammar_cache_info,
     set_grammar_cache_limit,
@@ -23,5 +24,5 @@ from fcdistill.grammars.vocabulary import TokenVocabulary, token_vocabulary
 
 __all__ = [
     "CompiledGrammar", "GrammarError", "LoopGuard", "SequenceConstraint", "ToolChoice", "TokenVocabulary",
-    "compile_grammar", "grammar_cache_info", "grammar_enforces", "set_grammar_cache_limit", "token_vocabulary",
+    "compile_grammar", "compile_pending", "grammar_cache_info", "grammar_enforces", "set_grammar_cache_limit", "token_vocabulary",
 ]

@@ -195,10 +195,10 @@ def calls_schema(tools: list[ToolSpec], only: str | None = None, parallel: bool 
     return schema
 
 
-def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice = "auto",
-                    parallel: bool = True, json_schema: dict[str, Any] | None = None,
-                    backend: Backend = "outlines") -> tuple[CompiledGrammar, bool]:
-    """The constraint for one request, and whether it came from the cache."""
+def _grammar_key(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice, parallel: bool,
+                 json_schema: dict[str, Any] | None, backend: Backend) -> tuple[tuple[Any, ...], Any, dict[str, Any] | None, Backend]:
+    """The cache key of a request's constraint, its mode, schema and effective backend; GrammarError
+    for a constraint that cannot be built."""
     if json_schema is not None:
         mode, schema = "json", json_schema
     elif not tools or tool_choice == "none":
@@ -220,6 +220,24 @@ def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: 
     if schema is None:
         backend = "outlines"  # nothing to mask but FC: no backend is involved
     key = (vocab.key, mode, json.dumps(schema, sort_keys=True) if schema is not None else "", backend)
+    return key, mode, schema, backend
+
+
+def compile_pending(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice = "auto",
+                    parallel: bool = True, json_schema: dict[str, Any] | None = None,
+                    backend: Backend = "outlines") -> Future | None:
+    """The compile of this constraint that is running now, if one is (None: cached, or not started).
+    A caller on an event loop awaits it there rather than parking a worker thread on it."""
+    key = _grammar_key(vocab, tools, tool_choice, parallel, json_schema, backend)[0]
+    with _cache_lock:
+        return None if key in _cache else _compiling.get(key)
+
+
+def compile_grammar(vocab: TokenVocabulary, tools: list[ToolSpec], tool_choice: ToolChoice = "auto",
+                    parallel: bool = True, json_schema: dict[str, Any] | None = None,
+                    backend: Backend = "outlines") -> tuple[CompiledGrammar, bool]:
+    """The constraint for one request, and whether it came from the cache."""
+    key, mode, schema, backend = _grammar_key(vocab, tools, tool_choice, parallel, json_schema, backend)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:

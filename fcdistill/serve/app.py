@@ -149,7 +149,7 @@ def create_app(engine: Engine, api_key: str | None = None, guard: LoopGuard | No
         try:
             plan = await prepare(req)
             if req.stream:
-                return StreamingResponse(sse(stream(plan), release), media_type="text/event-stream")
+                return EventStream(sse(stream(plan)), release)
             response = await whole(plan, request.is_disconnected)
         except BaseException:
             release()
@@ -176,11 +176,26 @@ def openai_json(obj: BaseModel) -> Response:
     return Response(obj.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
-async def sse(events: AsyncIterator[BaseModel | dict[str, Any]],
-              release: Callable[[], None] | None = None) -> AsyncIterator[str]:
+class EventStream(StreamingResponse):
+    """A stream of server-sent events that gives its request's place in flight back when the response
+    ends, however it ends. Not from inside the body iterator: a client that leaves before the first
+    event makes Starlette cancel the response before it ever starts the iterator, whose `finally`
+    would then never run, and the place would stay taken for good."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def sse(events: AsyncIterator[BaseModel | dict[str, Any]]) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: one `data:` line per chunk, then `[DONE]`; an error
-    object (always the last event) ends the stream without `[DONE]`. `release` gives the request's
-    place in flight back when the stream ends, however it ends (a client that leaves included)."""
+    object (always the last event) ends the stream without `[DONE]`."""
     failed = False
     try:
         async for ev in events:
@@ -191,9 +206,6 @@ async def sse(events: AsyncIterator[BaseModel | dict[str, Any]],
     except Exception as exc:  # a bug after the first byte: the client still gets an error event, then the end
         logging.getLogger("fcdistill.serve").exception("stream failed")
         yield f"data: {json.dumps(error_body(f'internal error: {type(exc).__name__}: {exc}', 'server_error'))}\n\n"
-    finally:
-        if release is not None:
-            release()
 
 
 def request_problem(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -40,7 +40,7 @@ from openai.types.chat.chat_completion_message_tool_call import Function
 from fcdistill.chat_format import CallDelta, CallStreamer, ChatFormat, as_messages, first_copies
 from fcdistill.grammars.constraint import BACKENDS, PREFETCH_TOKENS
 from fcdistill.grammars import (CompiledGrammar, GrammarError, LoopGuard, SequenceConstraint, compile_grammar,
-                                grammar_enforces, token_vocabulary)
+                                compile_pending, grammar_enforces, token_vocabulary)
 from fcdistill.serve.engines.base import (Engine, EngineRequestError, EngineUnavailable, GenerationRequest, SamplingParams,
                                           over_context)
 from fcdistill.serve.limits import ServeLimits
@@ -338,8 +338,16 @@ class OpenAIServing:
                 grammar.exact()
             return grammar, hit
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            grammar, hit = await asyncio.wait_for(asyncio.to_thread(build), timeout)
+            pending = compile_pending(self.vocab, tools, choice, parallel, json_schema, backend=self.grammar_backend)
+            if pending is not None:
+                # another request (or this client's last try) is compiling it: wait here on the loop,
+                # holding no worker thread (prompt rendering shares them); the shield keeps a timeout
+                # from cancelling that compile
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
+            grammar, hit = await asyncio.wait_for(asyncio.to_thread(build), max(deadline - loop.time(), 0.001))
         except GrammarError as exc:
             raise APIError(400, str(exc), param="tool_choice" if "tool_choice" in str(exc) else "tools") from None
         except asyncio.TimeoutError:
@@ -348,8 +356,9 @@ class OpenAIServing:
             # it keeps as the answer.
             what = "response_format json_schema" if json_schema is not None else "tool set"
             wait = self.limits.retry_after_s
-            raise APIError(503, f"the {what}'s grammar is still compiling after {timeout:g} s (--grammar-timeout); "
-                                f"it keeps compiling and is cached, so a retry after {wait} s joins it. A schema "
+            raise APIError(503, f"the {what}'s grammar is still compiling (or waiting to) after {timeout:g} s "
+                                f"(--grammar-timeout); it keeps compiling and is cached, so a retry after {wait} s "
+                                "joins it. A schema "
                                 "that never finishes needs simpler schemas or fewer tools",
                            "server_error", param="response_format" if json_schema is not None else "tools",
                            code="grammar_compiling", headers={"Retry-After": str(wait)}) from None
