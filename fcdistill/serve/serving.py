@@ -358,8 +358,7 @@ class OpenAIServing:
             wait = self.limits.retry_after_s
             raise APIError(503, f"the {what}'s grammar is still compiling (or waiting to) after {timeout:g} s "
                                 f"(--grammar-timeout); it keeps compiling and is cached, so a retry after {wait} s "
-                                "joins it. A schema "
-                                "that never finishes needs simpler schemas or fewer tools",
+                                "joins it. A schema that never finishes needs simpler schemas or fewer tools",
                            "server_error", param="response_format" if json_schema is not None else "tools",
                            code="grammar_compiling", headers={"Retry-After": str(wait)}) from None
         self.metrics.grammar(grammar.compile_ms / 1000, hit)
