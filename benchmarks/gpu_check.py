@@ -220,7 +220,7 @@ def _matmul_tflops(torch: Any, n: int = 8192, reps: int = 10) -> float:
     return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, 1)
 
 
-def make_models(carry: Path, work: Path, dry: bool) -> dict[str, Any]:
+def make_models(carry: Path, work: Path, dry: bool, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Random-init models of the real architectures, saved with SmolLM2's tokenizer (its ids fit both)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -228,6 +228,7 @@ def make_models(carry: Path, work: Path, dry: bool) -> dict[str, Any]:
     dtype = torch.float32 if dry else torch.bfloat16
     smol = json.loads((carry / "smollm2" / "config.json").read_text())
     specs = {"qwen2.5-0.5b-arch": dict(QWEN05_ARCH), "smollm2-135m-arch": smol}
+    specs = {k: v for k, v in specs.items() if not only or k in only}
     tokenizer = AutoTokenizer.from_pretrained(str(carry / "smollm2"))
     made = {}
     for name, cfg in specs.items():
@@ -304,7 +305,7 @@ def train_variant(carry: Path, work: Path, out: Path, model: str, variant: str, 
     max_length = int(next((s.split("=", 1)[1] for s in sets if s.startswith("max_length=")), 2048))
     context, examples = _token_context(work / "models" / model, carry / "train.trl.jsonl", max_length)
     flops = flops_per_token(config, context)
-    result = {"command": "accelerate launch --config_file configs/accelerate/single_gpu.yaml -m fcdistill.train "
+    result = {"model": model, "command": "accelerate launch --config_file configs/accelerate/single_gpu.yaml -m fcdistill.train "
                          "--config configs/train/qwen2.5-0.5b-gpu.yaml " + " ".join(f"--set {s}" for s in sets),
               "steps": last["step"], "steps_timed": last["step"] - first["step"], "tokens_timed": int(tokens),
               "seconds_timed": round(seconds, 2), "train_tokens_per_second": round(tps, 1),
@@ -321,6 +322,13 @@ def train_variant(carry: Path, work: Path, out: Path, model: str, variant: str, 
         result["peak_bf16_tflops"] = round(peak / 1e12, 1)
         result["mfu"] = round(tps * flops["model_6n"] / peak, 4)
         result["mfu_lora_work"] = round(tps * flops["lora_work"] / peak, 4)
+    profiled = run_dir / "profile" / "ops.json"
+    if profiled.is_file():  # `profile.*` in sets: the operator table travels back beside the results
+        shutil.copy(run_dir / "profile" / "ops.txt", out / f"profile-{model}-{variant}.txt")
+        shutil.copy(profiled, out / f"profile-{model}-{variant}.json")
+        ops = json.loads(profiled.read_text())
+        result["profile"] = {k: ops[k] for k in ("steps", "wall_seconds_per_step", "self_device_seconds_per_step")}
+        result["profile"]["top_ops"] = ops["ops"][:8]
     return result
 
 
@@ -350,35 +358,40 @@ def serve_model(carry: Path, work: Path, out: Path, model: str, dry: bool, max_t
     return {"startup_seconds": round(startup, 1), "max_tokens": max_tokens, **result}
 
 
-def run(carry: Path, out: Path, *, dry: bool, budget_s: float) -> dict[str, Any]:
-    """Every step of the check, each timed and recorded; returns the results."""
+def run(carry: Path, out: Path, *, dry: bool, budget_s: float, profile: bool = False) -> dict[str, Any]:
+    """Every step of the check, each timed and recorded; returns the results. `profile`: instead, the
+    Qwen2.5-0.5B architecture's two training variants under torch.profiler, then its serving."""
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       PYTHONUNBUFFERED="1")
     if not (carry / "train.trl.jsonl").is_file():
         raise SystemExit(f"{carry} holds no prepared data: run scripts/gpu/prepare.sh first")
     res = Results(out, budget_s)
-    res.data.update({"mode": "cpu-dry-run" if dry else "gpu", "budget_s": budget_s})
+    res.data.update({"mode": ("cpu-dry-run" if dry else "gpu") + ("-profile" if profile else ""), "budget_s": budget_s})
     env = res.step("environment", environment, dry)
     if env is None:
         return res.data
     os.environ["FCD_GPU_NAME"] = env.get("gpu", "")
     work = Path(os.environ.get("FCD_GPU_WORK", "/tmp/fcd-gpu-check")) if not dry else out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    if res.step("models", make_models, carry, work, dry) is None:
+    qwen = "qwen2.5-0.5b-arch"
+    if res.step("models", make_models, carry, work, dry, (qwen,) if profile else ()) is None:
         return res.data
-    steps = 4 if dry else 40
+    steps = 4 if dry else (12 if profile else 40)
     train_timeout = 300 if dry else 240
     # unpacked: rows padded per batch, batches grouped by length; shipped: the config as it is (packed
-    # rows of 2048 tokens, batch 4, which TRL flattens into one 8192-token row)
+    # rows of 2048 tokens, batch 8, which TRL flattens into one 16,384-token row)
     batch, length = (2, 1024) if dry else (32, 2048)
     unpacked = [f"batch_size={batch}", "grad_accum=1", "packing=false", "sampling=group_by_length",
                 f"max_length={length}"]
-    variants = [("qwen2.5-0.5b-arch", f"unpacked-b{batch}", unpacked), ("smollm2-135m-arch", f"unpacked-b{batch}", unpacked)]
-    variants.append(("qwen2.5-0.5b-arch", "shipped-packed", ["batch_size=1"] if dry else []))
+    variants = [(qwen, f"unpacked-b{batch}", unpacked), ("smollm2-135m-arch", f"unpacked-b{batch}", unpacked)]
+    variants.append((qwen, "shipped-packed", ["batch_size=1"] if dry else []))
+    if profile:
+        recorded = ["profile.start_step=2", "profile.steps=2"] if dry else ["profile.start_step=6", "profile.steps=3"]
+        variants = [(m, v, [*sets, *recorded]) for m, v, sets in variants if m == qwen]
     for model, variant, sets in variants:
         res.step(f"train {model} {variant}", train_variant, carry, work, out, model, variant, sets, dry, steps,
                  train_timeout, need_s=60 if dry else 75)
-    for model in ("smollm2-135m-arch", "qwen2.5-0.5b-arch"):
+    for model in ((qwen,) if profile else ("smollm2-135m-arch", qwen)):
         res.step(f"serve {model}", serve_model, carry, work, out, model, dry, 48 if dry else 64,
                  [1, 2] if dry else [1, 8, 32], need_s=30 if dry else 100)
     return res.data
@@ -396,11 +409,13 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--cpu-dry-run", action="store_true")
     r.add_argument("--budget-s", type=float, default=450, help="stop starting new steps after this many seconds")
+    r.add_argument("--profile", action="store_true",
+                   help="only the Qwen2.5-0.5B architecture: its training variants under torch.profiler, then serving")
     args = parser.parse_args()
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.out, wheels=not args.no_wheels, serve_items=args.serve_items), indent=2))
         return
-    data = run(args.carry, args.out, dry=args.cpu_dry_run, budget_s=args.budget_s)
+    data = run(args.carry, args.out, dry=args.cpu_dry_run, budget_s=args.budget_s, profile=args.profile)
     failed = [k for k, v in data["steps"].items() if not v.get("ok", False)]
     print(json.dumps(data, indent=2))
     sys.exit(1 if failed else 0)

@@ -36,6 +36,24 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def avoid_cudnn_attention() -> bool:
+    """On CUDA, take cuDNN out of this process's SDPA backends (torch's flash and memory-efficient
+    kernels remain, and pick the same attention). True when it was turned off.
+
+    cuDNN's attention builds an execution plan for every new shape. On the H200 GPU check
+    (benchmarks/results/gpu/profile-*.json) each forward or backward call cost 1.6-3.6 ms of CPU
+    against 0.1-0.3 ms on the GPU: packed training, which attends every example on its own (a shape
+    per example), ran at 5.2 s a step with 0.53 s of GPU work, and padded batches lost a quarter of
+    their step time to it. Decoding meets a new key length every token.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 def serving_dtype(requested: str, cuda: bool) -> str:
     """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers:
     benchmarks/engine_ab.py --a dtype=fp32 --b dtype=bf16 measures how often); bf16 on a CPU without

@@ -71,8 +71,11 @@ def _cli(*args: str):
     (lambda t: t.update(eval_steps=5), "eval_steps is set but there is no eval data"),
     (lambda t: t["optim"].update(scheduler="cosine_forever"), "unknown scheduler 'cosine_forever'"),
     (lambda t: t.update(packing="sometimes"), "packing: expected true, false or auto, got 'sometimes'"),
+    (lambda t: t.update(profile={"start_step": 0}), "profile.start_step: Input should be greater than or equal to 1"),
+    (lambda t: t.update(profile={"step": 3}), "profile.step: unknown field"),
 ], ids=["unknown-field", "unknown-nested-field", "missing-data-file", "r-zero", "max-length-short",
-        "lm-head-target", "eval-steps-without-eval", "bad-scheduler", "bad-packing"])
+        "lm-head-target", "eval-steps-without-eval", "bad-scheduler", "bad-packing", "profile-step-zero",
+        "profile-unknown-field"])
 def test_bad_config_exits_2_with_one_line_before_any_model(pairs, tmp_path, no_model_load, mutate, needle):
     tree = _good(pairs, tmp_path, lora={"r": 8}, optim={})
     mutate(tree)

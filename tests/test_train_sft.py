@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 24
 SAVE_STEPS = 8
+PROFILED = [18, 19]  # recorded by torch.profiler in the resumed run
 HELD_OUT = synthetic.examples(10, seed=2, held_out=True)
 FCD = "from fcdistill.cli import app; import sys; sys.argv = ['fcd', *sys.argv[1:]]; app()"
 
@@ -55,7 +56,8 @@ def run(tmp_path_factory, smollm2_tokenizer) -> SimpleNamespace:
         "optim": {"learning_rate": 2e-3, "scheduler": "linear", "warmup_ratio": 0.1},
         "max_steps": MAX_STEPS, "max_length": 512, "batch_size": 4, "grad_accum": 1, "packing": False,
         "precision": "auto", "seed": 0, "output_dir": str(out), "logging_steps": 1,
-        "eval_steps": MAX_STEPS // 2, "save_steps": SAVE_STEPS, "save_total_limit": 3, "tensorboard": "auto"}))
+        "eval_steps": MAX_STEPS // 2, "save_steps": SAVE_STEPS, "save_total_limit": 3, "tensorboard": "auto",
+        "profile": {"start_step": PROFILED[0], "steps": len(PROFILED)}}))
 
     first = subprocess.Popen([sys.executable, "-m", "fcdistill.train", "--config", str(config)],
                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -102,6 +104,18 @@ def _base_with_fc_token(smollm2_dir: str):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     grow_for_fc_token(model, tok, fc, pieces)
     return model.eval(), tok, pieces
+
+
+def test_profiled_steps_name_their_operators(run):
+    """`profile:` records the asked optimizer steps once, ranked by time, and the run still finishes."""
+    ops = json.loads((run.out / "profile" / "ops.json").read_text())
+    assert ops["steps"] == PROFILED and 0 < ops["wall_seconds_per_step"] < 60
+    names = [o["name"] for o in ops["ops"]]
+    assert any(n in names for n in ("aten::mm", "aten::addmm", "aten::bmm")), names
+    times = [o["self_cpu_ms"] for o in ops["ops"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0 and all(o["calls"] > 0 for o in ops["ops"])
+    assert "Self CPU" in (run.out / "profile" / "ops.txt").read_text()
+    assert not (run.out / "profile" / "trace.json").exists()  # traces only when asked
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(run):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fcdistill.chat_format import DEFAULT_FC_TOKEN
 from fcdistill.configfile import existing_file, read_yaml_mapping
 from fcdistill.errors import validation_message
+from fcdistill.train.profiling import ProfileSettings
 
 
 class ConfigError(ValueError):
@@ -162,6 +163,7 @@ class TrainConfig(_Strict):
     save_steps: Annotated[int, Field(ge=1)] = 100
     save_total_limit: Annotated[int, Field(ge=1)] | None = 2
     tensorboard: bool | Literal["auto"] = "auto"  # auto: log to TensorBoard when it is installed
+    profile: ProfileSettings | None = None  # torch.profiler over a few steps into output_dir/profile/
 
     @field_validator("packing", "tensorboard", mode="before")
     @classmethod

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError, cpu_has_native_bf16,
-                              ensure_fc_token,
-                              resolve_model)
+from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError,
+                              avoid_cudnn_attention, cpu_has_native_bf16, ensure_fc_token, resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
+from fcdistill.train.profiling import profile_callback
 from fcdistill.train.throughput import (register_packed_sdpa, score_only_labelled_positions,
                                          trainable_tokens_without_copies)
 
@@ -488,6 +488,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     if packing and attn == "sdpa":  # the same attention, each packed example on its own (throughput.py)
         attn = register_packed_sdpa()
     compact_head = score_only_labelled_positions()
+    no_cudnn_attention = avoid_cudnn_attention()
     with _quiet_preparation():
         model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,
                                                      attn_implementation=attn)
@@ -499,7 +500,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=prep.tokenizer,
                              peft_config=None if full else lora_config(cfg, model, prep.fc.token_id),
-                             callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or [])])
+                             callbacks=[_trainer_callback_cls()(out / LOG_FILE), *(callbacks or []),
+                                        *([profile_callback(cfg.profile, out / "profile")] if cfg.profile else [])])
     _loss_on_the_bar(trainer)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     copy_free = False
@@ -513,6 +515,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         "fc_token": prep.fc.token, "fc_token_id": prep.fc.token_id, "fc_token_added": prep.fc.added,
         "embeddings_resized": resized, "tied_embeddings": tied, "vocab_size": len(prep.tokenizer),
         "precision": precision.name, "packing": packing, "attn_implementation": attn,
+        "cudnn_attention_off": no_cudnn_attention,
         "lm_head_scores_labelled_only": compact_head, "trainable_tokens_copy_free": copy_free,
         "device": str(trainer.args.device), "world_size": trainer.args.world_size,
         "distributed_type": str(getattr(kind, "value", kind)), "backend": state.backend, "report_to": report_to,

@@ -149,12 +149,14 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import (ensure_fc_token, load_peft_adapter, resize_for_tokenizer, resolve_model,
-                                      serving_dtype)
+        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, load_peft_adapter, resize_for_tokenizer,
+                                      resolve_model, serving_dtype)
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
+        if self.device.startswith("cuda"):
+            avoid_cudnn_attention()
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
