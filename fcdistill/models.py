@@ -37,14 +37,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def avoid_cudnn_attention() -> bool:
-    """On CUDA, take cuDNN out of this process's SDPA backends (torch's flash and memory-efficient
-    kernels remain, and pick the same attention). True when it was turned off.
+    """On CUDA, take cuDNN out of this process's SDPA backends (torch's flash, memory-efficient and
+    math kernels remain, and compute the same attention). True when it was turned off.
 
-    cuDNN's attention builds an execution plan for every new shape. On the H200 GPU check
-    (benchmarks/results/gpu/profile-*.json) each forward or backward call cost 1.6-3.6 ms of CPU
-    against 0.1-0.3 ms on the GPU: packed training, which attends every example on its own (a shape
-    per example), ran at 5.2 s a step with 0.53 s of GPU work, and padded batches lost a quarter of
-    their step time to it. Decoding meets a new key length every token.
+    cuDNN's attention cost 1.6-3.6 ms of CPU per call on the H200 GPU check, against 0.01-0.3 ms of
+    GPU time (benchmarks/results/gpu/2026-11-30-profile/): a packed training step, which attends
+    every example on its own, took 3.7 s for about 0.27 s of GPU work, and padded batches lost a
+    quarter of their step to it. Decoding calls attention per layer per token, so the engine is
+    expected to gain too (not measured yet).
     """
     import torch
 

@@ -140,6 +140,14 @@ def test_check_reports_added_and_reused_fc_token(pairs, tmp_path, no_model_load)
     assert "FC token '<jupyter_code>' id 13 (reused)" in reused.stdout
 
 
+def test_override_fills_a_section_a_saved_config_left_null(pairs, tmp_path):
+    """A run's config.yaml writes unset sections as null (`profile: null`); --set still reaches into them."""
+    tree = TrainConfig.model_validate(_good(pairs, tmp_path)).model_dump(mode="json")
+    assert tree["profile"] is None
+    cfg = load_config(_write(tmp_path, tree), overrides=["profile.start_step=7"])
+    assert cfg.profile is not None and (cfg.profile.start_step, cfg.profile.steps) == (7, 3)
+
+
 def test_overrides_and_eval_split(pairs, tmp_path):
     from fcdistill.train.sft import prepare
 

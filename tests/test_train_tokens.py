@@ -55,8 +55,15 @@ def trained(untied_dir, data, tmp_path_factory):
     from fcdistill.train.sft import train
 
     out = tmp_path_factory.mktemp("untied-run") / "run"
-    result = train(_config(untied_dir, data, out))
+    # a profile window (steps 3-7) the run ends inside (max_steps 4): the steps recorded are still written
+    result = train(_config(untied_dir, data, out, profile={"start_step": 3, "steps": 5}))
     return result
+
+
+def test_a_profile_window_cut_by_the_end_of_training_keeps_its_steps(trained):
+    ops = json.loads((trained.output_dir / "profile" / "ops.json").read_text())
+    assert ops["steps"] == [3, 4] and ops["wall_seconds_per_step"] > 0 and ops["device_seconds_per_step"] is None
+    assert ops["ops"] and all(o["calls"] > 0 for o in ops["ops"])
 
 
 def test_untied_model_trains_both_fc_rows(trained, untied_dir):

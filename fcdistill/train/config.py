@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fcdistill.chat_format import DEFAULT_FC_TOKEN
 from fcdistill.configfile import existing_file, read_yaml_mapping
 from fcdistill.errors import validation_message
-from fcdistill.train.profiling import ProfileSettings
 
 
 class ConfigError(ValueError):
@@ -31,6 +30,15 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProfileSettings(_Strict):
+    """Optimizer steps torch.profiler records (fcdistill/train/profiling.py); the first ones pay for
+    allocation and kernel selection, so the default starts at the fifth."""
+
+    start_step: Annotated[int, Field(ge=1)] = 5
+    steps: Annotated[int, Field(ge=1, le=50)] = 3
+    trace: bool = False
 
 
 class DataSettings(_Strict):
@@ -212,7 +220,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
     for p in parents:
-        child = node.setdefault(p, {})
+        child = node.get(p)
+        if child is None:  # absent, or `null` as a saved config.yaml writes an unset section
+            child = node[p] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: {p} is not a section")
         node = child

@@ -4,6 +4,7 @@
 # at 1, 8 and 32 concurrent requests, grammar on and off. Writes OUT_DIR/gpu_check.json.
 #   bash scripts/gpu/check.sh OUT_DIR                 on the GPU box: installs .gpu/wheels, no index
 #   bash scripts/gpu/check.sh --cpu-dry-run OUT_DIR   here: the same steps at toy size, with .venv
+#   bash scripts/gpu/check.sh OUT_DIR --profile       only Qwen2.5-0.5B: training under torch.profiler, then serving
 # Needs .gpu/ from scripts/gpu/prepare.sh. Finishes within ~8 minutes (--budget-s, default 450).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,7 +13,7 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   dry=(--cpu-dry-run)
   shift
 fi
-out=${1:?usage: check.sh [--cpu-dry-run] OUT_DIR [--budget-s N]}
+out=${1:?usage: check.sh [--cpu-dry-run] OUT_DIR [--budget-s N] [--profile]}
 shift
 carry=${FCD_GPU_CARRY:-.gpu}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -155,8 +155,7 @@ class HFEngine:
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
-        if self.device.startswith("cuda"):
-            avoid_cudnn_attention()
+        avoid_cudnn_attention()
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
