@@ -405,6 +405,33 @@ def test_transform_subset_and_multiplier(src, tmp_path):
     assert 0.6 * sources <= made_one <= sources and made_three > 1.5 * made_one
 
 
+def test_max_length_makes_no_augmented_record_training_would_drop(src, runs, tmp_path, smollm2_tokenizer):
+    """With a token budget, a transform whose record would be over it gives way to the slot's next one."""
+    from fcdistill.data.export import trl_record
+    from fcdistill.models import ensure_fc_token
+
+    ensure_fc_token(smollm2_tokenizer, "<tool_call>")
+    fmt = ChatFormat(smollm2_tokenizer, fc_token="<tool_call>")
+
+    def tokens(rec: Record) -> int:
+        row = trl_record(fmt, rec)
+        return len(smollm2_tokenizer(row["prompt"] + row["completion"])["input_ids"])
+
+    budget = 560
+    free = [tokens(r) for r in _records(runs[0]) if r.transforms]
+    assert sum(n > budget for n in free) >= 10, sorted(free)[-12:]  # without a budget, many are over it
+    result = run_augment(AugmentOptions(data=src, out=tmp_path / "fit", seed=3, max_length=budget))
+    made = [r for r in _records(tmp_path / "fit") if r.transforms]
+    assert made and max(tokens(r) for r in made) <= budget
+    over = sum(st["not_applicable"].get("over_max_length", 0) for st in result.stats.values())
+    assert over >= 10 and all(st["consistent"] for st in result.stats.values())
+    assert len(made) > sum(n <= budget for n in free)  # the slots went to other transforms
+    originals = [r for r in _records(tmp_path / "fit") if not r.transforms]
+    assert len(originals) == result.stats["original"]["out"] and max(tokens(r) for r in originals) > budget
+    options = json.loads((tmp_path / "fit" / "manifest.json").read_text())["augment"]["options"]
+    assert options["max_length"] == budget and options["model"] == "smollm2-135m"
+
+
 def test_export_is_train_ready(runs, smollm2_dir):
     a, _, _ = runs
     out = a.parent / "export-check.trl.jsonl"

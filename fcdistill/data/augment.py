@@ -31,10 +31,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
+from fcdistill.chat_format import DEFAULT_FC_TOKEN
 from fcdistill.data.augment_ops import TRANSFORMS, NotApplicable, Pools, copies_an_example, user_text
 from fcdistill.data.augment_values import leaves, occurs
 from fcdistill.data.bfcl import DataError, Record, _dump_jsonl, _sha256, eval_index, read_manifest, read_records
@@ -54,6 +55,12 @@ class AugmentOptions(BaseModel):
     transforms: list[str] = Field(default_factory=lambda: list(TRANSFORMS))
     dedup_threshold: float = 0.8
     ngram: int = 13
+    # Augmented records longer than this many student tokens (prompt + target, as training counts them)
+    # are not made: training would drop them, so the slot tries its next transform instead. Originals
+    # are kept whatever their length (training decides about those, as for the eval split's).
+    max_length: int | None = Field(default=None, ge=8)
+    model: str = "smollm2-135m"  # whose tokenizer and chat template count the tokens
+    fc_token: str = DEFAULT_FC_TOKEN
 
     def check(self) -> None:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -195,6 +202,7 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
     # single-turn questions only: a multi-turn conversation is kept as it is, never transformed
     sources = [r for r in kept if r.has_target and not r.label_errors and len(r.messages) == 1 and r.turns is None]
     pools = Pools.build(sources)
+    fits = _token_budget(opts) if opts.max_length is not None else None
     stats.update({t: TransformStats() for t in opts.transforms})
     augmented: list[Record] = []
     counters: Counter = Counter()
@@ -217,6 +225,8 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
                     st.tried += 1
                     try:
                         cand = TRANSFORMS[name](src, pools, rng)
+                        if fits is not None and not fits(cand):
+                            raise NotApplicable("over_max_length")
                     except NotApplicable as exc:
                         st.not_applicable[str(exc)] += 1
                         continue
@@ -232,6 +242,27 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
     _write(opts, manifest, kept + augmented, stats)
     return AugmentResult(out=opts.out, stats={k: v.as_dict() for k, v in stats.items()},
                          written=len(kept) + len(augmented), seconds=round(time.perf_counter() - start, 2))
+
+
+def _token_budget(opts: AugmentOptions) -> Callable[[Record], bool]:
+    """Whether a record's training example (rendered by the wire format for `opts.model`) fits
+    `opts.max_length` tokens, counted as training counts them."""
+    from fcdistill.chat_format import ChatFormat
+    from fcdistill.data.export import trl_record
+    from fcdistill.models import ModelResolveError, ensure_fc_token, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(opts.model)
+    except (ModelResolveError, OSError) as exc:
+        raise DataError(f"max_length counts tokens of {opts.model}, whose tokenizer did not load: {exc}") from None
+    ensure_fc_token(tokenizer, opts.fc_token)
+    fmt = ChatFormat(tokenizer, fc_token=opts.fc_token)
+
+    def fits(rec: Record) -> bool:
+        row = trl_record(fmt, rec)
+        return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) <= opts.max_length
+
+    return fits
 
 
 def _admit(cand: Record, src: Record, transform: str, gate: _Gate, counters: Counter) -> str | None:
@@ -268,7 +299,9 @@ def _write(opts: AugmentOptions, manifest: dict[str, Any], records: list[Record]
     manifest["mix_in"] = [r.id for r in records if r.label_source == "ground_truth"]
     manifest["augment"] = {
         "options": {"seed": opts.seed, "multiplier": opts.multiplier, "transforms": opts.transforms,
-                    "dedup_threshold": opts.dedup_threshold, "ngram": opts.ngram},
+                    "dedup_threshold": opts.dedup_threshold, "ngram": opts.ngram,
+                    **({"max_length": opts.max_length, "model": opts.model, "fc_token": opts.fc_token}
+                       if opts.max_length is not None else {})},
         "source_files": {name: _sha256(opts.data / name) for name in ("manifest.json", "train.jsonl", "eval.jsonl")
                          if (opts.data / name).is_file()},
         "dropped_originals": sorted(originals - kept_ids),

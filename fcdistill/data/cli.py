@@ -116,6 +116,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of every transform; the same seed gives byte-identical files.")] = 42,
         multiplier: Annotated[int, typer.Option(help="Augmented records tried per source record.")] = 2,
         transforms: Annotated[str, typer.Option(help="Comma-separated: mask, shuffle, distract, compose, delete, substitute.")] = "mask,shuffle,distract,compose,delete,substitute",
+        max_length: Annotated[int | None, typer.Option(help="Make no augmented record longer than this many tokens of --model (prompt + target, as training counts them); the slot tries its next transform.")] = None,
+        model: Annotated[str, typer.Option(help="The student whose tokenizer counts --max-length.")] = "smollm2-135m",
+        fc_token: Annotated[str, typer.Option(help="The student's function-call token (counted with --max-length).")] = "<tool_call>",
         progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     ) -> None:
         """Label-preserving transforms of the train split (name masking, tool shuffles and distractors,
@@ -127,7 +130,8 @@ def register(app: typer.Typer) -> None:
         from fcdistill.data.bfcl import DataError
 
         try:
-            opts = AugmentOptions(data=data, out=out, seed=seed, multiplier=multiplier, transforms=_csv(transforms))
+            opts = AugmentOptions(data=data, out=out, seed=seed, multiplier=multiplier, transforms=_csv(transforms),
+                                  max_length=max_length, model=model, fc_token=fc_token)
             result = run_augment(opts, progress=progress)
         except ValidationError as exc:
             fail(validation_message(exc))

@@ -155,6 +155,8 @@ class AugmentSpec(_Strict):
     transforms: list[str] | None = None  # None: all of them
     dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)
     ngram: int = Field(13, ge=1)
+    # no augmented record over this many student tokens (set it to the training config's max_length)
+    max_length: int | None = Field(None, ge=8, json_schema_extra={WHEN_SET: True})
 
     @field_validator("transforms")
     @classmethod

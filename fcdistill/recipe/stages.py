@@ -214,7 +214,9 @@ def _augment_run(ctx: Context) -> dict[str, Any]:
     from fcdistill.data.augment import AugmentOptions, run_augment
 
     a = ctx.recipe.augment
-    extra = {"transforms": a.transforms} if a.transforms is not None else {}
+    extra: dict[str, Any] = {"transforms": a.transforms} if a.transforms is not None else {}
+    if a.max_length is not None:
+        extra.update(max_length=a.max_length, model=ctx.recipe.student, fc_token=ctx.recipe.fc_token)
     result = run_augment(AugmentOptions(data=_data_dir_of(ctx, _bfcl_train_source(ctx.recipe)), out=ctx.dir("augment"),
                                         seed=ctx.recipe.seed, multiplier=a.multiplier, dedup_threshold=a.dedup_threshold,
                                         ngram=a.ngram, **extra))
