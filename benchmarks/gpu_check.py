@@ -385,9 +385,10 @@ def run(carry: Path, out: Path, *, dry: bool, budget_s: float, profile: bool = F
     unpacked = [f"batch_size={batch}", "grad_accum=1", "packing=false", "sampling=group_by_length",
                 f"max_length={length}"]
     variants = [(qwen, f"unpacked-b{batch}", unpacked), ("smollm2-135m-arch", f"unpacked-b{batch}", unpacked)]
-    variants.append((qwen, "shipped-packed", ["batch_size=1"] if dry else []))
+    # the dry run records the packed variant's last steps too, so the --profile path is exercised by the tests
+    variants.append((qwen, "shipped-packed", ["batch_size=1", "profile.start_step=3", "profile.steps=2"] if dry else []))
     if profile:
-        recorded = ["profile.start_step=2", "profile.steps=2"] if dry else ["profile.start_step=6", "profile.steps=3"]
+        recorded = [] if dry else ["profile.start_step=6", "profile.steps=3"]
         variants = [(m, v, [*sets, *recorded]) for m, v, sets in variants if m == qwen]
     for model, variant, sets in variants:
         res.step(f"train {model} {variant}", train_variant, carry, work, out, model, variant, sets, dry, steps,

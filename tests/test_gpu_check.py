@@ -60,6 +60,9 @@ def test_cpu_dry_run_runs_every_step(carried: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
     trains = [v for k, v in result["steps"].items() if k.startswith("train ")]
     assert len(trains) == 3 and trains[-1]["packing"] is True
+    # the packed variant is profiled in the dry run (steps 3-4 of 4): its table travels back beside the JSON
+    assert trains[-1]["profile"]["steps"] == [3, 4] and trains[-1]["profile"]["top_ops"]
+    assert (out / "profile-qwen2.5-0.5b-arch-shipped-packed.txt").is_file()
     for t in trains:
         assert t["steps"] == 4 and t["train_tokens_per_second"] > 0 and t["flops_per_token_6n"] > 0
         assert t["command"].startswith("accelerate launch --config_file configs/accelerate/single_gpu.yaml")
