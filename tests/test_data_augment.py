@@ -460,6 +460,8 @@ def test_export_is_train_ready(runs, smollm2_dir):
 @pytest.mark.parametrize("args,needle", [
     (["--transforms", "mask,nonsense"], "unknown --transforms nonsense"),
     (["--multiplier", "0"], "multiplier"),
+    (["--max-length", "0"], "--max-length: Input should be greater than or equal to 8"),
+    (["--max-length", "512", "--model", "/nonexistent/model"], "--max-length counts tokens of /nonexistent/model"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(src, tmp_path, args, needle):
     proc = _fcd("data", "augment", "--data", str(src), "--out", str(tmp_path / "o"), *args)

@@ -246,21 +246,24 @@ def run_augment(opts: AugmentOptions, progress: bool = False) -> AugmentResult:
 
 def _token_budget(opts: AugmentOptions) -> Callable[[Record], bool]:
     """Whether a record's training example (rendered by the wire format for `opts.model`) fits
-    `opts.max_length` tokens, counted as training counts them."""
+    `opts.max_length` tokens, counted as training counts them (exact for the ground-truth targets
+    augment writes; a teacher's label or `--tool-names safe` at export can change the count a little)."""
     from fcdistill.chat_format import ChatFormat
-    from fcdistill.data.export import trl_record
+    from fcdistill.data.export import example_lengths, trl_record
     from fcdistill.models import ModelResolveError, ensure_fc_token, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(opts.model)
-    except (ModelResolveError, OSError) as exc:
-        raise DataError(f"max_length counts tokens of {opts.model}, whose tokenizer did not load: {exc}") from None
-    ensure_fc_token(tokenizer, opts.fc_token)
-    fmt = ChatFormat(tokenizer, fc_token=opts.fc_token)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("it has no chat template; the wire format needs one")
+        ensure_fc_token(tokenizer, opts.fc_token)
+        fmt = ChatFormat(tokenizer, fc_token=opts.fc_token)
+    except (ModelResolveError, OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"--max-length counts tokens of {opts.model}, which failed: {first}") from None
 
     def fits(rec: Record) -> bool:
-        row = trl_record(fmt, rec)
-        return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) <= opts.max_length
+        return example_lengths(tokenizer, [trl_record(fmt, rec)])[0] <= opts.max_length
 
     return fits
 

@@ -34,6 +34,10 @@ SPLIT_FLAGS = {"categories": "--categories", "eval_only": "--eval-only", "live_e
                "seed": "--seed", "optional_args": "--optional-args"}
 
 
+AUGMENT_FLAGS = {"seed": "--seed", "multiplier": "--multiplier", "transforms": "--transforms",
+                 "max_length": "--max-length", "model": "--model", "fc_token": "--fc-token"}
+
+
 def register(app: typer.Typer) -> None:
     """Add the `data` command group to the top-level CLI."""
     data_app = typer.Typer(help="Prepare data: BFCL splits and exports.", no_args_is_help=True)
@@ -117,8 +121,8 @@ def register(app: typer.Typer) -> None:
         multiplier: Annotated[int, typer.Option(help="Augmented records tried per source record.")] = 2,
         transforms: Annotated[str, typer.Option(help="Comma-separated: mask, shuffle, distract, compose, delete, substitute.")] = "mask,shuffle,distract,compose,delete,substitute",
         max_length: Annotated[int | None, typer.Option(help="Make no augmented record longer than this many tokens of --model (prompt + target, as training counts them); the slot tries its next transform.")] = None,
-        model: Annotated[str, typer.Option(help="The student whose tokenizer counts --max-length.")] = "smollm2-135m",
-        fc_token: Annotated[str, typer.Option(help="The student's function-call token (counted with --max-length).")] = "<tool_call>",
+        model: Annotated[str, typer.Option(help="The student whose tokenizer counts --max-length (used only with it).")] = "smollm2-135m",
+        fc_token: Annotated[str, typer.Option(help="The student's function-call token, counted with --max-length (used only with it).")] = "<tool_call>",
         progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     ) -> None:
         """Label-preserving transforms of the train split (name masking, tool shuffles and distractors,
@@ -134,7 +138,7 @@ def register(app: typer.Typer) -> None:
                                   max_length=max_length, model=model, fc_token=fc_token)
             result = run_augment(opts, progress=progress)
         except ValidationError as exc:
-            fail(validation_message(exc))
+            fail(validation_message(exc, AUGMENT_FLAGS))
         except DataError as exc:
             fail(str(exc))
         Console().print(stats_table(result.stats))

@@ -97,6 +97,11 @@ def to_bedrock_toolconfig(rec: Record, with_target: bool) -> dict[str, Any]:
     return conv
 
 
+def example_lengths(tokenizer: Any, rows: list[dict[str, str]]) -> list[int]:
+    """Tokens of each prompt-completion pair as training counts them against its max_length."""
+    return [len(ids) for ids in tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"]]
+
+
 def trl_record(fmt: ChatFormat, rec: Record) -> dict[str, str]:
     """One prompt-completion pair; the prompt is not learned, the completion is."""
     prompt = fmt.render_prompt(rec.messages, rec.tools)

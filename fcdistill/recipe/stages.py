@@ -463,9 +463,14 @@ STAGE_DEFS: dict[str, Stage] = {
                     describe=lambda r: f"format, execution, duplicate and contamination checks of {r.verify.input}",
                     run=_verify_run, outputs=lambda c: [c.dir("verify") / "verified.jsonl"]),
     "augment": Stage(after=lambda r: [_bfcl_train_source(r)], files=lambda r: [],
-                     config=lambda r: {"augment": _dump(r.augment), "seed": r.seed},
+                     config=lambda r: {"augment": _dump(r.augment), "seed": r.seed,
+                                       # with a token budget, the student's tokenizer decides what is made
+                                       **({"student": r.student, "fc_token": r.fc_token}
+                                          if r.augment.max_length is not None else {})},
                      describe=lambda r: f"x{r.augment.multiplier} of the train split "
-                                        f"({', '.join(r.augment.transforms or ['every transform'])})",
+                                        f"({', '.join(r.augment.transforms or ['every transform'])}"
+                                        + (f"; <= {r.augment.max_length} tokens of {r.student}"
+                                           if r.augment.max_length is not None else "") + ")",
                      run=_augment_run, outputs=lambda c: [c.dir("augment") / "train.jsonl"]),
     "train": Stage(after=_train_inputs,
                    files=lambda r: [r.train.config] + ([r.train.accelerate_config] if r.train.accelerate_config else []),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcdistill.data.export import example_lengths
 from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenInfo, ModelResolveError,
                               avoid_cudnn_attention, cpu_has_native_bf16, ensure_fc_token, resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
@@ -79,15 +80,10 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _lengths(tokenizer: Any, rows: list[dict[str, str]]) -> list[int]:
-    texts = [r["prompt"] + r["completion"] for r in rows]
-    return [len(ids) for ids in tokenizer(texts)["input_ids"]]
-
-
 def _check_lengths(cfg: TrainConfig, tokenizer: Any, rows: list[dict[str, str]], source: Path,
                    stats: dict[str, Any], key: str) -> list[dict[str, str]]:
     """Refuse (or drop, when asked) examples longer than max_length: truncation would cut the target."""
-    lengths = _lengths(tokenizer, rows)
+    lengths = example_lengths(tokenizer, rows)
     over = [(n, r) for n, r in zip(lengths, rows) if n > cfg.max_length]
     stats[key] = {"examples": len(rows), "tokens": sum(lengths), "mean_tokens": round(sum(lengths) / len(rows), 1),
                   "max_tokens": max(lengths), "over_max_length": len(over)}
