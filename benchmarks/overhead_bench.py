@@ -6,10 +6,11 @@ then one greedy token a forward pass with a KV cache, nothing else). Three serve
 in the same run: no adapter; an adapter loaded with PEFT's layers (`--merge-adapters off`); the same
 adapter merged (`--merge-adapters on`). Each is asked for the base model and, where loaded, for the
 adapter; each answer's token count is what the bare loop then decodes (the base model, or the adapter
-merged into it). Median of `--repeats` requests after one warm-up request.
+merged into it). Served and bare runs alternate, one warm-up each, and the medians of `--repeats` are
+compared, so a slow spell of a shared machine lands on both sides.
 
   .venv/bin/python benchmarks/overhead_bench.py --adapter runs/quality-aug/train/adapter \\
-      [--dtype fp32] [--max-tokens 128] [--repeats 3] [--out benchmarks/results/overhead_bench.json]
+      [--dtype fp32] [--max-tokens 128] [--repeats 5] [--out benchmarks/results/overhead_bench.json]
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse k
 MODEL = "smollm2-135m"
 
 
-def bare_loop(model: Any, prompt_ids: list[int], tokens: int, repeats: int) -> dict[str, Any]:
-    """Seconds for prefill + `tokens` greedy decode steps, median of `repeats` after a warm-up."""
+def bare_once(model: Any, prompt_ids: list[int], tokens: int) -> float:
+    """Seconds for prefill + `tokens` greedy decode steps: one forward pass a token with a KV cache, nothing
+    else, under inference_mode."""
     import inspect
 
     import torch
@@ -42,41 +44,47 @@ def bare_loop(model: Any, prompt_ids: list[int], tokens: int, repeats: int) -> d
 
     # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def once() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            cache = DynamicCache()
-            out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, **{kw: cache})
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True, **{kw: cache})
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(tokens - 1):
+            out = model(input_ids=nxt, use_cache=True, **{kw: cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(tokens - 1):
-                out = model(input_ids=nxt, use_cache=True, **{kw: cache})
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        return time.perf_counter() - start
-
-    once()
-    times = [once() for _ in range(repeats)]
-    wall = statistics.median(times)
-    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    return time.perf_counter() - start
 
 
-def ask(url: str, model: str, max_tokens: int, repeats: int) -> dict[str, Any]:
-    """One request at a time through the openai client; tokens/s over the whole request."""
+def served_once(client: Any, model: str, max_tokens: int) -> tuple[float, int]:
+    """One request through the openai client: seconds over the whole request, completion tokens."""
+    start = time.perf_counter()
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
+    return time.perf_counter() - start, r.usage.completion_tokens
+
+
+def side_by_side(url: str, requested: str, bare_model: Any, prompt_ids: list[int], max_tokens: int,
+                 repeats: int) -> dict[str, Any]:
+    """Served and bare runs alternated (one warm-up each), so a slow spell of this shared machine lands on
+    both; medians over `repeats`. The bare loop decodes as many tokens as the server answered with."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    _, tokens = served_once(client, requested, max_tokens)
+    bare_once(bare_model, prompt_ids, tokens)
+    served_s, bare_s = [], []
+    for _ in range(repeats):
+        seconds, n = served_once(client, requested, max_tokens)
+        assert n == tokens, (n, tokens)  # greedy: the same answer every time
+        served_s.append(seconds)
+        bare_s.append(bare_once(bare_model, prompt_ids, tokens))
 
-    def once() -> tuple[float, int]:
-        start = time.perf_counter()
-        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
-        return time.perf_counter() - start, r.usage.completion_tokens
+    def summary(times: list[float]) -> dict[str, Any]:
+        wall = statistics.median(times)
+        return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+                "runs": [round(t, 3) for t in times]}
 
-    once()
-    runs = [once() for _ in range(repeats)]
-    wall = statistics.median(t for t, _ in runs)
-    tokens = runs[0][1]
-    assert all(n == tokens for _, n in runs), runs  # greedy: the same answer every time
-    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    served, bare = summary(served_s), summary(bare_s)
+    return {"served": served, "bare": bare, "server_vs_bare": round(served["tokens_per_s"] / bare["tokens_per_s"], 3)}
 
 
 def main() -> None:
@@ -84,7 +92,7 @@ def main() -> None:
     ap.add_argument("--adapter", required=True, help="a trained adapter directory (fcd train's adapter/)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead_bench.json")
     args = ap.parse_args()
     load_at_start = os.getloadavg()
@@ -117,10 +125,9 @@ def main() -> None:
             flags += ["--adapter", f"tuned={args.adapter}"]
         with start_server(["--model", MODEL, *flags], log_dir / "overhead_bench.serve.log") as srv:
             for requested in ([MODEL, "tuned"] if extra else [MODEL]):
-                served = ask(srv.url, requested, args.max_tokens, args.repeats)
-                bare = bare_loop(bare_models[requested], prompt_ids, served["tokens"], args.repeats)
-                rows.append({"server": name, "model": requested, "served": served, "bare": bare,
-                             "server_vs_bare": round(served["tokens_per_s"] / bare["tokens_per_s"], 3)})
+                rows.append({"server": name, "model": requested,
+                             **side_by_side(srv.url, requested, bare_models[requested], prompt_ids,
+                                            args.max_tokens, args.repeats)})
                 print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "overhead_bench", "model": MODEL, "adapter": args.adapter, "dtype": args.dtype,
               "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "repeats": args.repeats,

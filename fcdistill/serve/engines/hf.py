@@ -38,6 +38,7 @@ from tokenizers.decoders import DecodeStream
 
 from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable, GenerationEvent, GenerationRequest,
                                           check_fits, cut_at_stop)
+from fcdistill.serve.engines.kv_buffer import GrowingCache, GrowingLayer
 from fcdistill.serve.engines.prefix_cache import PrefixCache
 
 log = logging.getLogger("fcdistill.serve")
@@ -91,7 +92,7 @@ class _Rows:
     logits each row samples its next token from."""
 
     seqs: list[_Seq]
-    cache: Any  # transformers DynamicCache, [rows, heads, width, dim] per layer
+    cache: Any  # GrowingCache (a transformers DynamicCache), [rows, heads, width, dim] per layer
     mask: Any  # [rows, width], 0 on left padding
     last_pos: Any  # [rows]
     logits: Any  # [rows, vocab]
@@ -116,7 +117,7 @@ class _Rows:
         """Plain full-attention layers only: sliding-window or static caches cannot be re-padded."""
         from transformers.cache_utils import DynamicLayer
 
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
 
     def merge(self, new: _Rows) -> None:
         """Append new rows, left-padding whichever cache is narrower."""
@@ -261,8 +262,13 @@ class HFEngine:
 
     def _supervised(self) -> None:
         """The scheduler, and what happens when it dies: nothing it held may wait forever."""
+        import torch
+
         try:
-            self._run()
+            # inference_mode, not just no_grad: no autograd version counters or view tracking on any
+            # tensor the scheduler makes (a few per cent of a CPU decode step at this model size)
+            with torch.inference_mode():
+                self._run()
         except BaseException as exc:  # noqa: BLE001 - whatever ended the thread, requests must hear of it
             if self._stop.is_set():
                 return
@@ -288,9 +294,6 @@ class HFEngine:
 
     # -- scheduler -------------------------------------------------------------------------------
     def _run(self) -> None:
-        import torch
-
-        torch.set_grad_enabled(False)
         backlog: list[_Seq] = []
         while not self._stop.is_set():
             if not backlog:
@@ -355,7 +358,6 @@ class HFEngine:
     def _prefill(self, seqs: list[_Seq], adapter: str | None) -> _Rows:
         """Left-padded prompt pass for new sequences: their KV cache and first next-token logits."""
         import torch
-        from transformers import DynamicCache
 
         for s in seqs:
             if s.req.sampling.seed is not None:
@@ -374,7 +376,7 @@ class HFEngine:
             ids[i, width - n:] = torch.tensor(s.req.prompt_ids)
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
                             **{self._cache_kw: cache})
@@ -384,11 +386,10 @@ class HFEngine:
         """One prompt, no padding: what the prefix cache holds of its start is reused, the rest computed,
         and the whole prompt's keys and values kept for the next request that starts the same way."""
         import torch
-        from transformers import DynamicCache
 
         ids = s.req.prompt_ids
         n, reused = self.prefix_cache.lookup(adapter, ids)
-        cache = DynamicCache()
+        cache = GrowingCache()
         for layer, (keys, values) in enumerate(reused or []):
             cache.update(keys, values, layer)
         mask = torch.ones((1, len(ids)), dtype=torch.long)
