@@ -2,7 +2,8 @@
 
 Single-request tokens/s as a client sees it (prefill included, the HTTP round trip and the serving
 logic too) for the same model, dtype, prompt and token count as a bare transformers loop (prefill,
-then one greedy token a forward pass with a KV cache, nothing else). Three servers, one after another
+then one greedy token a forward pass with transformers' own DynamicCache, nothing else; the server
+uses its GrowingCache, so the ratio includes the difference between the two caches). Three servers, one after another
 in the same run: no adapter; an adapter loaded with PEFT's layers (`--merge-adapters off`); the same
 adapter merged (`--merge-adapters on`). Each is asked for the base model and, where loaded, for the
 adapter; each answer's token count is what the bare loop then decodes (the base model, or the adapter

@@ -274,6 +274,8 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
     """The engine's KV cache writes each step into spare room (DynamicCache copies every layer's cache every
     step); the logits match DynamicCache's through prefill, multi-token steps (jump-forward), and rows
     dropped and padding columns cut from outside (as the engine's batch does)."""
+    import inspect
+
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -281,6 +283,7 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
     from fcdistill.serve.engines.kv_buffer import GrowingCache
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (3, 40), generator=gen)
     mask = torch.ones((3, 40), dtype=torch.long)
@@ -291,7 +294,7 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
         for name, cache in caches.items():
             m = mask.clone()
             pos = (m.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=prompt, attention_mask=m, position_ids=pos, cache=cache, use_cache=True)
+            out = model(input_ids=prompt, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
             logits[name].append(out.logits[:, -1])
             last = pos[:, -1:]
             for width in (1, 1, 3, 1):  # a jump-forward step feeds several tokens at once
@@ -299,25 +302,27 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
                 m = torch.cat([m, torch.ones_like(feed)], 1)
                 pos = last + torch.arange(1, width + 1)
                 last = pos[:, -1:]
-                out = model(input_ids=feed, attention_mask=m, position_ids=pos, cache=cache, use_cache=True)
+                out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
                 logits[name].append(out.logits[:, -1])
             # the first row leaves, then the columns only it used go (what _Rows.select does)
             cache.batch_select_indices(torch.tensor([1, 2]))
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[..., 12:, :], layer.values[..., 12:, :]
+                assert getattr(layer, "_keys_buf", None) is None  # replaced from outside: the old buffer is let go
             m, last = m[1:, 12:], last[1:]
             bufs = []
             for _ in range(3):
                 feed = torch.full((2, 1), 1234)
                 m = torch.cat([m, torch.ones_like(feed)], 1)
                 last = last + 1
-                out = model(input_ids=feed, attention_mask=m, position_ids=last, cache=cache, use_cache=True)
+                out = model(input_ids=feed, attention_mask=m, position_ids=last, use_cache=True, **{kw: cache})
                 logits[name].append(out.logits[:, -1])
                 if name == "growing":
                     layer = cache.layers[0]
                     assert layer.keys.data_ptr() == layer._keys_buf.data_ptr()  # a view of its buffer
                     bufs.append(layer._keys_buf)
     assert bufs[0] is bufs[1] is bufs[2]  # decode steps wrote in place: no new buffer, no copy
+    assert caches["growing"].get_seq_length() == caches["dynamic"].get_seq_length() == 40 + 6 - 12 + 3
     assert len(logits["dynamic"]) == len(logits["growing"]) == 8
     for a, b in zip(logits["dynamic"], logits["growing"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

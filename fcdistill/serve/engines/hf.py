@@ -265,8 +265,8 @@ class HFEngine:
         import torch
 
         try:
-            # inference_mode, not just no_grad: no autograd version counters or view tracking on any
-            # tensor the scheduler makes (a few per cent of a CPU decode step at this model size)
+            # inference_mode, not just no_grad: no autograd version counters or view tracking on the
+            # tensors the scheduler makes (and the KV cache makes a view every layer, every step)
             with torch.inference_mode():
                 self._run()
         except BaseException as exc:  # noqa: BLE001 - whatever ended the thread, requests must hear of it
