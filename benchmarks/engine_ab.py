@@ -2,19 +2,23 @@
 
 The same held-out BFCL items (tools sent as `fcd eval run` sends them, tool_choice auto, greedy,
 max_tokens 256) go through the serving logic (OpenAIServing over the hf engine: grammar, guard and
-all) once per setting, one request at a time. Reported per category: identical answers (text and
+all) of both settings, item by item, one request at a time, the side asked first alternating. Reported per category: identical answers (text and
 calls), the same calls (names and arguments); per setting: completion tokens per second of wall time,
-p50 request latency, and the engine's counters (jumped tokens, prefill computed and reused).
+p50 request latency, the engine's counters (jumped tokens, prefill computed and reused), and how many
+answers bfcl_eval's checker counts correct (`fcd eval`'s scoring), per category and in all.
 
   --a dtype=fp32 --b dtype=bf16                      is bf16 answering as fp32 does (`--dtype auto` stays
                                                      fp32 on a CPU until it is), and faster?
   --a jump_forward=false --b jump_forward=true       the share of tokens jump-forward places, the latency gain
   --a prefix_cache_mb=0 --b prefix_cache_mb=512      the prefix cache on BFCL's one-request-per-tool-set traffic
+  --a dtype=fp32 --b dtype=int8                      int8 Linear layers: how much faster, and what it costs
+                                                     in answers and in BFCL accuracy
   --a grammar_backend=outlines --b grammar_backend=llguidance
                                                      the same answers with a ~1 ms grammar per new tool set?
                                                      (grammar_backend goes to the serving logic, not the engine)
 
 Usage: .venv/bin/python benchmarks/engine_ab.py --a KEY=VALUE --b KEY=VALUE [--per-category 25] [--adapter DIR]
+       [--data DIR]
 Result: benchmarks/results/engine_ab-NAME.json (NAME from the settings)
 """
 
@@ -52,42 +56,54 @@ def setting(text: str) -> dict[str, Any]:
     return out
 
 
-def answers(name: str, engine_kw: dict[str, Any], items: list[Any], adapter: str | None) -> dict[str, Any]:
-    from fcdistill.eval.runner import fc_request
-    from fcdistill.grammars import grammar_cache_info
-    from fcdistill.serve.engines.hf import HFEngine
-    from fcdistill.serve.protocol import ChatCompletionRequest
-    from fcdistill.serve.serving import OpenAIServing
+class Side:
+    """One setting: its own engine and serving logic, asked one request at a time."""
 
-    engine_kw = dict(engine_kw)
-    backend = engine_kw.pop("grammar_backend", "outlines")
-    engine = HFEngine("smollm2-135m", adapters={"tuned": adapter} if adapter else None, **engine_kw)
-    serving = OpenAIServing(engine, grammar_backend=backend)
-    before = grammar_cache_info()
-    model = "tuned" if adapter else "smollm2-135m"
-    out: dict[str, dict[str, Any]] = {}
+    def __init__(self, name: str, engine_kw: dict[str, Any], adapter: str | None, scorer: Any):
+        from fcdistill.serve.engines.hf import HFEngine
+        from fcdistill.serve.serving import OpenAIServing
 
-    async def one(item: Any) -> dict[str, Any]:
-        tools, _ = fc_request(item, safe=True)
-        req = ChatCompletionRequest(model=model, messages=item.record.messages, tools=tools, temperature=0,
+        self.name, self.scorer = name, scorer
+        engine_kw = dict(engine_kw)
+        backend = engine_kw.pop("grammar_backend", "outlines")
+        self.engine = HFEngine("smollm2-135m", adapters={"tuned": adapter} if adapter else None, **engine_kw)
+        self.serving = OpenAIServing(self.engine, grammar_backend=backend)
+        self.model = "tuned" if adapter else "smollm2-135m"
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.grammar = {"misses": 0, "compile_ms": 0, "exact_compiles": 0, "exact_ms": 0}
+
+    def ask(self, item: Any) -> None:
+        from fcdistill.eval.runner import fc_request
+        from fcdistill.grammars import grammar_cache_info
+        from fcdistill.serve.protocol import ChatCompletionRequest
+
+        tools, name_map = fc_request(item, safe=True)
+        req = ChatCompletionRequest(model=self.model, messages=item.record.messages, tools=tools, temperature=0,
                                     max_tokens=256)
+        before = grammar_cache_info()
         t0 = time.perf_counter()
-        reply = await serving.chat_completion(await serving.prepare_chat(req))
+        reply = asyncio.run(self._complete(req))
+        seconds = time.perf_counter() - t0
+        after = grammar_cache_info()  # one request at a time: the compiles between are this request's
+        for k in self.grammar:
+            self.grammar[k] += after[k] - before[k]
         msg = reply.choices[0].message
-        return {"seconds": time.perf_counter() - t0, "tokens": reply.usage.completion_tokens,
-                "text": msg.content, "calls": [(c.function.name, json.loads(c.function.arguments))
-                                               for c in msg.tool_calls or []]}
-    try:
-        for n, item in enumerate(items, 1):
-            out[item.id] = asyncio.run(one(item))
-            if n % 20 == 0:
-                print(f"{name}: {n}/{len(items)}", flush=True)
-        stats = engine.stats()
-        after = grammar_cache_info()
-        stats |= {f"grammar_{k}": after[k] - before[k] for k in ("misses", "exact_compiles", "exact_ms")}
-    finally:
-        asyncio.run(engine.shutdown())
-    return {"answers": out, "engine": stats}
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []]
+        as_eval_records = {"mode": "fc", "content": msg.content, "tool_calls": calls, "name_map": name_map,
+                           "finish_reason": reply.choices[0].finish_reason}
+        self.answers[item.id] = {
+            "seconds": seconds, "compile_ms": sum(after[k] - before[k] for k in ("compile_ms", "exact_ms")),
+            "tokens": reply.usage.completion_tokens, "text": msg.content,
+            "calls": [(c["name"], json.loads(c["arguments"])) for c in calls],
+            "correct": self.scorer.score(item, as_eval_records).valid}
+
+    async def _complete(self, req: Any) -> Any:
+        return await self.serving.chat_completion(await self.serving.prepare_chat(req))
+
+    def close(self) -> dict[str, Any]:
+        stats = self.engine.stats() | {f"grammar_{k}": v for k, v in self.grammar.items()}
+        asyncio.run(self.engine.shutdown())
+        return stats
 
 
 def main() -> None:
@@ -96,43 +112,74 @@ def main() -> None:
     ap.add_argument("--b", required=True, type=setting, help="the second, e.g. dtype=bf16")
     ap.add_argument("--per-category", type=int, default=25)
     ap.add_argument("--adapter", default=None, help="ask this adapter instead of the base model")
+    ap.add_argument("--data", default=None, help=(
+        "ask the eval split of this `fcd data bfcl` dir (an adapter's own held-out items); default: a fresh split"))
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
 
     from fcdistill.data.bfcl import SplitOptions, prepare_bfcl
     from fcdistill.eval.dataset import load_eval_set
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_bfcl(SplitOptions(categories=CATEGORIES, max_per_category={c: 2 * args.per_category for c in CATEGORIES}),
-                     Path(tmp))
-        _, _, items = load_eval_set(tmp, CATEGORIES, args.per_category)
+    if args.data:
+        _, _, items = load_eval_set(args.data, CATEGORIES, args.per_category)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare_bfcl(SplitOptions(categories=CATEGORIES,
+                                      max_per_category={c: 2 * args.per_category for c in CATEGORIES}), Path(tmp))
+            _, _, items = load_eval_set(tmp, CATEGORIES, args.per_category)
     names = {"a": ",".join(f"{k}={v}" for k, v in args.a.items()), "b": ",".join(f"{k}={v}" for k, v in args.b.items())}
     load = os.getloadavg()
-    runs = {side: answers(names[side], getattr(args, side), items, args.adapter) for side in ("a", "b")}
+    from fcdistill.eval.score import Scorer
+
+    scorer = Scorer()
+    sides = {side: Side(names[side], getattr(args, side), args.adapter, scorer) for side in ("a", "b")}
+    try:
+        # Item by item, the first side alternating: a slow spell of the machine lands on both, and so
+        # do the grammar compiles (same backend: whichever side meets a tool set first compiles it).
+        for n, item in enumerate(items):
+            for side in ("a", "b") if n % 2 == 0 else ("b", "a"):
+                sides[side].ask(item)
+            if (n + 1) % 20 == 0:
+                print(f"{n + 1}/{len(items)}", flush=True)
+    finally:
+        stats = {side: s.close() for side, s in sides.items()}
+    runs = {side: {"answers": s.answers, "engine": stats[side]} for side, s in sides.items()}
     per_cat: dict[str, dict[str, Any]] = {}
     differences: list[dict[str, Any]] = []
     for item in items:
         a, b = runs["a"]["answers"][item.id], runs["b"]["answers"][item.id]
-        c = per_cat.setdefault(item.category, {"n": 0, "same_answer": 0, "same_calls": 0})
+        c = per_cat.setdefault(item.category, {"n": 0, "same_answer": 0, "same_calls": 0, "a_correct": 0,
+                                               "b_correct": 0, "only_a_correct": 0, "only_b_correct": 0})
         c["n"] += 1
+        c["a_correct"] += a["correct"]
+        c["b_correct"] += b["correct"]
+        c["only_a_correct"] += a["correct"] and not b["correct"]
+        c["only_b_correct"] += b["correct"] and not a["correct"]
         same = a["text"] == b["text"] and a["calls"] == b["calls"]
         c["same_answer"] += same
         c["same_calls"] += a["calls"] == b["calls"]
         if not same:
-            differences.append({"id": item.id, **{side: {"text": r["text"], "calls": r["calls"], "tokens": r["tokens"]}
+            differences.append({"id": item.id, **{side: {"text": r["text"], "calls": r["calls"], "tokens": r["tokens"],
+                                                         "correct": r["correct"]}
                                                   for side, r in (("a", a), ("b", b))}})
     settings = {}
     for side in ("a", "b"):
         rows = runs[side]["answers"].values()
         seconds = sorted(r["seconds"] for r in rows)
         tokens = sum(r["tokens"] for r in rows)
+        compile_s = sum(r["compile_ms"] for r in rows) / 1000
         settings[side] = {"engine_kwargs": getattr(args, side), "completion_tokens": tokens,
                           "tokens_per_s": round(tokens / sum(seconds), 2),
+                          "tokens_per_s_without_grammar_compiles": round(tokens / (sum(seconds) - compile_s), 2),
                           "p50_latency_s": round(seconds[len(seconds) // 2], 3), "engine": runs[side]["engine"]}
-    total = {k: sum(c[k] for c in per_cat.values()) for k in ("n", "same_answer", "same_calls")}
+    total = {k: sum(c[k] for c in per_cat.values()) for k in next(iter(per_cat.values()))}
     result = {"benchmark": "engine_ab", "model": "smollm2-135m", "adapter": args.adapter, "settings": settings,
               "per_category": per_cat, "total": total, "differences": differences,
               "b_over_a_tokens_per_s": round(settings["b"]["tokens_per_s"] / settings["a"]["tokens_per_s"], 3),
+              "b_over_a_tokens_per_s_without_grammar_compiles": round(
+                  settings["b"]["tokens_per_s_without_grammar_compiles"]
+                  / settings["a"]["tokens_per_s_without_grammar_compiles"], 3),
+              "order": "item by item, the first side alternating",
               "loadavg_before": load, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count()}
     path = Path(args.result or RESULTS / f"engine_ab-{names['a']}-vs-{names['b']}.json".replace("=", "_").replace(",", "_"))
     path.parent.mkdir(parents=True, exist_ok=True)

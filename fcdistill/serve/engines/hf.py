@@ -1,4 +1,5 @@
-"""The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
+"""The embedded engine: transformers on CPU (fp32, or int8 Linear layers) or GPU (bf16), PEFT adapters
+side by side.
 
 One scheduler thread owns the model. Requests waiting when a batch starts, and those arriving
 within a short window after the first (20 ms), share one left-padded prefill and one KV cache;
@@ -13,7 +14,8 @@ Adapters are merged by default (`merge_adapters="auto"`, while memory allows): e
 own copy of the base with the adapter merged in (merged in fp32, then cast to the serving dtype), and
 the base stays a plain model. PEFT's LoRA layers cost every forward pass, the base's included: with
 one adapter loaded, base requests ran about 40% slower, and adapter requests at 40% of base speed. A
-merged copy costs one model's memory (270 MB in bf16 for SmolLM2-135M) and runs at base speed.
+merged copy costs one model's memory (270 MB in bf16 for SmolLM2-135M) and runs at base speed. With
+`dtype="int8"` adapters are always merged (PEFT cannot wrap int8 layers), then each copy is quantized.
 
 The scheduler thread is supervised: a batch that raises fails only its own requests, and should the
 thread itself die, every request it held or had waiting ends at once with an engine failure (a 503).
@@ -150,12 +152,17 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, load_peft_adapter, resize_for_tokenizer,
-                                      resolve_model, serving_dtype)
+        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, load_peft_adapter, quantize_int8,
+                                      resize_for_tokenizer, resolve_model, serving_dtype)
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
+        self.dtype_name = serving_dtype(dtype, self.device.startswith("cuda"))
+        int8 = self.dtype_name == "int8"  # loaded and merged in fp32, then quantized
+        if int8 and adapters and merge_adapters == "off":
+            raise ValueError("--dtype int8 serves adapters merged (PEFT's LoRA layers cannot wrap int8 layers); "
+                             "use --merge-adapters auto or on")
+        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.float32}[self.dtype_name]
         avoid_cudnn_attention()
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
@@ -181,10 +188,12 @@ class HFEngine:
             raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         base.to(self.device).eval()
         self.merged: dict[str, Any] = {}  # adapter name -> the base with that adapter merged in
-        if self.adapters and _merge_fits(merge_adapters, base, len(self.adapters)):
+        self.logits_size = base.get_output_embeddings().weight.shape[0]
+        if self.adapters and (int8 or _merge_fits(merge_adapters, base, len(self.adapters))):
             for name, adapter_path in self.adapters.items():
-                self.merged[name] = _merged_copy(base, adapter_path, self.dtype)
-            self.model = base
+                merged = _merged_copy(base, adapter_path, self.dtype)
+                self.merged[name] = quantize_int8(merged) if int8 else merged
+            self.model = quantize_int8(base) if int8 else base
         elif self.adapters:
             names = list(self.adapters)
             net = load_peft_adapter(base, self.adapters[names[0]], adapter_name=names[0])
@@ -192,10 +201,9 @@ class HFEngine:
                 net.load_adapter(self.adapters[name], adapter_name=name)
             self.model = net.to(self.device).eval()
         else:
-            self.model = base
+            self.model = quantize_int8(base) if int8 else base
         cfg = base.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-        self.logits_size = base.get_output_embeddings().weight.shape[0]
         gen = getattr(base, "generation_config", None)
         self.default_temperature = float(getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
