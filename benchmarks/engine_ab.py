@@ -11,8 +11,6 @@ answers bfcl_eval's checker counts correct (`fcd eval`'s scoring), per category 
                                                      fp32 on a CPU until it is), and faster?
   --a jump_forward=false --b jump_forward=true       the share of tokens jump-forward places, the latency gain
   --a prefix_cache_mb=0 --b prefix_cache_mb=512      the prefix cache on BFCL's one-request-per-tool-set traffic
-  --a dtype=fp32 --b dtype=int8                      int8 Linear layers: how much faster, and what it costs
-                                                     in answers and in BFCL accuracy
   --a grammar_backend=outlines --b grammar_backend=llguidance
                                                      the same answers with a ~1 ms grammar per new tool set?
                                                      (grammar_backend goes to the serving logic, not the engine)

@@ -34,12 +34,11 @@ MODEL = "smollm2-135m"
 
 def decode(model: Any, make_cache: Any, rows: int, width: int, steps: int) -> tuple[float, list[list[int]]]:
     """Seconds per decode step after a left-padded prefill of rows x width, and the tokens picked."""
-    import inspect
-
     import torch
 
-    # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from fcdistill.models import cache_keyword
+
+    kw = cache_keyword(model)
     ids = torch.randint(100, 40000, (rows, width), generator=torch.Generator().manual_seed(width))
     mask = torch.ones((rows, width), dtype=torch.long)
     if rows > 1:

@@ -38,13 +38,12 @@ MODEL = "smollm2-135m"
 def bare_once(model: Any, prompt_ids: list[int], tokens: int) -> float:
     """Seconds for prefill + `tokens` greedy decode steps: one forward pass a token with a KV cache, nothing
     else, under inference_mode."""
-    import inspect
-
     import torch
     from transformers import DynamicCache
 
-    # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from fcdistill.models import cache_keyword
+
+    kw = cache_keyword(model)
     start = time.perf_counter()
     with torch.inference_mode():
         cache = DynamicCache()

@@ -24,7 +24,7 @@ class ModelResolveError(RuntimeError):
     """A student name that is neither an alias, a local directory nor a plausible hub id."""
 
 
-DTYPES = ("auto", "fp32", "bf16", "int8")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -57,7 +57,7 @@ def avoid_cudnn_attention() -> bool:
 def serving_dtype(requested: str, cuda: bool) -> str:
     """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers:
     benchmarks/engine_ab.py --a dtype=fp32 --b dtype=bf16 measures how often); bf16 on a CPU without
-    native bf16 is refused, being emulated and slower than fp32. int8 (see `quantize_int8`) is for CPUs."""
+    native bf16 is refused, being emulated and slower than fp32."""
     if requested not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
     if requested == "auto":
@@ -65,39 +65,15 @@ def serving_dtype(requested: str, cuda: bool) -> str:
     if requested == "bf16" and not cuda and not cpu_has_native_bf16():
         raise ValueError("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so it would be emulated "
                          "and slower than fp32; use --dtype fp32")
-    if requested == "int8":
-        import torch
-
-        if cuda:
-            raise ValueError("--dtype int8 is for CPUs (torch's dynamic int8 quantization has no CUDA kernels); "
-                             "on a GPU use --dtype bf16")
-        if not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
-            raise ValueError("--dtype int8: this torch build has no x86 (fbgemm) quantized kernels; use --dtype fp32")
     return requested
 
 
-def quantize_int8(model: Any) -> Any:
-    """Every Linear layer (the LM head too) in place to int8 weights, one scale per output channel, with
-    its input quantized to int8 on each call (torch's dynamic quantization, fbgemm's AVX2/AVX512
-    kernels); embeddings, norms and attention stay fp32.
+def cache_keyword(model: Any) -> str:
+    """The name `model.forward` takes the KV cache under: transformers 5.2x renamed `past_key_values`
+    to `cache` (the old name warns on every call)."""
+    import inspect
 
-    Why: a CPU decoding one request reads every weight once per token, so it is memory-bound, and a
-    quarter of the bytes decoded SmolLM2-135M ~2x faster on a 2-core AVX2 EPYC (18.7 vs 9.1 tok/s,
-    side by side). Answers are not fp32's (benchmarks/engine_ab.py --a dtype=fp32 --b dtype=int8
-    measures how often and how well). torch marks `torch.ao.quantization` deprecated in favour of
-    torchao, whose CPU int8 paths ran slower than fp32 here in eager mode (6.0 tok/s weight-only);
-    the warning is silenced.
-    """
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def cache_dir() -> Path:

@@ -193,58 +193,6 @@ def test_dtype_bf16_where_the_cpu_has_it_and_a_clear_refusal_where_not():
         asyncio.run(eng.shutdown())
 
 
-def test_dtype_int8_answers_as_the_quantized_model_with_adapters_merged(adapter_dir):
-    """--dtype int8: the base and each merged adapter copy have no fp32 Linear layer left; greedy answers
-    through the engine are a bare quantized model's, token for token, base and adapter; the grammar
-    holds; PEFT layers (merge off), a GPU and the vllm engine are refused with the reason."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from fcdistill.models import quantize_int8, resize_for_tokenizer, resolve_model, serving_dtype
-    from fcdistill.serve.engines.hf import HFEngine, _merged_copy
-    from fcdistill.serve.engines.vllm import VLLMEngine
-
-    eng = HFEngine("smollm2-135m", adapters={"noisy": str(adapter_dir)}, dtype="int8")
-    try:
-        for net in (eng.model, eng.merged["noisy"]):
-            assert not [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-            assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in net.modules())
-        story = _request(eng, STORY, 24)
-        base_ids = asyncio.run(_collect(eng, story, [], "base"))[0]
-        to_adapter = _request(eng, STORY, 24)
-        to_adapter.adapter = "noisy"
-        adapter_ids = asyncio.run(_collect(eng, to_adapter, [], "noisy"))[0]
-        ids, reason = asyncio.run(_collect(eng, _request(eng, WEATHER, 40, TOOLS), [], "call"))
-        call = ChatFormat(eng.tokenizer, fc_token=eng.fc_token).parse(eng.tokenizer.decode(ids)).tool_calls[0]
-        jsonschema.validate(call.arguments, TOOLS[0].parameters)
-        assert reason == "stop"
-        n_tokens, stop_ids = len(eng.tokenizer), eng.stop_ids
-    finally:
-        asyncio.run(eng.shutdown())
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
-    if n_tokens > base.get_input_embeddings().weight.shape[0]:
-        resize_for_tokenizer(base, n_tokens)
-    prompt = torch.tensor([story.prompt_ids])
-
-    def greedy(net) -> list[int]:
-        with torch.inference_mode():
-            out = net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
-        ids = out[0, prompt.shape[1]:].tolist()
-        return ids[:next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))]  # the engine keeps no stop token
-
-    assert adapter_ids == greedy(quantize_int8(_merged_copy(base, str(adapter_dir), torch.float32)))
-    assert base_ids == greedy(quantize_int8(base))
-    assert base_ids != adapter_ids  # the adapter is served, not the base
-
-    with pytest.raises(ValueError, match="serves adapters merged"):
-        HFEngine("smollm2-135m", adapters={"noisy": str(adapter_dir)}, dtype="int8", merge_adapters="off")
-    with pytest.raises(ValueError, match="int8 is for CPUs"):
-        serving_dtype("int8", cuda=True)
-    with pytest.raises(ValueError, match="hf engine's"):
-        VLLMEngine("smollm2-135m", dtype="int8")
-
-
 def test_prefix_cache_reuses_the_tools_prompt_and_answers_as_without_it():
     from fcdistill.serve.engines.hf import HFEngine
     from fcdistill.serve.engines.prefix_cache import MIN_REUSE
@@ -326,16 +274,14 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
     """The engine's KV cache writes each step into spare room (DynamicCache copies every layer's cache every
     step); the logits match DynamicCache's through prefill, multi-token steps (jump-forward), and rows
     dropped and padding columns cut from outside (as the engine's batch does)."""
-    import inspect
-
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from fcdistill.models import resolve_model
+    from fcdistill.models import cache_keyword, resolve_model
     from fcdistill.serve.engines.kv_buffer import GrowingCache
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_keyword(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (3, 40), generator=gen)
     mask = torch.ones((3, 40), dtype=torch.long)

@@ -33,9 +33,8 @@ def register(app: typer.Typer) -> None:
             "hf: memory for recent prompts' keys and values, reused by requests that start the same way (the "
             "tools, earlier turns); 0 turns it off. vllm: its own prefix caching, always on."))] = 512.0,
         dtype: Annotated[str, typer.Option(help=(
-            "Weights and activations: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 (on a CPU only with "
-            "native bf16: AVX512-BF16 or AMX), or int8 (hf engine on a CPU: Linear layers int8, ~2x faster "
-            "single-request decoding; answers differ from fp32's, adapters are merged)."))] = "auto",
+            "Weights and activations: auto (bf16 on a GPU, fp32 on a CPU), fp32, or bf16 (on a CPU only with "
+            "native bf16: AVX512-BF16 or AMX)."))] = "auto",
         batching: Annotated[str, typer.Option(
             help="hf: continuous (requests join a running batch) or static (each batch runs to the end first).")] = "continuous",
         merge_adapters: Annotated[str, typer.Option(help=(

@@ -1,5 +1,4 @@
-"""The embedded engine: transformers on CPU (fp32, or int8 Linear layers) or GPU (bf16), PEFT adapters
-side by side.
+"""The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
 One scheduler thread owns the model. Requests waiting when a batch starts, and those arriving
 within a short window after the first (20 ms), share one left-padded prefill and one KV cache;
@@ -14,8 +13,7 @@ Adapters are merged by default (`merge_adapters="auto"`, while memory allows): e
 own copy of the base with the adapter merged in (merged in fp32, then cast to the serving dtype), and
 the base stays a plain model. PEFT's LoRA layers cost every forward pass, the base's included: with
 one adapter loaded, base requests ran about 40% slower, and adapter requests at 40% of base speed. A
-merged copy costs one model's memory (270 MB in bf16 for SmolLM2-135M) and runs at base speed. With
-`dtype="int8"` adapters are always merged (PEFT cannot wrap int8 layers), then each copy is quantized.
+merged copy costs one model's memory (270 MB in bf16 for SmolLM2-135M) and runs at base speed.
 
 The scheduler thread is supervised: a batch that raises fails only its own requests, and should the
 thread itself die, every request it held or had waiting ends at once with an engine failure (a 503).
@@ -27,7 +25,6 @@ requests get a 503, and the server, watching `failure`, exits.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import queue
@@ -116,10 +113,9 @@ class _Rows:
             self.mask = self.mask[:, unused:]
 
     def mergeable(self) -> bool:
-        """Plain full-attention layers only: sliding-window or static caches cannot be re-padded."""
-        from transformers.cache_utils import DynamicLayer
-
-        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
+        """Plain full-attention layers only (the engine's own): sliding-window or static caches cannot be
+        re-padded."""
+        return all(type(layer) is GrowingLayer for layer in self.cache.layers)
 
     def merge(self, new: _Rows) -> None:
         """Append new rows, left-padding whichever cache is narrower."""
@@ -152,17 +148,12 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, load_peft_adapter, quantize_int8,
+        from fcdistill.models import (avoid_cudnn_attention, cache_keyword, ensure_fc_token, load_peft_adapter,
                                       resize_for_tokenizer, resolve_model, serving_dtype)
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype_name = serving_dtype(dtype, self.device.startswith("cuda"))
-        int8 = self.dtype_name == "int8"  # loaded and merged in fp32, then quantized
-        if int8 and adapters and merge_adapters == "off":
-            raise ValueError("--dtype int8 serves adapters merged (PEFT's LoRA layers cannot wrap int8 layers); "
-                             "use --merge-adapters auto or on")
-        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.float32}[self.dtype_name]
+        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
         avoid_cudnn_attention()
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
@@ -182,18 +173,15 @@ class HFEngine:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             resize_for_tokenizer(base, len(tokenizer))
-        # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call)
-        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self._cache_kw = cache_keyword(base)
         if merge_adapters not in ("auto", "on", "off"):
             raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         base.to(self.device).eval()
         self.merged: dict[str, Any] = {}  # adapter name -> the base with that adapter merged in
-        self.logits_size = base.get_output_embeddings().weight.shape[0]
-        if self.adapters and (int8 or _merge_fits(merge_adapters, base, len(self.adapters))):
+        if self.adapters and _merge_fits(merge_adapters, base, len(self.adapters)):
             for name, adapter_path in self.adapters.items():
-                merged = _merged_copy(base, adapter_path, self.dtype)
-                self.merged[name] = quantize_int8(merged) if int8 else merged
-            self.model = quantize_int8(base) if int8 else base
+                self.merged[name] = _merged_copy(base, adapter_path, self.dtype)
+            self.model = base
         elif self.adapters:
             names = list(self.adapters)
             net = load_peft_adapter(base, self.adapters[names[0]], adapter_name=names[0])
@@ -201,9 +189,10 @@ class HFEngine:
                 net.load_adapter(self.adapters[name], adapter_name=name)
             self.model = net.to(self.device).eval()
         else:
-            self.model = quantize_int8(base) if int8 else base
+            self.model = base
         cfg = base.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.logits_size = base.get_output_embeddings().weight.shape[0]
         gen = getattr(base, "generation_config", None)
         self.default_temperature = float(getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0

@@ -117,9 +117,6 @@ class VLLMEngine:
                  served_name: str | None = None, max_batch: int = 16, dtype: str = "auto",
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  enforce_eager: bool = False):
-        if dtype == "int8":  # before importing vLLM (seconds): a clear refusal at once
-            raise ValueError("--dtype int8 is the hf engine's (torch dynamic quantization on a CPU); "
-                             "the vllm engine serves fp32 or bf16")
         import torch
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import AsyncEngineArgs
