@@ -2,10 +2,11 @@
 
 The same held-out BFCL items (tools sent as `fcd eval run` sends them, tool_choice auto, greedy,
 max_tokens 256) go through the serving logic (OpenAIServing over the hf engine: grammar, guard and
-all) of both settings, item by item, one request at a time, the side asked first alternating. Reported per category: identical answers (text and
-calls), the same calls (names and arguments); per setting: completion tokens per second of wall time,
-p50 request latency, the engine's counters (jumped tokens, prefill computed and reused), and how many
-answers bfcl_eval's checker counts correct (`fcd eval`'s scoring), per category and in all.
+all) of both settings, item by item, one request at a time, the side asked first alternating.
+Reported per category: identical answers (text and calls), the same calls (names and arguments); per
+setting: completion tokens per second of wall time, p50 request latency, the engine's counters (jumped
+tokens, prefill computed and reused), and how many answers bfcl_eval's checker counts correct (`fcd
+eval`'s scoring), per category and in all.
 
   --a dtype=fp32 --b dtype=bf16                      is bf16 answering as fp32 does (`--dtype auto` stays
                                                      fp32 on a CPU until it is), and faster?
@@ -57,11 +58,11 @@ def setting(text: str) -> dict[str, Any]:
 class Side:
     """One setting: its own engine and serving logic, asked one request at a time."""
 
-    def __init__(self, name: str, engine_kw: dict[str, Any], adapter: str | None, scorer: Any):
+    def __init__(self, engine_kw: dict[str, Any], adapter: str | None, scorer: Any):
         from fcdistill.serve.engines.hf import HFEngine
         from fcdistill.serve.serving import OpenAIServing
 
-        self.name, self.scorer = name, scorer
+        self.scorer = scorer
         engine_kw = dict(engine_kw)
         backend = engine_kw.pop("grammar_backend", "outlines")
         self.engine = HFEngine("smollm2-135m", adapters={"tuned": adapter} if adapter else None, **engine_kw)
@@ -134,7 +135,7 @@ def main() -> None:
     from fcdistill.eval.score import Scorer
 
     scorer = Scorer()
-    sides = {side: Side(names[side], getattr(args, side), args.adapter, scorer) for side in ("a", "b")}
+    sides = {side: Side(getattr(args, side), args.adapter, scorer) for side in ("a", "b")}
     try:
         # Item by item, the first side alternating: a slow spell of the machine lands on both, and so
         # do the grammar compiles (same backend: whichever side meets a tool set first compiles it).
