@@ -16,11 +16,18 @@ own process so that peak RSS is its own:
   - +labelled-head: packed-bf16-nodropout with the LM head projecting only labelled positions;
   - fast-peft-token-rows: both, the FC token's row trained through PEFT's own path (a copy of the
     embedding matrix a forward for the input side and another for the LM head);
-  - fast: both, and the FC row trained without those copies (the training default now);
-  - fast-fp32-peft-token-rows, fast-fp32: the same two in fp32 (CPUs without native bf16, e.g. AVX2 only);
+  - fast: both, and the FC row trained without those copies (the default from 2026-11-29);
+  - fast+lora-bf16: and LoRA's matmuls in the bf16 activations' dtype (fp32 weights cast per forward);
+  - fast+matmul-attention: fast with bf16 examples attended by two matmuls and an fp32 softmax instead
+    of CPU SDPA's flash kernel;
+  - fast+dense-head: fast with the LM head's CPU positions scored by one matmul and a log-softmax, the
+    FC row taking its own gradient only (not TRL's tiles and a whole-matrix weight gradient);
+  - faster: all of them (the training default now);
+  - fast-fp32-peft-token-rows, fast-fp32, faster-fp32: the same in fp32 (CPUs without native bf16,
+    e.g. AVX2 only; the LoRA dtype and matmul-attention changes apply to bf16 only);
   - grouped-bf16-nodropout: bf16, no dropout, unpacked batches grouped by length.
-The "packed*" variants without "+" run the old attention and LM head (the child process turns the
-two throughput changes off); the others run the training code as it is.
+Each variant names the throughput changes it runs with (CHANGES); its child process turns the others
+off, so it runs the training code as it was before them.
 Every variant trains one epoch over the same examples, so each sees the same tokens and steps, then
 reports its loss on `--eval-examples` held-out pairs. Reported: train tokens/s (real, non-padding
 tokens, steady state: from the end of step 1 to the end of the last step), peak RSS of the process
@@ -119,9 +126,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds_with_load": round(wall, 1), "loadavg_1min_after": round(os.getloadavg()[0], 2),
         "batch_size": cfg.batch_size, "max_length": cfg.max_length, "packing": cfg.packing, "sampling": cfg.sampling,
         "attn_implementation": cfg.attn_implementation, "precision": cfg.precision, "lora_r": cfg.lora.r,
-        "lora_dropout": cfg.lora.dropout, "segmented_attention": spec.get("segments", True),
-        "lm_head_labelled_only": spec.get("labelled_head", True),
-        "token_rows_copy_free": spec.get("copy_free", True), "eval_loss": trained.metrics.get("eval_loss"),
+        "lora_dropout": cfg.lora.dropout, "throughput_changes": spec["changes"],
+        "eval_loss": trained.metrics.get("eval_loss"),
         "final_train_loss": trained.metrics.get("train_loss"),
     }
     return result
@@ -129,7 +135,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    use_throughput_changes(spec.get("segments", True), spec.get("labelled_head", True), spec.get("copy_free", True))
+    use_throughput_changes(spec["changes"])
     if spec.get("threads"):
         import torch
 
@@ -159,34 +165,59 @@ def base_config(student: str, data: Path, eval_data: Path | None, out: Path, ste
             "output_dir": str(out), "logging_steps": 1, "save_steps": 10_000, "tensorboard": False}
 
 
-# name -> (batch, packing, sampling, precision, LoRA dropout, segmented attention, labelled-only LM head,
-#          FC token rows without matrix copies)
-VARIANTS: dict[str, tuple[int | None, bool, str, str, float, bool, bool, bool]] = {
-    "unpacked": (None, False, "random", "fp32", 0.05, True, True, True),
-    "unpacked-grouped-by-length": (None, False, "group_by_length", "fp32", 0.05, True, True, True),
-    "packed": (1, True, "random", "fp32", 0.05, False, False, False),
-    "packed-bf16": (1, True, "random", "bf16", 0.05, False, False, False),
-    "packed-bf16-nodropout": (1, True, "random", "bf16", 0.0, False, False, False),
-    "+segments": (1, True, "random", "bf16", 0.0, True, False, False),
-    "+labelled-head": (1, True, "random", "bf16", 0.0, False, True, False),
-    "fast-peft-token-rows": (1, True, "random", "bf16", 0.0, True, True, False),
-    "fast": (1, True, "random", "bf16", 0.0, True, True, True),
-    "fast-fp32-peft-token-rows": (1, True, "random", "fp32", 0.0, True, True, False),
-    "fast-fp32": (1, True, "random", "fp32", 0.0, True, True, True),
-    "grouped-bf16-nodropout": (None, False, "group_by_length", "bf16", 0.0, True, True, True),
+# The training path's throughput changes (fcdistill/train/throughput.py), each of which a variant can
+# leave out: its child process then runs the path as it was before that change.
+CHANGES = ("segments", "labelled_head", "copy_free", "lora_dtype", "matmul_attention", "dense_head")
+BEFORE_DENSE = ("segments", "labelled_head", "copy_free")  # the default from 2026-11-29 to 2026-12-01
+
+
+def variant(batch: int | None, packing: bool, sampling: str, precision: str, dropout: float,
+            changes: tuple[str, ...] = CHANGES) -> dict[str, Any]:
+    return {"batch": batch, "packing": packing, "sampling": sampling, "precision": precision, "dropout": dropout,
+            "changes": list(changes)}
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "unpacked": variant(None, False, "random", "fp32", 0.05),
+    "unpacked-grouped-by-length": variant(None, False, "group_by_length", "fp32", 0.05),
+    "packed": variant(1, True, "random", "fp32", 0.05, ()),
+    "packed-bf16": variant(1, True, "random", "bf16", 0.05, ()),
+    "packed-bf16-nodropout": variant(1, True, "random", "bf16", 0.0, ()),
+    "+segments": variant(1, True, "random", "bf16", 0.0, ("segments",)),
+    "+labelled-head": variant(1, True, "random", "bf16", 0.0, ("labelled_head",)),
+    "fast-peft-token-rows": variant(1, True, "random", "bf16", 0.0, ("segments", "labelled_head")),
+    "fast": variant(1, True, "random", "bf16", 0.0, BEFORE_DENSE),
+    "fast+lora-bf16": variant(1, True, "random", "bf16", 0.0, (*BEFORE_DENSE, "lora_dtype")),
+    "fast+matmul-attention": variant(1, True, "random", "bf16", 0.0, (*BEFORE_DENSE, "matmul_attention")),
+    "fast+dense-head": variant(1, True, "random", "bf16", 0.0, (*BEFORE_DENSE, "dense_head")),
+    "faster": variant(1, True, "random", "bf16", 0.0),
+    "fast-fp32-peft-token-rows": variant(1, True, "random", "fp32", 0.0, ("segments", "labelled_head")),
+    "fast-fp32": variant(1, True, "random", "fp32", 0.0, BEFORE_DENSE),
+    "faster-fp32": variant(1, True, "random", "fp32", 0.0),
+    "grouped-bf16-nodropout": variant(None, False, "group_by_length", "bf16", 0.0),
 }
 
 
-def use_throughput_changes(segments: bool, labelled_head: bool, copy_free: bool = True) -> None:
-    """In a variant's own process: turn off what it measures without (the training code's old path)."""
+def use_throughput_changes(changes: list[str]) -> None:
+    """In a variant's own process: turn off the changes it measures without (the training code's old path)."""
     import fcdistill.train.sft as sft
+    import fcdistill.train.throughput as throughput
 
-    if not segments:
+    unknown = set(changes) - set(CHANGES)
+    if unknown:
+        raise ValueError(f"unknown throughput changes: {sorted(unknown)}")
+    if "segments" not in changes:
         sft.register_packed_sdpa = lambda: "sdpa"
-    if not labelled_head:
+    if "labelled_head" not in changes:
         sft.score_only_labelled_positions = lambda: False
-    if not copy_free:
+    if "copy_free" not in changes:
         sft.trainable_tokens_without_copies = lambda model: 0
+    if "lora_dtype" not in changes:
+        sft.lora_in_activation_dtype = lambda model: 0
+    if "matmul_attention" not in changes:
+        throughput.LOW_PRECISION_MATMUL_ATTENTION = False
+    if "dense_head" not in changes:
+        sft.dense_cpu_lm_head = lambda: False
 
 
 # -- parts -----------------------------------------------------------------------------------------
@@ -201,13 +232,13 @@ def cpu_part(args: argparse.Namespace, work: Path, data: Path, eval_data: Path) 
     loadavg_before = round(os.getloadavg()[0], 2)  # other work on the machine skews CPU timings: recorded
     variants = {}
     for name in args.variants.split(","):
-        batch, packing, sampling, precision, dropout, segments, labelled_head, copy_free = VARIANTS[name]
-        cfg = base_config("smollm2-135m", data, eval_data, work / name, args.steps, batch=batch or args.batch,
-                          max_length=args.pack_length if packing else args.max_length, packing=packing,
-                          precision=precision, attn="sdpa", threads=threads, sampling=sampling, dropout=dropout)
+        v = VARIANTS[name]
+        cfg = base_config("smollm2-135m", data, eval_data, work / name, args.steps, batch=v["batch"] or args.batch,
+                          max_length=args.pack_length if v["packing"] else args.max_length, packing=v["packing"],
+                          precision=v["precision"], attn="sdpa", threads=threads, sampling=v["sampling"],
+                          dropout=v["dropout"])
         print(f"cpu: {name} ...", file=sys.stderr, flush=True)
-        variants[name] = launch({"name": name, "config": cfg, "threads": threads, "segments": segments,
-                                 "labelled_head": labelled_head, "copy_free": copy_free}, work)
+        variants[name] = launch({"name": name, "config": cfg, "threads": threads, "changes": v["changes"]}, work)
         print(f"  {variants[name]}", file=sys.stderr, flush=True)
     base = variants.get("packed") or next(iter(variants.values()))
     ratios = {f"{n}_vs_{base['name']}": {
@@ -232,7 +263,7 @@ def main() -> None:
     parser.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row (CPU, batch 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--eval-examples", type=int, default=32, help="held-out pairs for each variant's eval loss")
-    parser.add_argument("--variants", default="packed,packed-bf16-nodropout,+segments,+labelled-head,fast",
+    parser.add_argument("--variants", default="packed,fast,fast+lora-bf16,fast+matmul-attention,fast+dense-head,faster",
                         help=f"comma-separated, side by side in this order: {', '.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_bench.json")

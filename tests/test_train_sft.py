@@ -29,7 +29,7 @@ from fcdistill.train.sft import find_checkpoint
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 24
+MAX_STEPS = 40  # one epoch of the 160 training examples: 24 steps left held-out accuracy at 5-8 of 10 by seed
 SAVE_STEPS = 8
 PROFILED = [18, 19]  # recorded by torch.profiler in the resumed run
 HELD_OUT = synthetic.examples(10, seed=2, held_out=True)
@@ -194,7 +194,7 @@ def test_fc_token_row_is_trained_saved_and_loaded(run, smollm2_dir):
 
 
 def test_learns_to_call_tools_on_held_out_queries(run, smollm2_dir):
-    """Before: no held-out query gets a correct call. After 24 steps: most do, each through the FC token."""
+    """Before: no held-out query gets a correct call. After one epoch (40 steps): most do, each through the FC token."""
     from fcdistill.train.export import greedy_completions, load_trained
 
     base, tok, _ = _base_with_fc_token(smollm2_dir)

@@ -1,9 +1,11 @@
-"""The two throughput changes of fcdistill/train/throughput.py compute what they replace.
+"""The throughput changes of fcdistill/train/throughput.py compute what they replace.
 
 A small randomly initialised llama (grouped key/value heads, as SmolLM2 and Qwen have) runs a
 packed row three ways: transformers' SDPA with its block-diagonal mask, our per-example SDPA, and
-each example alone. TRL's fused LM head, made compact on CPU, gives the loss and gradients of the
-plain cross-entropy over full logits.
+each example alone; in bf16 the per-example matmul attention is SDPA to bf16 rounding. TRL's fused
+LM head, made compact on CPU, gives the loss and gradients of the plain cross-entropy over full
+logits, and the dense CPU head gives TRL's tiled head's values and gradients (the FC rows' alone
+when they are marked). LoRA in bf16 keeps fp32 parameters and PEFT's results to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -177,3 +179,140 @@ def test_copy_free_trainable_tokens_give_peft_values_and_gradients(tmp_path, tie
     for name, g in grads.items():
         assert g.abs().sum() > 0, name
         assert torch.allclose(g, ref_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_low_precision_packed_attention_is_each_example_alone():
+    """bf16 packed rows attend by matmuls and an fp32 softmax: each example's output is SDPA's on that
+    example alone (to bf16 rounding), and the grouped heads are the right ones."""
+    import fcdistill.train.throughput as throughput
+    from fcdistill.train.throughput import grouped_causal_attention
+
+    class Module:
+        num_key_value_groups = 3
+        is_causal = True
+
+    torch.manual_seed(2)
+    lengths = [23, 57, 9]
+    n = sum(lengths)
+    q, k, v = torch.randn(1, 6, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    pos = torch.cat([torch.arange(m) for m in lengths]).unsqueeze(0)
+    ref, start = [], 0
+    for m in lengths:
+        sl = slice(start, start + m)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                                                    is_causal=True, enable_gqa=True))
+        start += m
+    ref = torch.cat(ref, dim=2).transpose(1, 2)
+    # the function itself, in fp32, is SDPA exactly
+    assert torch.allclose(grouped_causal_attention(q[:, :, :23], k[:, :, :23], v[:, :, :23], 0.25), ref[:, :23].transpose(1, 2),
+                          atol=1e-5)
+    assert throughput.LOW_PRECISION_MATMUL_ATTENTION
+    out, _ = packed_sdpa_forward(Module(), q.bfloat16(), k.bfloat16(), v.bfloat16(), None, position_ids=pos)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() < 3e-2
+    # it can fail: keys and values repeated in the other order (heads 0,2,4 on the first key/value head)
+    wrong = torch.nn.functional.scaled_dot_product_attention(q[:, :, :23], k[:, :, :23].repeat(1, 3, 1, 1),
+                                                             v[:, :, :23].repeat(1, 3, 1, 1), is_causal=True)
+    assert (out[:, :23].float() - wrong.transpose(1, 2)).abs().max() > 0.1
+
+
+def _chunked_and_dense(hidden, weight, targets, **kw):
+    from trl.kernels import ChunkedLogProbFunction
+
+    from fcdistill.train.throughput import _dense_log_probs
+
+    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    theirs = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
+    ours = _dense_log_probs(ChunkedLogProbFunction, hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
+    return theirs, ours
+
+
+def test_dense_cpu_lm_head_gives_trl_s_values_and_gradients():
+    """The dense CPU head == TRL's tiled ChunkedLogProbFunction: log-probs, the four optional outputs,
+    and the gradients of the hidden states and of the weight."""
+    torch.manual_seed(3)
+    hidden = torch.randn(37, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.3).requires_grad_(True)
+    targets = torch.randint(0, 300, (37,))
+    theirs, ours = _chunked_and_dense(hidden, weight, targets)
+    for name, a, b in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), theirs, ours):
+        assert a is not None and b is not None, name
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    grads = []
+    for logp in (theirs[0], ours[0]):
+        hidden.grad = weight.grad = None
+        (logp * torch.linspace(-1, 2, 37)).sum().backward()
+        grads.append((hidden.grad.clone(), weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_dense_cpu_lm_head_trains_only_the_marked_rows():
+    """A head weight carrying `fcd_trained_rows` (the FC token's rows written into a frozen matrix):
+    the rows get exactly their slice of the whole-matrix gradient, and the hidden states theirs."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from fcdistill.train.throughput import _dense_log_probs
+
+    torch.manual_seed(4)
+    base = torch.randn(300, 32) * 0.3
+    index = torch.tensor([7, 299])
+    rows = (torch.randn(2, 32) * 0.3).requires_grad_(True)
+    base.index_copy_(0, index, rows.detach())
+    hidden = torch.randn(41, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (41,))
+    targets[:5] = 299  # the trained row is a target too
+    full = base.clone().requires_grad_(True)
+    ChunkedLogProbFunction.apply(hidden, full, None, targets, 1.0, 64, None, 1.0, ())[0].sum().backward()
+    ref_rows, ref_hidden = full.grad[index].clone(), hidden.grad.clone()
+    hidden.grad = None
+    marked = base.view_as(base)
+    marked.fcd_trained_rows = (index, rows)
+    logp = _dense_log_probs(ChunkedLogProbFunction, hidden, marked, None, targets, 1.0, 64, None, 1.0, ())[0]
+    logp.sum().backward()
+    assert torch.allclose(rows.grad, ref_rows, atol=1e-5)
+    assert torch.allclose(hidden.grad, ref_hidden, atol=1e-5)
+    assert ref_rows.abs().sum() > 0
+
+
+def test_lora_in_activation_dtype_keeps_fp32_parameters_and_peft_s_results(tmp_path):
+    """On a bf16 base, LoRA's matmuls run in bf16: the outputs and LoRA gradients are PEFT's (fp32
+    adapters) to bf16 rounding, the parameters and their gradients stay fp32, and the adapter saves
+    the same tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fcdistill.train.throughput import lora_in_activation_dtype
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    ids = torch.randint(0, 300, (1, 40))
+
+    def run(patched: bool):
+        torch.manual_seed(1)
+        base = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if patched:
+            assert lora_in_activation_dtype(model) == 14  # 7 linear layers x 2 decoder layers
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.float().detach(), out.loss.item(), grads, model.state_dict()
+
+    ref_logits, ref_loss, ref_grads, ref_state = run(False)
+    logits, loss, grads, state = run(True)
+    assert abs(loss - ref_loss) < 2e-2
+    assert (logits - ref_logits).abs().max() < 0.1
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
+        assert cos > 0.98, (name, cos)
+    assert state.keys() == ref_state.keys()
+    assert all(state[k].dtype == ref_state[k].dtype for k in state)

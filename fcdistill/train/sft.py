@@ -32,8 +32,8 @@ from fcdistill.models import (ADAPTER_META, PEFT_CHECKPOINTING_NOTICE, FcTokenIn
                               avoid_cudnn_attention, cpu_has_native_bf16, ensure_fc_token, resolve_model)
 from fcdistill.train.config import ConfigError, TrainConfig, config_to_yaml
 from fcdistill.train.profiling import profile_callback
-from fcdistill.train.throughput import (register_packed_sdpa, score_only_labelled_positions,
-                                         trainable_tokens_without_copies)
+from fcdistill.train.throughput import (dense_cpu_lm_head, lora_in_activation_dtype, register_packed_sdpa,
+                                         score_only_labelled_positions, trainable_tokens_without_copies)
 
 log = logging.getLogger("fcdistill.train")
 
@@ -156,8 +156,9 @@ def resolve_precision(requested: str, *, full: bool = False) -> Precision:
 
     On a GPU, bf16 is the Trainer's autocast over bf16 weights. On a CPU, autocast costs a cast per op
     and gains little; instead the frozen base is stored in bf16 and runs without autocast, while
-    PEFT keeps the LoRA weights (and so the optimizer state) in fp32 and casts activations at each
-    adapter: the base's matmuls run in bf16, the trained parameters never round to it.
+    PEFT keeps the LoRA weights (and so the optimizer state) in fp32, and their matmuls run in bf16 on
+    weights cast per forward (throughput.lora_in_activation_dtype): the trained parameters never round
+    to bf16.
 
     `full`: every weight is trained, so every weight stays fp32 (an Adam step of ~1e-5 rounds away in
     bf16) and bf16/fp16 is the Trainer's autocast, on a CPU too.
@@ -484,6 +485,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     if packing and attn == "sdpa":  # the same attention, each packed example on its own (throughput.py)
         attn = register_packed_sdpa()
     compact_head = score_only_labelled_positions()
+    dense_head = compact_head and dense_cpu_lm_head()
     no_cudnn_attention = avoid_cudnn_attention()
     with _quiet_preparation():
         model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,
@@ -500,10 +502,11 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
                                         *([profile_callback(cfg.profile, out / "profile")] if cfg.profile else [])])
     _loss_on_the_bar(trainer)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    copy_free = False
+    copy_free = lora_low_precision = False
     if not full:
         fit_trainable_tokens_to_fused_lm_head(trainer.model, upcast=not trainer.is_deepspeed_enabled)
         copy_free = not sharded and trainable_tokens_without_copies(trainer.model) > 0
+        lora_low_precision = not sharded and lora_in_activation_dtype(trainer.model) > 0
     state = trainer.accelerator.state
     kind = state.distributed_type
     info = {
@@ -512,7 +515,8 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
         "embeddings_resized": resized, "tied_embeddings": tied, "vocab_size": len(prep.tokenizer),
         "precision": precision.name, "packing": packing, "attn_implementation": attn,
         "cudnn_attention_off": no_cudnn_attention,
-        "lm_head_scores_labelled_only": compact_head, "trainable_tokens_copy_free": copy_free,
+        "lm_head_scores_labelled_only": compact_head, "lm_head_dense_on_cpu": dense_head,
+        "trainable_tokens_copy_free": copy_free, "lora_in_activation_dtype": lora_low_precision,
         "device": str(trainer.args.device), "world_size": trainer.args.world_size,
         "distributed_type": str(getattr(kind, "value", kind)), "backend": state.backend, "report_to": report_to,
         "data": prep.stats,
