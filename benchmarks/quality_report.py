@@ -166,6 +166,42 @@ def with_outcomes(cmp: dict[str, Any], dirs: list[Path]) -> dict[str, Any]:
     return cmp
 
 
+def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label: str) -> dict[str, Any]:
+    """A kept run's accuracy recomputed from its recorded outcomes over the given items only: a run
+    evaluated on a sample of the eval split is then set against it on the same items."""
+    from fcdistill.eval.report import wilson
+
+    items = {i: entry["items"][i] for ids in ids_by_category.values() for i in ids if i in entry["items"]}
+    cats: dict[str, Any] = {}
+    for c, ids in ids_by_category.items():
+        mine = [items[i] for i in ids if i in items]
+        ci = wilson(sum(mine), len(mine))
+        cats[c] = {"answered": len(mine), "correct": sum(mine), "accuracy": sum(mine) / len(mine) if mine else None,
+                   "ci95": list(ci) if ci else None}
+    accs = [c["accuracy"] for c in cats.values() if c["accuracy"] is not None]
+    return {"label": label, "dir": entry.get("dir"), "overall": {"accuracy": sum(accs) / len(accs) if accs else None},
+            "categories": cats, "items": items,
+            "item_categories": {c: [i for i in ids if i in items] for c, ids in ids_by_category.items()}}
+
+
+def against_kept(ref: dict[str, Any], abl: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Ablations of a kept run (one with recorded outcomes), compared on the items they answered."""
+    from fcdistill.eval.report import compare_data
+
+    new = with_outcomes(compare_data([p for _, p in abl]), [p for _, p in abl])
+    ids: dict[str, list[str]] = {}
+    for entry in new["runs"]:
+        for c, its in entry["item_categories"].items():
+            ids[c] = list(dict.fromkeys([*ids.get(c, []), *its]))
+    base = on_items(ref, ids, f"{ref['label']} (same items)")
+    categories = [c for c in new["categories"] if c in ids]
+    for entry, (name, _) in zip(new["runs"], abl):
+        entry["label"] = name
+        entry["vs_first"] = pair_with(base, entry, categories)
+    return {"categories": categories, "runs": [base, *new["runs"]], "baseline": base["label"],
+            "shared_categories": categories}
+
+
 def keep_runs(kept: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The kept report's held-out runs first, as recorded, then the new runs; a new run is paired with
     the kept baseline when that has recorded outcomes, else (as compare_data does) with the first new run."""
@@ -186,7 +222,8 @@ def main() -> None:
                     help="NAME=EVAL_RUN_DIR (an `fcd eval run` output); the first is the baseline")
     ap.add_argument("--ablation", action="append", default=[],
                     help="NAME=EVAL_RUN_DIR, compared with the last --run; RUN>NAME=EVAL_RUN_DIR compares it with the "
-                         "--run named RUN (one lever moved from that run)")
+                         "--run named RUN (one lever moved from that run), or with a run kept by --keep that recorded "
+                         "its outcomes, on the items the ablation answered (e.g. a sample of each category)")
     ap.add_argument("--data", type=Path, required=True, help="the data dir whose eval split was evaluated")
     ap.add_argument("--train-file", type=Path, required=True, help="the train records trained on (contamination)")
     ap.add_argument("--augment-stats", type=Path)
@@ -235,22 +272,30 @@ def main() -> None:
     if args.ablation:
         groups: dict[str, list[tuple[str, Path]]] = {}  # the run an ablation moves one lever of -> its ablations
         named = dict(runs)
+        recorded = {r["label"]: r for r in (kept or {}).get("held_out", {}).get("runs", []) if r.get("items")}
         for text in args.ablation:
             base, sep, rest = text.partition(">")
             base, rest = (base, rest) if sep and "=" not in base else (runs[-1][0], text)
-            if base not in named:
-                raise SystemExit(f"error: --ablation {text!r}: no --run named {base!r}")
+            if base not in named and base not in recorded:
+                raise SystemExit(f"error: --ablation {text!r}: no --run, and no kept run with recorded outcomes, "
+                                 f"named {base!r}")
             groups.setdefault(base, []).append(_pair(rest))
         if not kept_ablations:
             report["ablations"] = {}
             md += ["## Ablations", ""]
         for ref_name, abl in groups.items():
-            abl_cmp = with_outcomes(compare_data([named[ref_name], *(p for _, p in abl)]),
-                                    [named[ref_name], *(p for _, p in abl)])
-            for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
-                entry["label"] = name
+            if ref_name in named:
+                abl_cmp = with_outcomes(compare_data([named[ref_name], *(p for _, p in abl)]),
+                                        [named[ref_name], *(p for _, p in abl)])
+                for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
+                    entry["label"] = name
+                intro = f"Against {ref_name}, item by item."
+            else:
+                abl_cmp = against_kept(recorded[ref_name], abl)
+                intro = (f"Against {ref_name} (kept, its recorded outcomes) on the items the ablation answered, "
+                         "item by item.")
             report["ablations"][ref_name] = abl_cmp
-            md += [f"Against {ref_name}, item by item.", "", *accuracy_table(abl_cmp), ""]
+            md += [intro, "", *accuracy_table(abl_cmp), ""]
     if args.augment_stats:
         stats = json.loads(args.augment_stats.read_text())
         report["augment_stats"] = stats
