@@ -171,7 +171,11 @@ def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label
     evaluated on a sample of the eval split is then set against it on the same items."""
     from fcdistill.eval.report import wilson
 
-    items = {i: entry["items"][i] for ids in ids_by_category.values() for i in ids if i in entry["items"]}
+    missing = [i for ids in ids_by_category.values() for i in ids if i not in entry["items"]]
+    if missing:
+        raise SystemExit(f"error: {entry['label']} has no recorded outcome for {len(missing)} of the items to compare "
+                         f"(e.g. {missing[0]}); pair with a run that answered all of them")
+    items = {i: entry["items"][i] for ids in ids_by_category.values() for i in ids}
     cats: dict[str, Any] = {}
     for c, ids in ids_by_category.items():
         mine = [items[i] for i in ids if i in items]
@@ -181,7 +185,7 @@ def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label
     accs = [c["accuracy"] for c in cats.values() if c["accuracy"] is not None]
     return {"label": label, "dir": entry.get("dir"), "overall": {"accuracy": sum(accs) / len(accs) if accs else None},
             "categories": cats, "items": items,
-            "item_categories": {c: [i for i in ids if i in items] for c, ids in ids_by_category.items()}}
+            "item_categories": ids_by_category}
 
 
 def against_kept(ref: dict[str, Any], abl: list[tuple[str, Path]]) -> dict[str, Any]:
@@ -290,11 +294,13 @@ def main() -> None:
                 for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
                     entry["label"] = name
                 intro = f"Against {ref_name}, item by item."
+                key = ref_name
             else:
                 abl_cmp = against_kept(recorded[ref_name], abl)
                 intro = (f"Against {ref_name} (kept, its recorded outcomes) on the items the ablation answered, "
                          "item by item.")
-            report["ablations"][ref_name] = abl_cmp
+                key = f"{ref_name} (kept outcomes)"  # not to replace a kept ablation group of the same run
+            report["ablations"][key] = abl_cmp
             md += [intro, "", *accuracy_table(abl_cmp), ""]
     if args.augment_stats:
         stats = json.loads(args.augment_stats.read_text())

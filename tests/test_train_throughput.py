@@ -216,26 +216,27 @@ def test_low_precision_packed_attention_is_each_example_alone():
     assert (out[:, :23].float() - wrong.transpose(1, 2)).abs().max() > 0.1
 
 
-def _chunked_and_dense(hidden, weight, targets, **kw):
+@pytest.mark.parametrize("temperature,softcap,logit_scale", [(1.0, None, 1.0), (0.7, 5.0, 1.5)],
+                         ids=["plain", "temperature-softcap-scale"])
+def test_dense_cpu_lm_head_gives_trl_s_values_and_gradients(temperature, softcap, logit_scale):
+    """The dense CPU head == TRL's tiled ChunkedLogProbFunction: log-probs, the four optional outputs,
+    and the gradients of the hidden states and of the weight, with TRL's logit transforms too; and
+    TRL still calls its kernel by the name the patch replaces."""
+    import trl.trainer.utils as trl_utils
     from trl.kernels import ChunkedLogProbFunction
 
-    from fcdistill.train.throughput import _dense_log_probs
+    from fcdistill.train.throughput import _dense_log_probs, dense_cpu_lm_head
 
-    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    theirs = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
-    ours = _dense_log_probs(ChunkedLogProbFunction, hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
-    return theirs, ours
-
-
-def test_dense_cpu_lm_head_gives_trl_s_values_and_gradients():
-    """The dense CPU head == TRL's tiled ChunkedLogProbFunction: log-probs, the four optional outputs,
-    and the gradients of the hidden states and of the weight."""
+    assert dense_cpu_lm_head() is True and trl_utils._ChunkedLogProbFunction._fcd_dense
     torch.manual_seed(3)
     hidden = torch.randn(37, 32, requires_grad=True)
     weight = (torch.randn(300, 32) * 0.3).requires_grad_(True)
     targets = torch.randint(0, 300, (37,))
-    theirs, ours = _chunked_and_dense(hidden, weight, targets)
-    for name, a, b in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), theirs, ours):
+    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    args = (targets, temperature, 64, softcap, logit_scale, outputs)
+    theirs = ChunkedLogProbFunction.apply(hidden, weight, None, *args)
+    ours = _dense_log_probs(ChunkedLogProbFunction, hidden, weight, None, *args)
+    for name, a, b in zip(("log_probs", *outputs), theirs, ours):
         assert a is not None and b is not None, name
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     grads = []
@@ -245,6 +246,11 @@ def test_dense_cpu_lm_head_gives_trl_s_values_and_gradients():
         grads.append((hidden.grad.clone(), weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+    # bf16 hidden states over a bf16 matrix, as on a bf16 base: TRL's values to bf16 rounding
+    h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    a = ChunkedLogProbFunction.apply(h16, w16, None, *args)[0]
+    b = _dense_log_probs(ChunkedLogProbFunction, h16, w16, None, *args)[0]
+    assert (a.float() - b.float()).abs().max() < 2e-2
 
 
 def test_dense_cpu_lm_head_trains_only_the_marked_rows():
@@ -298,11 +304,15 @@ def test_lora_in_activation_dtype_keeps_fp32_parameters_and_peft_s_results(tmp_p
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
+        seen = []
+        lora_a = model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"]
+        lora_a.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
         if patched:
             assert lora_in_activation_dtype(model) == 14  # 7 linear layers x 2 decoder layers
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert seen == [torch.bfloat16 if patched else torch.float32]  # the adapter's matmul ran in bf16 or not
         return out.logits.float().detach(), out.loss.item(), grads, model.state_dict()
 
     ref_logits, ref_loss, ref_grads, ref_state = run(False)

@@ -485,7 +485,7 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, *, callbacks: list[Any] | No
     if packing and attn == "sdpa":  # the same attention, each packed example on its own (throughput.py)
         attn = register_packed_sdpa()
     compact_head = score_only_labelled_positions()
-    dense_head = compact_head and dense_cpu_lm_head()
+    dense_head = compact_head and not torch.cuda.is_available() and dense_cpu_lm_head()
     no_cudnn_attention = avoid_cudnn_attention()
     with _quiet_preparation():
         model = AutoModelForCausalLM.from_pretrained(prep.model_dir, dtype=precision.load_dtype,

@@ -282,7 +282,8 @@ def _dense_log_probs(original: Any, hidden: Any, weight: Any, bias: Any, targets
                       None if bias is None else bias.to(dtype))
     if trained:
         index, rows = trained
-        logits = logits.index_copy(1, index, F.linear(hidden, rows.to(dtype)))
+        row_bias = None if bias is None else bias[index].to(dtype)
+        logits = logits.index_copy(1, index, F.linear(hidden, rows.to(dtype), row_bias))
     z = logits.float() * logit_scale
     if final_logit_softcapping is not None:
         z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
