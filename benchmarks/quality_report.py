@@ -178,14 +178,13 @@ def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label
     items = {i: entry["items"][i] for ids in ids_by_category.values() for i in ids}
     cats: dict[str, Any] = {}
     for c, ids in ids_by_category.items():
-        mine = [items[i] for i in ids if i in items]
+        mine = [items[i] for i in ids]
         ci = wilson(sum(mine), len(mine))
         cats[c] = {"answered": len(mine), "correct": sum(mine), "accuracy": sum(mine) / len(mine) if mine else None,
                    "ci95": list(ci) if ci else None}
     accs = [c["accuracy"] for c in cats.values() if c["accuracy"] is not None]
     return {"label": label, "dir": entry.get("dir"), "overall": {"accuracy": sum(accs) / len(accs) if accs else None},
-            "categories": cats, "items": items,
-            "item_categories": ids_by_category}
+            "categories": cats, "items": items, "item_categories": ids_by_category}
 
 
 def against_kept(ref: dict[str, Any], abl: list[tuple[str, Path]]) -> dict[str, Any]:
