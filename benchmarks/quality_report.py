@@ -166,6 +166,17 @@ def with_outcomes(cmp: dict[str, Any], dirs: list[Path]) -> dict[str, Any]:
     return cmp
 
 
+def labelled_comparison(named_runs: list[tuple[str, Path]]) -> dict[str, Any]:
+    """compare_data over the runs, each labelled with its given name and carrying its per-item outcomes."""
+    from fcdistill.eval.report import compare_data
+
+    paths = [p for _, p in named_runs]
+    cmp = with_outcomes(compare_data(paths), paths)
+    for entry, (name, _) in zip(cmp["runs"], named_runs):
+        entry["label"] = name
+    return cmp
+
+
 def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label: str) -> dict[str, Any]:
     """A kept run's accuracy recomputed from its recorded outcomes over the given items only: a run
     evaluated on a sample of the eval split is then set against it on the same items."""
@@ -189,17 +200,14 @@ def on_items(entry: dict[str, Any], ids_by_category: dict[str, list[str]], label
 
 def against_kept(ref: dict[str, Any], abl: list[tuple[str, Path]]) -> dict[str, Any]:
     """Ablations of a kept run (one with recorded outcomes), compared on the items they answered."""
-    from fcdistill.eval.report import compare_data
-
-    new = with_outcomes(compare_data([p for _, p in abl]), [p for _, p in abl])
+    new = labelled_comparison(abl)
     ids: dict[str, list[str]] = {}
     for entry in new["runs"]:
         for c, its in entry["item_categories"].items():
             ids[c] = list(dict.fromkeys([*ids.get(c, []), *its]))
     base = on_items(ref, ids, f"{ref['label']} (same items)")
     categories = [c for c in new["categories"] if c in ids]
-    for entry, (name, _) in zip(new["runs"], abl):
-        entry["label"] = name
+    for entry in new["runs"]:
         entry["vs_first"] = pair_with(base, entry, categories)
     return {"categories": categories, "runs": [base, *new["runs"]], "baseline": base["label"],
             "shared_categories": categories}
@@ -238,12 +246,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "quality")
     args = ap.parse_args()
 
-    from fcdistill.eval.report import compare_data
-
     runs = [_pair(r) for r in args.run]
-    main_cmp = with_outcomes(compare_data([p for _, p in runs]), [p for _, p in runs])
-    for entry, (name, _) in zip(main_cmp["runs"], runs):
-        entry["label"] = name
+    main_cmp = labelled_comparison(runs)
     kept = json.loads(args.keep.read_text(encoding="utf-8")) if args.keep else None
     pairing = f"runs after the first paired item by item with {runs[0][0]} (+gained/−lost, exact McNemar p)"
     if kept is not None:
@@ -288,10 +292,7 @@ def main() -> None:
             md += ["## Ablations", ""]
         for ref_name, abl in groups.items():
             if ref_name in named:
-                abl_cmp = with_outcomes(compare_data([named[ref_name], *(p for _, p in abl)]),
-                                        [named[ref_name], *(p for _, p in abl)])
-                for entry, name in zip(abl_cmp["runs"], [ref_name, *(n for n, _ in abl)]):
-                    entry["label"] = name
+                abl_cmp = labelled_comparison([(ref_name, named[ref_name]), *abl])
                 intro = f"Against {ref_name}, item by item."
                 key = ref_name
             else:
