@@ -325,3 +325,40 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
     for a, b in zip(logits["dynamic"], logits["growing"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_the_model_is_loaded_and_run_on_the_engine_thread_alone(monkeypatch, tmp_path):
+    """Every torch op of the engine runs on its scheduler thread, the load included (a second thread
+    with its own OpenMP team slowed bf16 decoding 1.5x on a 2-core CPU: HFEngine._start_scheduler), and
+    a load that fails there still fails the constructor, with its own error; and glibc is told to keep
+    freed memory (models.keep_freed_memory)."""
+    import platform
+    import threading
+
+    import transformers
+
+    from fcdistill.serve.engines.hf import HFEngine
+
+    seen: list[tuple[str, int]] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(("load", threading.get_ident()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    eng = HFEngine("smollm2-135m")
+    try:
+        eng.model.register_forward_pre_hook(lambda module, args: seen.append(("forward", threading.get_ident())))
+        ids, reason = asyncio.run(_collect(eng, _request(eng, WEATHER, 6), [], "weather"))
+        assert len(ids) == 6 and reason == "length"
+        assert {what for what, _ in seen} == {"load", "forward"}
+        assert {ident for _, ident in seen} == {eng._thread.ident}
+        assert eng._thread.ident != threading.get_ident()
+        assert eng.keeps_freed_memory == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    finally:
+        asyncio.run(eng.shutdown())
+
+    missing = tmp_path / "no-adapter-here"
+    with pytest.raises((OSError, ValueError), match="no-adapter-here"):
+        HFEngine("smollm2-135m", adapters={"broken": str(missing)}, merge_adapters="on")

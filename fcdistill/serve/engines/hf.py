@@ -1,6 +1,6 @@
 """The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
-One scheduler thread owns the model. Requests waiting when a batch starts, and those arriving
+One scheduler thread owns the model, from loading it on (`_start_scheduler` says why). Requests waiting when a batch starts, and those arriving
 within a short window after the first (20 ms), share one left-padded prefill and one KV cache;
 finished or cancelled rows leave the cache as they end. Continuous batching (the default): a request
 that arrives while a batch decodes is prefilled between two decode steps and joins it, its cache
@@ -25,13 +25,14 @@ requests get a 503, and the server, watching `failure`, exits.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from tokenizers.decoders import DecodeStream
 
@@ -146,15 +147,18 @@ class HFEngine:
                  dtype: str = "auto", prefix_cache_mb: float = 512.0, jump_forward: bool = True,
                  merge_adapters: str = "auto"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from fcdistill.models import (avoid_cudnn_attention, cache_keyword, ensure_fc_token, load_peft_adapter,
-                                      resize_for_tokenizer, resolve_model, serving_dtype)
+        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, keep_freed_memory, resolve_model,
+                                      serving_dtype)
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[serving_dtype(dtype, self.device.startswith("cuda"))]
+        if merge_adapters not in ("auto", "on", "off"):
+            raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         avoid_cudnn_attention()
+        self.keeps_freed_memory = keep_freed_memory()  # process-wide: decoding reuses its freed blocks
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
@@ -170,12 +174,29 @@ class HFEngine:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        self.restart_on_failure = restart_on_failure
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.jump_forward = jump_forward
+        self.jumped = 0  # tokens placed by jump-forward: appended without a forward pass of their own
+        self._failure: str | None = None
+        self._restarts: list[float] = []
+        self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
+        self._live: set[_Seq] = set()  # submitted and not yet ended: what a dying scheduler must fail
+        self._pending: queue.Queue[_Seq] = queue.Queue()
+        self._stop = threading.Event()
+        self._start_scheduler(load=lambda: self._load(path, merge_adapters))
+
+    def _load(self, path: str, merge_adapters: str) -> None:
+        """The model, its merged adapter copies or PEFT layers, and what generation reads from its config.
+        Runs on the scheduler thread (see `_start_scheduler`)."""
+        from transformers import AutoModelForCausalLM
+
+        from fcdistill.models import cache_keyword, load_peft_adapter, resize_for_tokenizer
+
         base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-            resize_for_tokenizer(base, len(tokenizer))
+        if len(self.tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            resize_for_tokenizer(base, len(self.tokenizer))
         self._cache_kw = cache_keyword(base)
-        if merge_adapters not in ("auto", "on", "off"):
-            raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         base.to(self.device).eval()
         self.merged: dict[str, Any] = {}  # adapter name -> the base with that adapter merged in
         if self.adapters and _merge_fits(merge_adapters, base, len(self.adapters)):
@@ -196,18 +217,7 @@ class HFEngine:
         gen = getattr(base, "generation_config", None)
         self.default_temperature = float(getattr(gen, "temperature", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0) if getattr(gen, "do_sample", False) else 1.0
-        self.stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
-        self.restart_on_failure = restart_on_failure
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
-        self.jump_forward = jump_forward
-        self.jumped = 0  # tokens placed by jump-forward: appended without a forward pass of their own
-        self._failure: str | None = None
-        self._restarts: list[float] = []
-        self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
-        self._live: set[_Seq] = set()  # submitted and not yet ended: what a dying scheduler must fail
-        self._pending: queue.Queue[_Seq] = queue.Queue()
-        self._stop = threading.Event()
-        self._start_scheduler()
+        self.stop_ids = {self.tokenizer.eos_token_id} | set(_as_list(getattr(gen, "eos_token_id", None)))
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -253,14 +263,31 @@ class HFEngine:
         await asyncio.to_thread(self._thread.join, ENGINE_STOP_S)  # a daemon thread: never holds the exit
 
     # -- supervision -----------------------------------------------------------------------------
-    def _start_scheduler(self) -> None:
-        self._thread = threading.Thread(target=self._supervised, name="hf-engine", daemon=True)
-        self._thread.start()
+    def _start_scheduler(self, load: Callable[[], None] | None = None) -> None:
+        """Start the scheduler thread; with `load`, it first loads the model, and a load error is raised here.
 
-    def _supervised(self) -> None:
+        Every torch op of the engine runs on this one thread, the model's loading included. On a CPU,
+        each thread that runs a parallel op keeps its own OpenMP team, and once libgomp manages more
+        threads than there are cores it stops spin-waiting between parallel regions: each of the
+        hundreds of small ops in a decode step then waits for its helper threads to wake. Measured on a
+        2-core CPU, a bf16 decode loop took 1.9 s on a second thread after the model was loaded on the
+        first, against 1.3 s with everything on one thread (benchmarks/overhead_bench.py)."""
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._supervised, args=(load, ready), name="hf-engine", daemon=True)
+        self._thread.start()
+        ready.result()
+
+    def _supervised(self, load: Callable[[], None] | None, ready: concurrent.futures.Future[None]) -> None:
         """The scheduler, and what happens when it dies: nothing it held may wait forever."""
         import torch
 
+        try:
+            if load is not None:
+                load()
+        except BaseException as exc:  # noqa: BLE001 - the constructor raises it
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
         try:
             # inference_mode, not just no_grad: no autograd version counters or view tracking on the
             # tensors the scheduler makes (and the KV cache makes a view every layer, every step)
