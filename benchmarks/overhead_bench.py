@@ -8,9 +8,9 @@ in the same run: no adapter; an adapter loaded with PEFT's layers (`--merge-adap
 adapter merged (`--merge-adapters on`). Each is asked for the base model and, where loaded, for the
 adapter; each answer's token count is what the bare loop then decodes (the base model, or the adapter
 merged into it). Served and bare runs alternate, one warm-up each, and the medians of `--repeats` are
-compared, so a slow spell of a shared machine lands on both sides. The hf engine has glibc keep freed
-memory for reuse (fcdistill.models.keep_freed_memory); the bare loop gets the same setting unless
-`--bare-malloc default`, so the ratio compares the serving path, not two allocator settings.
+compared, so a slow spell of a shared machine lands on both sides. The server tunes glibc's malloc
+(fcdistill/serve/memory.py); the bare loop gets the same settings unless `--bare-malloc default`, so
+the ratio compares the serving path, not two allocator settings.
 
   .venv/bin/python benchmarks/overhead_bench.py --adapter runs/quality-aug/train/adapter \\
       [--dtype fp32] [--max-tokens 128] [--repeats 5] [--out benchmarks/results/overhead_bench.json]
@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--bare-malloc", default="kept", choices=["kept", "default"],
-                    help="the bare loop's glibc malloc: kept (as the server sets it) or glibc's defaults")
+    ap.add_argument("--bare-malloc", default="tuned", choices=["tuned", "default"],
+                    help="the bare loop's glibc malloc: tuned as the server tunes it, or glibc's defaults")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead_bench.json")
     args = ap.parse_args()
     load_at_start = os.getloadavg()
@@ -105,11 +105,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fcdistill.chat_format import ChatFormat
-    from fcdistill.models import keep_freed_memory, resize_for_tokenizer, resolve_model
+    from fcdistill.models import resize_for_tokenizer, resolve_model
     from fcdistill.serve.engines.hf import _merged_copy
+    from fcdistill.serve.memory import tune_malloc
     from fcdistill.serve.process import start_server
 
-    bare_keeps_freed_memory = keep_freed_memory() if args.bare_malloc == "kept" else False
+    bare_malloc = tune_malloc() if args.bare_malloc == "tuned" else {}  # exported: the servers get them too
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)  # the adapter's: it has the FC token
     prompt_ids = tokenizer.encode(ChatFormat(tokenizer).render_prompt(MESSAGES, None), add_special_tokens=False)
@@ -136,7 +137,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "overhead_bench", "model": MODEL, "adapter": args.adapter, "dtype": args.dtype,
               "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "bare_keeps_freed_memory": bare_keeps_freed_memory,
+              "threads": torch.get_num_threads(), "bare_malloc": bare_malloc,
               "load_average_at_start": load_at_start,
               "machine": platform.processor() or platform.machine(), "rows": rows,
               "goal": "server_vs_bare >= 0.9 for the base with an adapter loaded and for the adapter"}

@@ -54,33 +54,6 @@ def avoid_cudnn_attention() -> bool:
     return True
 
 
-MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's own ceiling for its adaptive threshold
-MALLOC_TRIM_THRESHOLD = 256 * 2**20
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel (blocks
-    under 32 MiB come from the heap, and up to 256 MiB of free heap stays mapped). True when set;
-    False off glibc.
-
-    Decoding allocates and frees the same few hundred KB to MB tensors every step. With glibc's adaptive
-    defaults those blocks went back and forth to the kernel, so every step faulted its pages in again:
-    served on a 2-core CPU, a bf16 64-token answer took 1.6-2.9 s, with 10-35k page faults in each of
-    the two decoding threads and up to a third of their time in the kernel, against 1.3-1.6 s and next
-    to no faults once set (what MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment
-    do; vLLM's CPU backend preloads tcmalloc for the same reason).
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
-                and libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
-
-
 def serving_dtype(requested: str, cuda: bool) -> str:
     """`fcd serve --dtype`: auto is bf16 on a GPU and fp32 on a CPU (bf16 there changes greedy answers:
     benchmarks/engine_ab.py --a dtype=fp32 --b dtype=bf16 measures how often); bf16 on a CPU without

@@ -392,5 +392,50 @@ def test_malloc_is_tuned_for_a_flat_rss_unless_the_user_chose(monkeypatch):
     applied = tune_malloc()
     if not ctypes.util.find_library("c") or not applied:
         pytest.skip("not glibc")
-    assert applied == {"MALLOC_MMAP_THRESHOLD_": 65536, "MALLOC_TRIM_THRESHOLD_": 131072}
-    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "65536" and os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert applied == {"MALLOC_MMAP_THRESHOLD_": 4 * 2**20, "MALLOC_TRIM_THRESHOLD_": 64 * 2**20}
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(4 * 2**20) and os.environ["MALLOC_ARENA_MAX"] == "4"
+
+
+MALLINFO_PROBE = """
+import ctypes, json, os, sys
+from fcdistill.serve.memory import tune_malloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+applied = tune_malloc() if sys.argv[1] == "tuned" else {}
+before = libc.mallinfo2()
+block = libc.malloc(2 << 20)
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(json.dumps({"applied": applied, "mmapped": during.hblkhd - before.hblkhd,
+                  "free_in_heap": after.fordblks - before.fordblks}))
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_tuned_malloc_serves_decode_sized_blocks_from_the_heap_and_keeps_them_there_when_freed():
+    """Decoding frees and reallocates the same blocks every step: with glibc's defaults a 2 MiB block is
+    mapped for itself and unmapped on free (its pages faulted in again next time); tuned, it comes from
+    the heap and stays there, free, for the next step."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def probe(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], capture_output=True, text=True, check=True,
+                             env=env)
+        return json.loads(out.stdout)
+
+    default, tuned = probe("default"), probe("tuned")
+    assert default["mmapped"] >= 2 << 20 and default["free_in_heap"] < 1 << 20
+    assert tuned["applied"]["MALLOC_MMAP_THRESHOLD_"] > 2 << 20
+    assert tuned["mmapped"] == 0 and tuned["free_in_heap"] >= 2 << 20

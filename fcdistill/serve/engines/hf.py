@@ -1,13 +1,14 @@
 """The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
-One scheduler thread owns the model, from loading it on (`_start_scheduler` says why). Requests waiting when a batch starts, and those arriving
-within a short window after the first (20 ms), share one left-padded prefill and one KV cache;
-finished or cancelled rows leave the cache as they end. Continuous batching (the default): a request
-that arrives while a batch decodes is prefilled between two decode steps and joins it, its cache
-left-padded to the batch's width, so it does not wait for the batch to finish. `continuous=False`
-(`--batching static`) runs each batch to the end first. A batch holds one adapter (or the base),
-because PEFT trainable-token layers do not take mixed-adapter batches; while another adapter's
-request waits, the running batch admits no one and drains, so a busy adapter cannot starve the rest.
+One scheduler thread owns the model, from loading it on (`_start_scheduler` says why). Requests
+waiting when a batch starts, and those arriving within a short window after the first (20 ms), share
+one left-padded prefill and one KV cache; finished or cancelled rows leave the cache as they end.
+Continuous batching (the default): a request that arrives while a batch decodes is prefilled between
+two decode steps and joins it, its cache left-padded to the batch's width, so it does not wait for
+the batch to finish. `continuous=False` (`--batching static`) runs each batch to the end first. A
+batch holds one adapter (or the base), because PEFT trainable-token layers do not take mixed-adapter
+batches; while another adapter's request waits, the running batch admits no one and drains, so a
+busy adapter cannot starve the rest.
 
 Adapters are merged by default (`merge_adapters="auto"`, while memory allows): each adapter gets its
 own copy of the base with the adapter merged in (merged in fp32, then cast to the serving dtype), and
@@ -149,8 +150,8 @@ class HFEngine:
         import torch
         from transformers import AutoTokenizer
 
-        from fcdistill.models import (avoid_cudnn_attention, ensure_fc_token, keep_freed_memory, resolve_model,
-                                      serving_dtype)
+        from fcdistill.models import avoid_cudnn_attention, ensure_fc_token, resolve_model, serving_dtype
+        from fcdistill.serve.memory import tune_malloc
 
         path = resolve_model(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +159,7 @@ class HFEngine:
         if merge_adapters not in ("auto", "on", "off"):
             raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         avoid_cudnn_attention()
-        self.keeps_freed_memory = keep_freed_memory()  # process-wide: decoding reuses its freed blocks
+        tune_malloc()  # as `fcd serve` does first (serve/memory.py), for engines made in process too
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
@@ -267,11 +268,11 @@ class HFEngine:
         """Start the scheduler thread; with `load`, it first loads the model, and a load error is raised here.
 
         Every torch op of the engine runs on this one thread, the model's loading included. On a CPU,
-        each thread that runs a parallel op keeps its own OpenMP team, and once libgomp manages more
-        threads than there are cores it stops spin-waiting between parallel regions: each of the
-        hundreds of small ops in a decode step then waits for its helper threads to wake. Measured on a
-        2-core CPU, a bf16 decode loop took 1.9 s on a second thread after the model was loaded on the
-        first, against 1.3 s with everything on one thread (benchmarks/overhead_bench.py)."""
+        each thread that runs a parallel op keeps its own OpenMP team. Measured on a 2-core AVX512-BF16
+        CPU, 64 greedy bf16 tokens with transformers' cache: 1.9-2.3 s on a second thread once the first
+        had run any parallel op (loading the model is one), 1.26 s with loading and decoding on one
+        thread. Likely cause: with more OpenMP threads than cores, libgomp cuts its spin-wait short, so
+        each of the hundreds of small ops in a decode step waits for its helper to wake."""
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._supervised, args=(load, ready), name="hf-engine", daemon=True)
         self._thread.start()
