@@ -10,9 +10,10 @@ openai client does).
 Reported per window (default 60 s): requests by status, p50/p99 latency of the answered ones. Over
 the run: the server's RSS at the start, after warm-up and at the end (goal: growth after warm-up
 <= 5%), the count of 5xx answers (goal 0) and of hung requests (no answer within `--timeout`; goal 0),
-and the grammar cache's entries and memory from /metrics. The new tool sets fill the grammar cache
-(bounded by `--grammar-cache-mb`, 32 MB here, about 1 MB a small tool set) during the warm-up (a
-quarter of the run); what grows after that is what the server does not bound. Writes
+the grammar cache's entries and memory, and the prefix cache's memory, from /metrics. The new tool
+sets fill the grammar cache (bounded by `--grammar-cache-mb`, 32 MB here, about 1 MB a small tool
+set) during the warm-up (a quarter of the run); the prefix cache fills toward `--prefix-cache-mb`
+(512 MB) for longer; what grows beyond both is what the server does not bound. Writes
 benchmarks/results/soak.json.
 
     .venv/bin/python benchmarks/soak.py [--minutes 20] [--workers 4] [--window-s 60] [--engine hf]
@@ -226,6 +227,7 @@ def main() -> None:
         healthy = httpx.get(f"{server.url}/health", timeout=30).json()
     cache = re.search(r"^fcd_grammar_cache_entries (\S+)$", metrics, re.M)
     cache_bytes = re.search(r"^fcd_grammar_cache_bytes (\S+)$", metrics, re.M)
+    prefix_bytes = re.search(r"^fcd_prefix_cache_bytes (\S+)$", metrics, re.M)
     statuses: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
     for r in log:
@@ -242,7 +244,11 @@ def main() -> None:
         "hung": statuses.get("hung", 0), "rss": rss, "warmup_minutes": warmup,
         "grammar_cache_entries": float(cache.group(1)) if cache else None,
         "grammar_cache_mb": round(float(cache_bytes.group(1)) / 2**20, 1) if cache_bytes else None,
-        "grammar_cache_limit_mb": args.grammar_cache_mb, "healthy_at_end": healthy,
+        "grammar_cache_limit_mb": args.grammar_cache_mb,
+        # the hf engine's prefix cache fills toward its bound (--prefix-cache-mb, 512 by default) as new
+        # prompts arrive: RSS growth up to that much after warm-up is the cache, not a leak
+        "prefix_cache_mb": round(float(prefix_bytes.group(1)) / 2**20, 1) if prefix_bytes else None,
+        "healthy_at_end": healthy,
         "windows": windows(log, started, args.window_s),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
