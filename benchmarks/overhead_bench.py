@@ -110,7 +110,9 @@ def main() -> None:
     from fcdistill.serve.memory import tune_malloc
     from fcdistill.serve.process import start_server
 
-    bare_malloc = tune_malloc() if args.bare_malloc == "tuned" else {}  # exported: the servers get them too
+    if args.bare_malloc == "tuned":
+        tune_malloc()  # exported: the servers start with them too
+    bare_malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # what this process runs with
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)  # the adapter's: it has the FC token
     prompt_ids = tokenizer.encode(ChatFormat(tokenizer).render_prompt(MESSAGES, None), add_special_tokens=False)

@@ -327,6 +327,7 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+@pytest.mark.timeout(300)
 def test_the_model_is_loaded_and_run_on_the_engine_thread_alone(monkeypatch, tmp_path):
     """Every torch op of the engine runs on its scheduler thread, the load included (a second thread
     with its own OpenMP team slowed bf16 decoding 1.5x on a 2-core CPU: HFEngine._start_scheduler), and

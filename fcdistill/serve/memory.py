@@ -24,7 +24,6 @@ exported win. Not glibc (macOS, musl): nothing happens.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # glibc's mallopt parameters (malloc.h) and the environment variables that set them at start
@@ -35,21 +34,24 @@ _SETTINGS = {  # name: (mallopt param, value)
 }
 
 
-def tune_malloc() -> dict[str, int]:
-    """Apply the settings (those the environment does not already set); returns what was applied."""
-    name = ctypes.util.find_library("c")
+def tune_malloc(export: bool = True) -> dict[str, int]:
+    """Apply the settings (those the environment does not already set); returns what was applied.
+    `export` puts them in the environment for child processes (`fcd serve`); an engine made inside
+    someone else's process applies them to that process only."""
+    todo = {env: pv for env, pv in _SETTINGS.items() if env not in os.environ}
+    if not todo:
+        return {}
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-        if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
-            return {}
+        libc = ctypes.CDLL(None)  # the C library this process runs on
     except OSError:
         return {}
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+        return {}
     applied = {}
-    for env, (param, value) in _SETTINGS.items():
-        if env in os.environ:
-            continue
+    for env, (param, value) in todo.items():
         if mallopt(param, value) == 1:  # 1: accepted
-            os.environ[env] = str(value)
+            if export:
+                os.environ[env] = str(value)
             applied[env] = value
     return applied

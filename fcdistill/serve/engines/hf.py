@@ -159,7 +159,7 @@ class HFEngine:
         if merge_adapters not in ("auto", "on", "off"):
             raise ValueError(f"merge_adapters must be auto, on or off, not {merge_adapters!r}")
         avoid_cudnn_attention()
-        tune_malloc()  # as `fcd serve` does first (serve/memory.py), for engines made in process too
+        tune_malloc(export=False)  # `fcd serve` did it already; an engine made in process tunes that process
         self.model_name = served_name or str(model)
         self.adapters = dict(adapters or {})
         self.fc_token = fc_token
@@ -267,12 +267,14 @@ class HFEngine:
     def _start_scheduler(self, load: Callable[[], None] | None = None) -> None:
         """Start the scheduler thread; with `load`, it first loads the model, and a load error is raised here.
 
-        Every torch op of the engine runs on this one thread, the model's loading included. On a CPU,
+        Every torch op of the engine runs on the scheduler thread, the model's loading included (a
+        restarted scheduler's thread takes over; the dead one's OpenMP team ends with it). On a CPU,
         each thread that runs a parallel op keeps its own OpenMP team. Measured on a 2-core AVX512-BF16
         CPU, 64 greedy bf16 tokens with transformers' cache: 1.9-2.3 s on a second thread once the first
         had run any parallel op (loading the model is one), 1.26 s with loading and decoding on one
         thread. Likely cause: with more OpenMP threads than cores, libgomp cuts its spin-wait short, so
-        each of the hundreds of small ops in a decode step waits for its helper to wake."""
+        each of the hundreds of small ops in a decode step waits for its helper to wake.
+        Ctrl-C during the load interrupts the wait here; the daemon thread dies with the process."""
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._supervised, args=(load, ready), name="hf-engine", daemon=True)
         self._thread.start()
