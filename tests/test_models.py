@@ -50,4 +50,3 @@ def test_smollm2_answers_a_simple_question(smollm2_dir):
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
-

@@ -388,7 +388,8 @@ def test_malloc_is_tuned_for_a_flat_rss_unless_the_user_chose(monkeypatch):
     from fcdistill.serve.memory import tune_malloc
 
     for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "0")  # recorded, so what tune_malloc exports is taken back after the test
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     in_process = tune_malloc(export=False)  # an engine inside someone else's process: nothing exported
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ and "MALLOC_ARENA_MAX" not in in_process

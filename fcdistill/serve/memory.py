@@ -1,5 +1,5 @@
-"""glibc malloc settings for a long-running server: RSS that stays flat, and decode steps that reuse
-their memory instead of faulting it in again.
+"""glibc malloc settings for a long-running server: RSS that does not creep up, and decode steps that
+reuse their memory instead of faulting it in again.
 
 A 20-minute soak (benchmarks/soak.py) of the hf engine grew 18% after warm-up with glibc's
 defaults, while the compiled-grammar cache stayed within its bound: each thread that tokenizes,
