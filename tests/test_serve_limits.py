@@ -401,7 +401,7 @@ def test_malloc_is_tuned_for_a_flat_rss_unless_the_user_chose(monkeypatch):
 
 
 MALLINFO_PROBE = """
-import ctypes, json, os, sys
+import ctypes, json, sys
 from fcdistill.serve.memory import tune_malloc
 
 class MallInfo2(ctypes.Structure):

@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         """Serve a student behind /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
         from fcdistill.serve.memory import tune_malloc
 
-        tune_malloc()  # before anything allocates much: flat RSS, no page faults a decode step (serve/memory.py)
+        tune_malloc()  # before anything allocates much: bounded RSS, no page faults a decode step (serve/memory.py)
 
         adapters: dict[str, str] = {}
         for item in adapter:
