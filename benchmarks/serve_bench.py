@@ -288,7 +288,7 @@ def call_problem(choice, tools) -> str | None:
     return None
 
 
-def start_vllm_native(model_dir: str, served: str, log: Path):
+def start_vllm_native(model_dir: str, served: str, log: Path, dtype: str = "float32"):
     """vLLM's own OpenAI server from the vllm environment, configured as a new user would."""
     import subprocess
 
@@ -299,7 +299,7 @@ def start_vllm_native(model_dir: str, served: str, log: Path):
     # looks up as `vllm` and fails on
     proc = subprocess.Popen([python_for("vllm"), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                              "--served-model-name", served, "--port", str(port),
-                             "--host", "127.0.0.1", "--dtype", "float32", "--gpu-memory-utilization", "0.3",
+                             "--host", "127.0.0.1", "--dtype", dtype, "--gpu-memory-utilization", "0.3",
                              "--enable-prefix-caching", "--max-num-seqs", "16",
                              # tool_choice required is refused without a parser; hermes is the
                              # <tool_call> format vLLM's docs point to

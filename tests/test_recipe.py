@@ -194,6 +194,9 @@ def test_tiny_recipe_end_to_end_skip_rerun_and_resume(tmp_path):
     rerun = _fcd("run", str(recipe), "--out", str(out), "--until", "train", "--set", "train.set.optim.learning_rate=5e-4")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "train: rerun (set.optim.learning_rate" in rerun.stderr.replace("train.set", "set"), rerun.stderr
+    # trained by a child process (its memory is back before eval), told the new rate and to start afresh
+    launched = next(line for line in rerun.stderr.splitlines() if line.startswith("train: python -m fcdistill.train"))
+    assert "optim.learning_rate=0.0005" in launched and "--resume" not in launched, launched
     assert _stage(out, "train")["config"]["train"]["set"]["optim.learning_rate"] == 5e-4
     assert _stage(out, "train")["finished"] != step_before
 

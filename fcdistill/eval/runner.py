@@ -132,6 +132,17 @@ def _prepare_run_dir(opts: EvalOptions, data_dir: Path, manifest: dict[str, Any]
 
 
 # -- asking ------------------------------------------------------------------------------------------
+def answer_row(item: EvalItem, mode: str, content: str | None, tool_calls: list[dict[str, Any]] | None,
+               finish_reason: str | None, name_map: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """One answer as `fcd eval` records it and its Scorer reads it; benchmarks that score answers they
+    got another way (benchmarks/engine_ab.py) build theirs here too."""
+    row: dict[str, Any] = {"id": item.id, "category": item.category, "mode": mode, "content": content,
+                           "tool_calls": tool_calls, "finish_reason": finish_reason, **extra}
+    if name_map:
+        row["name_map"] = name_map
+    return row
+
+
 def fc_request(item: EvalItem, safe: bool) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """OpenAI tools for one item (our JSON Schema, BFCL's hinted description) and the name map back."""
     from fcdistill.tools import safe_tool_names
@@ -207,14 +218,10 @@ async def _ask_all(opts: EvalOptions, todo: list[EvalItem], info: dict[str, Any]
                     prog.notes.append(f"{opts.endpoint} rejected dotted tool names ({reply.error[:120]}); "
                                       f"sending API-safe names from {item.id} on, mapped back before scoring")
                 reply = retry
-        row: dict[str, Any] = {"id": item.id, "category": item.category, "mode": opts.mode,
-                               "content": reply.content, "tool_calls": reply.tool_calls,
-                               "finish_reason": reply.finish_reason, "usage": reply.usage,
-                               "latency_s": round(time.perf_counter() - t0, 3)}
+        row = answer_row(item, opts.mode, reply.content, reply.tool_calls, reply.finish_reason, name_map,
+                         usage=reply.usage, latency_s=round(time.perf_counter() - t0, 3))
         if reply.forced_close:
             row["forced_close"] = reply.forced_close  # fcd serve closed a looping or over-long answer
-        if name_map:
-            row["name_map"] = name_map
         if reply.error:
             row = {"id": item.id, "category": item.category, "mode": opts.mode, "error": reply.error,
                    "status": reply.status}

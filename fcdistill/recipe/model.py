@@ -177,13 +177,15 @@ class SampleSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """A training config plus overrides; in this process, or under `accelerate launch` on GPUs."""
+    """A training config plus overrides; trained by a child `python -m fcdistill.train`, or under
+    `accelerate launch` on GPUs."""
 
     config: Path
     set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides, as `fcd train --set`")
     sample: SampleSpec | None = None
     launcher: Literal["auto", "python", "accelerate"] = Field(
-        "auto", description="auto: accelerate when accelerate_config is given and a GPU is present")
+        "auto", description="auto: accelerate when accelerate_config is given and a GPU is present, else python "
+                            "(a child process of this interpreter)")
     accelerate_config: Path | None = None
     num_processes: int | None = Field(None, ge=1)
     _finetune: str = PrivateAttr("lora")  # the config's `finetune` after the overrides (lora | full)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -296,19 +297,24 @@ def _train_run(ctx: Context) -> dict[str, Any]:
     resume = find_checkpoint(out) is not None
     if resume:
         ctx.say(f"train: resuming from {find_checkpoint(out).name}")
+    # Training runs in a child process either way: its memory (gigabytes at long max_length) and its
+    # OpenMP threads go back to the system before the eval stage starts servers beside this process.
+    args = ["-m", "fcdistill.train", "--config", str(r.train.config)] + [a for o in overrides for a in ("--set", o)]
+    args += ["--resume"] if resume else []
     if _use_accelerate(r):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(r.train.accelerate_config)]
         if r.train.num_processes:
             cmd += ["--num_processes", str(r.train.num_processes)]
-        cmd += ["-m", "fcdistill.train", "--config", str(r.train.config)] + [a for o in overrides for a in ("--set", o)]
-        cmd += ["--resume"] if resume else []
-        ctx.say("train: " + " ".join(cmd[2:]))
-        if subprocess.run(cmd).returncode != 0:  # noqa: S603 - our own module, arguments from the validated recipe
-            raise StageFailed("train: accelerate launch failed (see its output above); run the recipe again to resume")
+        cmd += args
+        what = "accelerate launch"
     else:
-        from fcdistill.train.sft import run
-
-        run(r.train.config, resume=resume, overrides=overrides)
+        cmd = [sys.executable, *args]
+        what = "python -m fcdistill.train"
+    ctx.say("train: " + shlex.join(["python", *cmd[1:]]))
+    code = subprocess.run(cmd).returncode  # noqa: S603 - our own module, arguments from the validated recipe
+    if code != 0:
+        raise StageFailed(f"train: {what} failed (exit {code}; its output is above); run the recipe again to resume "
+                          "from the last checkpoint")
     result = json.loads((out / "train_result.json").read_text())
     counts = {"examples": _count_lines(data), "steps": result.get("global_step")}
     for key in ("train_loss", "eval_loss"):
@@ -321,9 +327,9 @@ def _train_describe(r: Recipe) -> str:
     t = r.train
     sets = ", ".join(f"{k}={v}" for k, v in t.set.items())
     sample = f", a sample of {t.sample.examples}" if t.sample else ""
-    launch = {"python": "in process", "accelerate": f"accelerate ({t.accelerate_config})",
-              "auto": f"accelerate ({t.accelerate_config}) on GPUs, else in process" if t.accelerate_config
-              else "in process"}[t.launcher]
+    launch = {"python": "a child process", "accelerate": f"accelerate ({t.accelerate_config})",
+              "auto": f"accelerate ({t.accelerate_config}) on GPUs, else a child process" if t.accelerate_config
+              else "a child process"}[t.launcher]
     return f"{r.student} on {' + '.join(_train_inputs(r))}{sample}: {t.config}{f' with {sets}' if sets else ''}; {launch}"
 
 
