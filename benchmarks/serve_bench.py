@@ -333,9 +333,10 @@ async def stacks_async(args: argparse.Namespace) -> dict:
             from fcdistill.models import cache_dir
             candidates = sorted((cache_dir() / "vllm-models").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
             model_dir = str(candidates[-1].parent) if candidates and args.model == "smollm2-135m" else args.model
-            server = start_vllm_native(model_dir, args.model, log)
+            server = start_vllm_native(model_dir, args.model, log,
+                                       dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
         else:
-            server = start_ours(args.model, log, engine=name.split("-")[1])
+            server = start_ours(args.model, log, engine=name.split("-")[1], extra=["--dtype", args.dtype])
         start_s = time.perf_counter() - t0
         try:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=900, max_retries=0)
@@ -347,7 +348,8 @@ async def stacks_async(args: argparse.Namespace) -> dict:
         finally:
             server.stop()
         print(f"{name}: {json.dumps(stacks[name])}", file=sys.stderr, flush=True)
-    return {"benchmark": "serve_bench --engine vllm", "model": args.model, "machine": platform.machine(),
+    return {"benchmark": "serve_bench --engine vllm", "model": args.model, "dtype": args.dtype,
+            "machine": platform.machine(),
             "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "requests": args.requests,
             "prompts": f"BFCL simple_python, first {len(items)}", "load_average_at_end": os.getloadavg(),
             "note": "rss of vLLM servers is the API process only; the engine core runs in a child process",
@@ -363,6 +365,7 @@ def main() -> None:
     parser.add_argument("--decode-items", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="--engine vllm: answers per measurement")
     parser.add_argument("--stacks", default="fcd-hf,fcd-vllm,vllm-openai", help="--engine vllm: which servers")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--engine vllm: every stack's weights")
     parser.add_argument("--compile-categories", default="simple_python,multiple,live_multiple",
                         help="comma-separated; empty: skip the compile measurement")
     parser.add_argument("--compile-limit", type=int, default=None, help="tool sets per category (default: all)")
