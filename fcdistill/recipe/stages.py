@@ -311,7 +311,12 @@ def _train_run(ctx: Context) -> dict[str, Any]:
         cmd = [sys.executable, *args]
         what = "python -m fcdistill.train"
     ctx.say("train: " + shlex.join(["python", *cmd[1:]]))
-    code = subprocess.run(cmd).returncode  # noqa: S603 - our own module, arguments from the validated recipe
+    # The child's stdout joins our stderr as it comes: this process's stdout holds only the comparison.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as child:  # noqa: S603 - our module
+        for line in child.stdout:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    code = child.returncode
     if code != 0:
         raise StageFailed(f"train: {what} failed (exit {code}; its output is above); run the recipe again to resume "
                           "from the last checkpoint")
