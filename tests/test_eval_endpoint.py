@@ -225,7 +225,7 @@ def test_eval_and_official_bfcl_against_the_vllm_engine(data_dir, tmp_path, smol
     """`fcd eval run` and bfcl-eval's own generate + evaluate work against `fcd serve --engine vllm`.
     Eight short answers: the server starts eager (no torch.compile, about a minute sooner on CPU) with a
     small KV cache; test_serve covers the compiled engine."""
-    lean = ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
+    lean = ["--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-model-len", "2048"]
     with start_server(["--model", MODEL, *lean], tmp_path / "serve-vllm.log", engine="vllm",
                       env={**os.environ, "HF_HUB_OFFLINE": "1"}) as srv:
         out = tmp_path / "vllm-fc"
