@@ -128,9 +128,11 @@ def engine(request) -> str:
 @pytest.fixture(scope="module")
 def llg_server(tmp_path_factory, smollm2_dir, engine):
     """`fcd serve --grammar-backend llguidance` on each engine; on vllm the matcher is rebuilt from the
-    regex in vLLM's engine process. --value-token-limit 64 as in test_serve: the loop guard trips sooner."""
+    regex in vLLM's engine process. --value-token-limit 64 as in test_serve: the loop guard trips sooner.
+    The vllm server reserves a tenth of memory, not 0.3, so it starts beside the other test worker's server."""
+    lean = ["--gpu-memory-utilization", "0.1", "--max-model-len", "2048"] if engine == "vllm" else []
     with start_server(["--model", "smollm2-135m", "--api-key", SERVE_KEY, "--grammar-backend", "llguidance",
-                       "--value-token-limit", "64"],
+                       "--value-token-limit", "64", *lean],
                       tmp_path_factory.mktemp(f"serve-llg-{engine}") / "serve.log", engine=engine,
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}) as srv:
         yield srv.url
