@@ -6,8 +6,11 @@ every stage, and a changed flag reruns what it changes."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,11 +20,28 @@ CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "irr
               "live_simple", "live_multiple", "live_irrelevance"]
 
 
+def _command(out, steps: int = 2) -> list[str]:
+    return [sys.executable, "-m", "fcdistill", "quickstart", "--out", str(out), "--train-examples", "8",
+            "--train-steps", str(steps), "--eval-per-category", "1", "--augment-multiplier", "0",
+            "--set", "eval.max_tokens=48"]
+
+
 def _quickstart(out, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fcdistill", "quickstart", "--out", str(out), "--train-examples", "8",
-                           "--train-steps", "2", "--eval-per-category", "1", "--augment-multiplier", "0",
-                           "--set", "eval.max_tokens=48", *extra],
+    return subprocess.run([*_command(out), *extra],
                           capture_output=True, text=True, timeout=1200, cwd="/")  # the alias works from anywhere
+
+
+def _trainers_writing_to(out) -> list[int]:
+    """Live `fcdistill.train` processes whose command line names `out`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if b"fcdistill.train" in argv and any(str(out).encode() in a for a in argv):
+            pids.append(int(proc.name))
+    return pids
 
 
 @pytest.mark.slow
@@ -57,6 +77,33 @@ def test_quickstart_on_a_tiny_slice_then_a_rerun_skips_it(tmp_path):
         ["data: skipped", "train: skipped", "eval: skipped", "report: skipped"], again.stderr
     assert (out / "train" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
     assert again.stdout == first.stdout  # the same answers, compared again
+
+
+@pytest.mark.slow
+def test_a_terminated_run_stops_its_training_child_and_says_how_to_resume(tmp_path):
+    """SIGTERM to the runner (a scheduler's time limit, `kill PID`) reaches the training child: no orphan
+    goes on writing checkpoints into the directory that the next run resumes from."""
+    out = tmp_path / "q"
+    runner = subprocess.Popen(_command(out, steps=500), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd="/")
+    try:
+        before = []
+        for line in runner.stderr:
+            before.append(line)
+            if line.startswith("train: python -m fcdistill.train"):
+                break
+        deadline = time.monotonic() + 60
+        while not _trainers_writing_to(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _trainers_writing_to(out), "".join(before)[-2000:]
+        time.sleep(3)  # into its start-up (imports, the model)
+        runner.send_signal(signal.SIGTERM)
+        _, rest = runner.communicate(timeout=120)
+    finally:
+        runner.kill()
+    assert runner.returncode == 1, rest[-2000:]
+    assert "stopped by SIGTERM; run the recipe again to resume from the last checkpoint" in rest, rest[-2000:]
+    assert _trainers_writing_to(out) == []
 
 
 def test_flags_become_recipe_overrides():

@@ -14,8 +14,10 @@ import json
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,21 +313,36 @@ def _train_run(ctx: Context) -> dict[str, Any]:
         cmd = [sys.executable, *args]
         what = "python -m fcdistill.train"
     ctx.say("train: " + shlex.join(["python", *cmd[1:]]))
-    # The child's stdout joins our stderr as it comes: this process's stdout holds only the comparison.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as child:  # noqa: S603 - our module
-        for line in child.stdout:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-    code = child.returncode
+    code = _run_child(cmd)
     if code != 0:
-        raise StageFailed(f"train: {what} failed (exit {code}; its output is above); run the recipe again to resume "
-                          "from the last checkpoint")
+        how = f"was stopped by {signal.Signals(-code).name}" if code < 0 else f"failed (exit {code}; its output is above)"
+        raise StageFailed(f"train: {what} {how}; run the recipe again to resume from the last checkpoint")
     result = json.loads((out / "train_result.json").read_text())
     counts = {"examples": _count_lines(data), "steps": result.get("global_step")}
     for key in ("train_loss", "eval_loss"):
         if isinstance(result.get(key), (int, float)):
             counts[key] = round(result[key], 4)
     return counts
+
+
+def _run_child(cmd: list[str]) -> int:
+    """Run a stage's child process. Its stdout joins our stderr as it comes (our stdout holds only the
+    comparison); a SIGTERM or an interrupt to us stops it too, so a stopped run leaves no orphan writing
+    checkpoints beside the rerun that resumes from them."""
+    forward = threading.current_thread() is threading.main_thread()  # signal handlers live on the main thread
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as child:  # noqa: S603 - our module
+        previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum)) if forward else None
+        try:
+            for line in child.stdout:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        except BaseException:
+            child.terminate()
+            raise
+        finally:
+            if forward:
+                signal.signal(signal.SIGTERM, previous)
+    return child.returncode
 
 
 def _train_describe(r: Recipe) -> str:
