@@ -81,8 +81,8 @@ def test_quickstart_on_a_tiny_slice_then_a_rerun_skips_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_terminated_run_stops_its_training_child_and_says_how_to_resume(tmp_path):
-    """SIGTERM to the runner (a scheduler's time limit, `kill PID`) reaches the training child: no orphan
-    goes on writing checkpoints into the directory that the next run resumes from."""
+    """SIGTERM to the runner (a scheduler's time limit, `kill PID`) stops the training child with it: no
+    orphan goes on writing checkpoints into the directory that the next run resumes from."""
     out = tmp_path / "q"
     runner = subprocess.Popen(_command(out, steps=500), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd="/")
@@ -102,8 +102,9 @@ def test_a_terminated_run_stops_its_training_child_and_says_how_to_resume(tmp_pa
     finally:
         runner.kill()
     assert runner.returncode == 1, rest[-2000:]
-    assert "stopped by SIGTERM; run the recipe again to resume from the last checkpoint" in rest, rest[-2000:]
+    assert "error: train: stopped by SIGTERM; run the recipe again to resume where it stopped" in rest, rest[-2000:]
     assert _trainers_writing_to(out) == []
+    assert json.loads((out / "train" / "stage.json").read_text())["status"] == "stopped"
 
 
 def test_flags_become_recipe_overrides():

@@ -14,6 +14,7 @@ from fcdistill.recipe import runner as runner_mod
 from fcdistill.recipe import stages as stages_mod
 from fcdistill.recipe.model import RecipeError, load_recipe
 from fcdistill.recipe.runner import Planner, run_recipe
+from fcdistill.recipe.stages import StageFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +118,9 @@ def test_a_rerun_whose_output_is_identical_leaves_later_stages_alone(tmp_path, f
 def test_a_stopped_stage_resumes_in_place(tmp_path, fake_stages):
     calls, fail_once = fake_stages
     fail_once.add("train")
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path)
+    with pytest.raises(StageFailed, match="^train: interrupted; run the recipe again to resume where it stopped$") as exc:
+        _run(tmp_path)  # Ctrl-C: one line naming the stage and what to do, not a traceback
+    assert isinstance(exc.value.__cause__, KeyboardInterrupt)
     rec = json.loads((tmp_path / "train" / "stage.json").read_text())
     assert rec["status"] == "stopped" and "KeyboardInterrupt" in rec["error"]
     assert _actions(tmp_path)["train"] == "resume"

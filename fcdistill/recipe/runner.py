@@ -17,6 +17,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ import yaml
 
 from fcdistill.recipe.manifest import STAGE_FILE, read_stage, write_stage
 from fcdistill.recipe.model import STAGES, Recipe, RecipeError, flatten
-from fcdistill.recipe.stages import STAGE_DEFS, Context
+from fcdistill.recipe.stages import STAGE_DEFS, Context, StageFailed, Stopped
 
 RECIPE_FILE = "recipe.yaml"
 _VERSIONED = ("fcdistill", "torch", "transformers", "trl", "peft", "accelerate", "bfcl-eval", "outlines-core", "vllm")
@@ -199,11 +201,32 @@ def _set_aside(directory: Path, say: Callable[[str], None]) -> None:
     say(f"  {directory.name}: the last run's outputs are kept in {kept}")
 
 
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `kill`) raises Stopped in the main thread, as Ctrl-C raises
+    KeyboardInterrupt: servers and child processes stop on the way out, and the stage is recorded as
+    stopped. A second SIGTERM kills at once."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live on the main thread
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: str | None = None,
                say: Callable[[str], None] = print) -> list[Step]:
     """Run the recipe's stages into `out`; returns what was done to each. Raises StageFailed (the run
-    resumes when called again) or RecipeError (bad input, before the stage concerned starts)."""
-    with _locked(out):
+    resumes when called again; also when a signal stopped a stage) or RecipeError (bad input, before
+    the stage concerned starts)."""
+    with _stopped_by_sigterm(), _locked(out):
         (out / RECIPE_FILE).write_text(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False),
                                        encoding="utf-8")
         planner = Planner(recipe, out)
@@ -241,6 +264,9 @@ def run_recipe(recipe: Recipe, out: Path, *, start: str | None = None, until: st
                 record.update(status="failed" if isinstance(exc, Exception) else "stopped",
                               error=f"{type(exc).__name__}: {exc}"[:500], seconds=round(time.time() - t0, 1))
                 write_stage(out, stage, record)
+                if isinstance(exc, (Stopped, KeyboardInterrupt)):
+                    why = str(exc) if isinstance(exc, Stopped) else "interrupted"
+                    raise StageFailed(f"{stage}: {why}; run the recipe again to resume where it stopped") from exc
                 raise
             record.update(status="done", counts=counts, seconds=round(time.time() - t0, 1),
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,16 @@ from fcdistill.recipe.model import WHEN_SET, EvalModel, Recipe
 
 class StageFailed(RuntimeError):
     """A stage that stopped and resumes when the recipe is run again (exit 1)."""
+
+
+class Stopped(BaseException):
+    """A signal stopped the run (SIGTERM; Ctrl-C raises KeyboardInterrupt instead). A BaseException like
+    KeyboardInterrupt, so no stage's `except Exception` swallows it and every server and child process
+    stops on the way out; the stage resumes when the recipe is run again."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 @dataclass
@@ -327,11 +336,9 @@ def _train_run(ctx: Context) -> dict[str, Any]:
 
 def _run_child(cmd: list[str]) -> int:
     """Run a stage's child process. Its stdout joins our stderr as it comes (our stdout holds only the
-    comparison); a SIGTERM or an interrupt to us stops it too, so a stopped run leaves no orphan writing
-    checkpoints beside the rerun that resumes from them."""
-    forward = threading.current_thread() is threading.main_thread()  # signal handlers live on the main thread
+    comparison); when we are stopped (Stopped, KeyboardInterrupt) it is stopped too, so no orphan goes on
+    writing checkpoints beside the rerun that resumes from them."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as child:  # noqa: S603 - our module
-        previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum)) if forward else None
         try:
             for line in child.stdout:
                 sys.stderr.write(line)
@@ -339,9 +346,6 @@ def _run_child(cmd: list[str]) -> int:
         except BaseException:
             child.terminate()
             raise
-        finally:
-            if forward:
-                signal.signal(signal.SIGTERM, previous)
     return child.returncode
 
 
