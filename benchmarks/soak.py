@@ -180,10 +180,15 @@ def windows(log: list[dict[str, Any]], start: float, width: float) -> list[dict[
     return out
 
 
+def metric(metrics: str, name: str) -> float | None:
+    """One unlabelled value from /metrics' text, or None when the server does not report it."""
+    found = re.search(rf"^{name} (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else None
+
+
 def cache_mb(metrics: str) -> float:
     """The grammar cache's and the prefix cache's bytes from /metrics, in MB (0 for one not reported)."""
-    found = [re.search(rf"^fcd_{name}_cache_bytes (\S+)$", metrics, re.M) for name in ("grammar", "prefix")]
-    return sum(float(m.group(1)) for m in found if m) / 2**20
+    return sum(metric(metrics, f"fcd_{name}_cache_bytes") or 0.0 for name in ("grammar", "prefix")) / 2**20
 
 
 def main() -> None:
@@ -239,9 +244,7 @@ def main() -> None:
             rss["growth_after_warmup_beyond_caches_pct"] = round(
                 100 * ((rss["end_mb"] - cache_growth) / after_warmup[0][0] - 1), 2)
         healthy = httpx.get(f"{server.url}/health", timeout=30).json()
-    cache = re.search(r"^fcd_grammar_cache_entries (\S+)$", metrics, re.M)
-    cache_bytes = re.search(r"^fcd_grammar_cache_bytes (\S+)$", metrics, re.M)
-    prefix_bytes = re.search(r"^fcd_prefix_cache_bytes (\S+)$", metrics, re.M)
+    cache_bytes, prefix_bytes = metric(metrics, "fcd_grammar_cache_bytes"), metric(metrics, "fcd_prefix_cache_bytes")
     statuses: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
     for r in log:
@@ -256,12 +259,12 @@ def main() -> None:
         "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
         "stream_server_errors": sum(1 for r in log if r.get("stream_error")),
         "hung": statuses.get("hung", 0), "rss": rss, "warmup_minutes": warmup,
-        "grammar_cache_entries": float(cache.group(1)) if cache else None,
-        "grammar_cache_mb": round(float(cache_bytes.group(1)) / 2**20, 1) if cache_bytes else None,
+        "grammar_cache_entries": metric(metrics, "fcd_grammar_cache_entries"),
+        "grammar_cache_mb": round(cache_bytes / 2**20, 1) if cache_bytes is not None else None,
         "grammar_cache_limit_mb": args.grammar_cache_mb,
         # the hf engine's prefix cache fills toward its bound (--prefix-cache-mb, 512 by default) as new
         # prompts arrive: RSS growth up to that much after warm-up is the cache, not a leak
-        "prefix_cache_mb": round(float(prefix_bytes.group(1)) / 2**20, 1) if prefix_bytes else None,
+        "prefix_cache_mb": round(prefix_bytes / 2**20, 1) if prefix_bytes is not None else None,
         "healthy_at_end": healthy,
         "windows": windows(log, started, args.window_s),
     }
