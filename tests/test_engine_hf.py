@@ -270,10 +270,46 @@ def test_jump_forward_answers_exactly_as_step_by_step_in_fewer_passes():
     assert answers[False][2] == 0 and answers[True][2] > 10
 
 
+def test_prompt_lookup_answers_exactly_as_step_by_step_with_drafts_accepted():
+    """Greedy answers with prompt-lookup drafts equal plain decoding token for token (fp32), alone and in a
+    batch whose rows keep different numbers of drafts, while many drafted tokens are kept; a sampled
+    request gets no drafts."""
+    from fcdistill.serve.engines.hf import HFEngine
+
+    copy = [{"role": "user", "content": "Repeat exactly, word for word: the quick brown fox jumps over the lazy dog "
+                                        "near the old lighthouse on the northern cliffs."}]
+    asks = [(copy, None), ([{"role": "user", "content": "Weather in San Francisco, California in fahrenheit?"}],
+                           "required"), (WEATHER, "auto"), (STORY, None)]
+    answers = {}
+    for lookup in (0, 5):
+        eng = HFEngine("smollm2-135m", prompt_lookup=lookup, prompt_lookup_max_batch=4, prefix_cache_mb=0)
+        try:
+            def req(m, choice):
+                return _request(eng, m, 40, JUMP_TOOLS if choice else None, choice or "auto")
+
+            async def all_at_once():
+                return await asyncio.gather(*[_collect(eng, req(m, c), [], str(i)) for i, (m, c) in enumerate(asks)])
+            alone = [asyncio.run(_collect(eng, req(m, c), [], "x")) for m, c in asks]
+            batched = asyncio.run(all_at_once())
+            drafted = eng.stats()["prompt_lookup_drafted"]
+            sampled = _request(eng, STORY, 24)
+            sampled.sampling.temperature = 1.0
+            asyncio.run(_collect(eng, sampled, [], "sampled"))
+            answers[lookup] = (alone, batched, eng.stats())
+            assert eng.stats()["prompt_lookup_drafted"] == drafted  # no drafts for a sampled request
+        finally:
+            asyncio.run(eng.shutdown())
+    assert answers[5][0] == answers[0][0]  # token for token, one request at a time
+    assert answers[5][1] == answers[0][1]  # and batched
+    assert answers[0][2]["prompt_lookup_drafted"] == 0
+    stats = answers[5][2]
+    assert stats["prompt_lookup_accepted"] >= 20 and stats["prompt_lookup_accepted"] <= stats["prompt_lookup_drafted"]
+
+
 def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_step():
     """The engine's KV cache writes each step into spare room (DynamicCache copies every layer's cache every
     step); the logits match DynamicCache's through prefill, multi-token steps (jump-forward), and rows
-    dropped and padding columns cut from outside (as the engine's batch does)."""
+    rejected draft tokens cropped, rows dropped and padding columns cut from outside (as the engine's batch does)."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -302,6 +338,16 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
                 last = pos[:, -1:]
                 out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
                 logits[name].append(out.logits[:, -1])
+            # a step with drafts, the last two rejected: the cache forgets them (what _Rows does after a verify)
+            feed = torch.randint(100, 40000, (m.shape[0], 4), generator=torch.Generator().manual_seed(7))
+            m = torch.cat([m, torch.ones_like(feed)], 1)
+            pos = last + torch.arange(1, 5)
+            out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
+            logits[name].append(out.logits[:, 1])
+            cache.crop(-2)
+            m, last = m[:, :-2], pos[:, 1:2]
+            if name == "growing":
+                assert cache.layers[0]._keys_buf is not None  # cut in place: the next step writes over it
             # the first row leaves, then the columns only it used go (what _Rows.select does)
             cache.batch_select_indices(torch.tensor([1, 2]))
             for layer in cache.layers:
@@ -320,8 +366,8 @@ def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_ste
                     assert layer.keys.data_ptr() == layer._keys_buf.data_ptr()  # a view of its buffer
                     bufs.append(layer._keys_buf)
     assert bufs[0] is bufs[1] is bufs[2]  # decode steps wrote in place: no new buffer, no copy
-    assert caches["growing"].get_seq_length() == caches["dynamic"].get_seq_length() == 40 + 6 - 12 + 3
-    assert len(logits["dynamic"]) == len(logits["growing"]) == 8
+    assert caches["growing"].get_seq_length() == caches["dynamic"].get_seq_length() == 40 + 6 + 2 - 12 + 3
+    assert len(logits["dynamic"]) == len(logits["growing"]) == 9
     for a, b in zip(logits["dynamic"], logits["growing"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))

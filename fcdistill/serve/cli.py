@@ -29,6 +29,14 @@ def register(app: typer.Typer) -> None:
         jump_forward: Annotated[bool, typer.Option("--jump-forward/--no-jump-forward", help=(
             "hf: where the grammar admits one token only (JSON punctuation, the rest of a name, end-of-turn), "
             "append it without sampling it and run it in the next forward pass with the token before it."))] = True,
+        prompt_lookup: Annotated[int, typer.Option(min=0, help=(
+            "hf: speculative decoding by prompt lookup for greedy requests (temperature 0): guess up to N tokens "
+            "from where the latest tokens occurred before in the prompt or the answer (argument values copied from "
+            "the request, a tool result repeated) and check them in the same forward pass; answers stay greedy's. "
+            "0 turns it off."))] = 0,
+        prompt_lookup_max_batch: Annotated[int, typer.Option(min=1, help=(
+            "hf: draft only while at most this many requests decode together (wider batches keep the CPU busy "
+            "without drafts)."))] = 2,
         prefix_cache_mb: Annotated[float, typer.Option(min=0, help=(
             "hf: memory for recent prompts' keys and values, reused by requests that start the same way (the "
             "tools, earlier turns); 0 turns it off. vllm: its own prefix caching, always on."))] = 512.0,
@@ -146,7 +154,8 @@ def register(app: typer.Typer) -> None:
                 eng = HFEngine(model, adapters, fc_token=fc_token, served_name=served_model_name or model, max_batch=max_batch,
                                continuous=batching == "continuous", restart_on_failure=on_engine_failure == "restart",
                                dtype=dtype, prefix_cache_mb=prefix_cache_mb, jump_forward=jump_forward,
-                               merge_adapters=merge_adapters)
+                               merge_adapters=merge_adapters, prompt_lookup=prompt_lookup,
+                               prompt_lookup_max_batch=prompt_lookup_max_batch)
         except (ModelResolveError, OSError, ValueError) as exc:
             fail(str(exc).splitlines()[0])
         set_grammar_cache_limit(grammar_cache_mb)

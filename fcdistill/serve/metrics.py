@@ -39,6 +39,8 @@ class Metrics:
                                "their last event), bounded by --max-concurrent-requests", registry=r)
         self.jumped = Gauge("fcd_jump_forward_tokens", "Tokens since start that the grammar forced and the hf engine "
                             "appended without sampling them (jump-forward)", registry=r)
+        self.draft = Gauge("fcd_prompt_lookup_tokens", "Tokens since start that the hf engine guessed by prompt lookup "
+                           "(drafted) and, of them, the ones the model agreed with (accepted)", ["kind"], registry=r)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """`route`: one of the app's own paths, or "other" (labels never come from what clients send)."""
@@ -71,4 +73,7 @@ class Metrics:
             self.prefix_cache_bytes.set(engine["prefix_cache_bytes"])
         if "jump_forward_tokens" in engine:
             self.jumped.set(engine["jump_forward_tokens"])
+        for kind in ("drafted", "accepted"):
+            if f"prompt_lookup_{kind}" in engine:
+                self.draft.labels(kind).set(engine[f"prompt_lookup_{kind}"])
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

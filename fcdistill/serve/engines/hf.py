@@ -41,6 +41,7 @@ from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable,
                                           check_fits, cut_at_stop)
 from fcdistill.serve.engines.kv_buffer import GrowingCache, GrowingLayer
 from fcdistill.serve.engines.prefix_cache import PrefixCache
+from fcdistill.serve.engines.prompt_lookup import propose
 
 log = logging.getLogger("fcdistill.serve")
 
@@ -80,6 +81,8 @@ class _Seq:
     text: Detokenizer
     cancelled: threading.Event = field(default_factory=threading.Event)
     n_out: int = 0  # tokens generated
+    out_ids: list[int] = field(default_factory=list)  # what prompt lookup searches, after the prompt
+    ended: bool = False  # finished while its draft was verified: the next step drops the row
     sent_text: str = ""
     generator: Any = None
 
@@ -146,7 +149,7 @@ class HFEngine:
                  served_name: str | None = None, device: str | None = None, max_batch: int = 16,
                  batch_window_ms: float = 20.0, continuous: bool = True, restart_on_failure: bool = False,
                  dtype: str = "auto", prefix_cache_mb: float = 512.0, jump_forward: bool = True,
-                 merge_adapters: str = "auto"):
+                 merge_adapters: str = "auto", prompt_lookup: int = 0, prompt_lookup_max_batch: int = 2):
         import torch
         from transformers import AutoTokenizer
 
@@ -179,6 +182,10 @@ class HFEngine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.jump_forward = jump_forward
         self.jumped = 0  # tokens placed by jump-forward: appended without a forward pass of their own
+        self.prompt_lookup = prompt_lookup  # draft tokens a step, greedy rows only (0: no speculation)
+        self.prompt_lookup_max_batch = prompt_lookup_max_batch  # wider batches are compute-bound: no drafts
+        self.drafted = 0  # draft tokens fed for verification
+        self.accepted = 0  # of them, kept: tokens placed without a forward pass of their own
         self._failure: str | None = None
         self._restarts: list[float] = []
         self._lock = threading.Lock()  # the pending queue and the live requests, across the loop and the scheduler
@@ -247,7 +254,8 @@ class HFEngine:
                 self._live.discard(seq)
 
     def stats(self) -> dict[str, int]:
-        out = {"jump_forward_tokens": self.jumped}
+        out = {"jump_forward_tokens": self.jumped, "prompt_lookup_drafted": self.drafted,
+               "prompt_lookup_accepted": self.accepted}
         if self.prefix_cache is not None:
             cache = self.prefix_cache.stats()
             out.update(prefill_computed=cache["computed"], prefill_reused=cache["reused"],
@@ -440,7 +448,11 @@ class HFEngine:
         while rows.seqs:
             keep: list[int] = []
             feeds: list[list[int]] = []  # per kept row: its sampled token, then any tokens jumped after it
+            drafts: list[list[int]] = []  # per kept row: prompt-lookup guesses at what follows the feed
+            speculate = self.prompt_lookup > 0 and len(rows.seqs) <= self.prompt_lookup_max_batch
             for i, s in enumerate(rows.seqs):
+                if s.ended:
+                    continue
                 if s.cancelled.is_set():
                     s.emit(GenerationEvent(finish_reason="cancelled"))
                     continue
@@ -454,10 +466,11 @@ class HFEngine:
                 if not ended:
                     keep.append(i)
                     feeds.append(feed)
+                    drafts.append(self._draft(s) if speculate else [])
             if len(keep) < len(rows.seqs):
                 rows.select(keep)
             if rows.seqs:
-                self._step(rows, feeds, adapter)
+                self._step(rows, feeds, drafts, adapter)
             if not self.continuous or not rows.mergeable():
                 continue
             if not self._drain(backlog):
@@ -469,26 +482,58 @@ class HFEngine:
                 seqs.extend(joining)  # the caller's list: an error reaches every row that ever joined
                 rows.merge(self._prefill(joining, adapter))
 
-    def _step(self, rows: _Rows, feeds: list[list[int]], adapter: str | None) -> None:
-        """One forward pass over each row's new tokens: one a row, or more where tokens were jumped (the
-        shorter rows right-padded, the padding masked out for good), each row's next logits taken at its
-        own last token."""
+    def _step(self, rows: _Rows, feeds: list[list[int]], drafts: list[list[int]], adapter: str | None) -> None:
+        """One forward pass over each row's new tokens: one a row, or more where tokens were jumped or
+        drafted (the shorter rows right-padded, the padding masked out for good), each row's next logits
+        taken after the last token it keeps. A draft is kept up to its first token that greedy decoding
+        would not have chosen; the rejected tail is masked out, and columns no row kept are cut off."""
         import torch
 
-        width = max(len(f) for f in feeds)
-        ids = torch.full((len(feeds), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        step_mask = torch.zeros((len(feeds), width), dtype=torch.long)
-        for i, f in enumerate(feeds):
+        fed = [f + d for f, d in zip(feeds, drafts)]
+        width = max(len(f) for f in fed)
+        ids = torch.full((len(fed), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        step_mask = torch.zeros((len(fed), width), dtype=torch.long)
+        for i, f in enumerate(fed):
             ids[i, :len(f)] = torch.tensor(f)
             step_mask[i, :len(f)] = 1
-        lengths = step_mask.sum(1)
         positions = rows.last_pos.unsqueeze(1) + step_mask.cumsum(1).clamp(min=1)  # padding repeats the last one
         rows.mask = torch.cat([rows.mask, step_mask], dim=1)
-        rows.last_pos = rows.last_pos + lengths
         out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=rows.mask.to(self.device),
                             position_ids=positions.to(self.device), use_cache=True, **{self._cache_kw: rows.cache})
-        last = (lengths - 1).to(out.logits.device)
-        rows.logits = out.logits[torch.arange(len(feeds), device=out.logits.device), last, :].float().cpu()
+        logits = out.logits.float().cpu()
+        kept = [len(f) + self._verify(s, f, d, logits[i]) for i, (s, f, d) in enumerate(zip(rows.seqs, feeds, drafts))]
+        lengths = torch.tensor(kept)
+        rows.last_pos = rows.last_pos + lengths
+        rows.logits = logits[torch.arange(len(fed)), lengths - 1, :]
+        if any(k < len(f) for k, f in zip(kept, fed)):  # rejected drafts: no row attends to them again
+            rows.mask[:, rows.mask.shape[1] - width:] *= torch.arange(width) < lengths.unsqueeze(1)
+        if (used := max(kept)) < width:  # and the columns no row kept go
+            rows.cache.crop(used - width)
+            rows.mask = rows.mask[:, :rows.mask.shape[1] - (width - used)]
+
+    def _draft(self, s: _Seq) -> list[int]:
+        """Prompt-lookup guesses at the tokens after the ones just accepted; greedy rows only, since only
+        there does keeping the guesses the model agrees with leave the output unchanged."""
+        sp = s.req.sampling
+        temperature = self.default_temperature if sp.temperature is None else sp.temperature
+        room = min(self.prompt_lookup, sp.max_tokens - s.n_out)
+        if temperature > 1e-5 or room <= 0:
+            return []
+        draft = propose(s.req.prompt_ids + s.out_ids, room)
+        self.drafted += len(draft)
+        return draft
+
+    def _verify(self, s: _Seq, feed: list[int], draft: list[int], logits: Any) -> int:
+        """How many draft tokens to keep: each one the (grammar-masked) greedy choice after those before
+        it. Kept tokens are accepted as if sampled; the sequence may end on one (`s.ended`)."""
+        for j, token in enumerate(draft):
+            if self._sample(s, logits[len(feed) - 1 + j].clone()) != token:
+                return j
+            self.accepted += 1
+            if self._accept(s, token):
+                s.ended = True
+                return j + 1
+        return len(draft)
 
     @staticmethod
     def _forced(s: _Seq) -> int | None:
@@ -523,6 +568,7 @@ class HFEngine:
         if c is not None:
             c.advance(token)
         s.n_out += 1
+        s.out_ids.append(token)
         delta = s.text.step(token)
         if sp.stop and (c is None or not c.in_grammar):
             head = cut_at_stop(s.sent_text, delta, sp.stop)

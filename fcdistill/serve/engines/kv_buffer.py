@@ -7,8 +7,9 @@ faults). Here each layer keeps a buffer with room to spare (25%, at least 64 pos
 positions in place; `keys`/`values` are views of its first n positions, so attention and the engine see
 ordinary tensors. benchmarks/kv_cache_bench.py measures the step time against DynamicCache.
 
-Whatever assigns `keys`/`values` from outside (the engine's batch merge, row selection, dropping unused
-padding columns; transformers' crop, reset, offload) drops the buffers at once, so the replaced cache is
+`crop` (the engine dropping rejected draft tokens) keeps the buffers: the next update writes over what
+was cut. Whatever assigns `keys`/`values` from outside (the engine's batch merge, row selection, dropping
+unused padding columns; transformers' reset, offload) drops the buffers at once, so the replaced cache is
 freed then rather than at the next step; the next update moves the new tensors into a fresh buffer.
 A view returned by `update` stays valid until the layer's next update or assignment.
 """
@@ -59,6 +60,19 @@ class GrowingLayer(DynamicLayer):
         self._values_buf[..., n:end, :] = value_states
         self._keys, self._values = self._keys_buf[..., :end, :], self._values_buf[..., :end, :]
         return self._keys, self._values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove positions (transformers' convention: a negative count),
+        keeping the buffers."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of positions to remove, not {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if self._keys_buf is None or self._values_buf is None:
+            super().crop(tokens_to_remove)
+            return
+        end = self._keys.shape[-2] + tokens_to_remove
+        self._keys, self._values = self._keys_buf[..., :end, :], self._values_buf[..., :end, :]
 
     def _regrow(self, key_states: Any, value_states: Any, n: int, end: int) -> None:
         """New buffers with room past `end`, holding the current n positions."""
