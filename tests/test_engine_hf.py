@@ -256,7 +256,7 @@ def test_jump_forward_answers_exactly_as_step_by_step_in_fewer_passes():
             ([{"role": "user", "content": "Tell me a joke."}], "auto"), (STORY, "get_stock_price")]
     answers = {}
     for jump in (False, True):
-        eng = HFEngine("smollm2-135m", jump_forward=jump, prefix_cache_mb=0)
+        eng = HFEngine("smollm2-135m", jump_forward=jump, prefix_cache_mb=0, prompt_lookup=0)
         try:
             async def all_at_once():  # batched: rows jump by different amounts in the same passes
                 reqs = [_request(eng, m, 48, JUMP_TOOLS, choice) for m, choice in asks]

@@ -221,6 +221,10 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(engine, server, client
         value = lambda kind: float(next(line.split()[-1] for line in text.splitlines()  # noqa: E731
                                          if line.startswith(f'fcd_prefill_tokens{{kind="{kind}"}}')))
         assert value("reused") > 0 and value("computed") > 0
+        drafts = {kind: float(next(line.split()[-1] for line in text.splitlines()
+                                   if line.startswith(f'fcd_prompt_lookup_tokens{{kind="{kind}"}}')))
+                  for kind in ("drafted", "accepted")}  # greedy requests draft by prompt lookup (the default)
+        assert drafts["drafted"] > 0 and 0 <= drafts["accepted"] <= drafts["drafted"]
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             "hf: speculative decoding by prompt lookup for greedy requests (temperature 0): guess up to N tokens "
             "from where the latest tokens occurred before in the prompt or the answer (argument values copied from "
             "the request, a tool result repeated) and check them in the same forward pass; answers stay greedy's. "
-            "0 turns it off."))] = 0,
+            "0 turns it off."))] = 6,
         prompt_lookup_max_batch: Annotated[int, typer.Option(min=1, help=(
             "hf: draft only while at most this many requests decode together (wider batches keep the CPU busy "
             "without drafts)."))] = 2,
