@@ -456,7 +456,8 @@ class HFEngine:
             keep: list[int] = []
             feeds: list[list[int]] = []  # per kept row: its sampled token, then any tokens jumped after it
             drafts: list[list[int]] = []  # per kept row: prompt-lookup guesses at what follows the feed
-            speculate = self.prompt_lookup > 0 and len(rows.seqs) <= self.prompt_lookup_max_batch
+            # drafts need a cache that can forget the rejected ones: plain full-attention layers (the engine's own)
+            speculate = 0 < len(rows.seqs) <= self.prompt_lookup_max_batch and self.prompt_lookup > 0 and rows.mergeable()
             for i, s in enumerate(rows.seqs):
                 if s.ended:
                     continue
