@@ -302,10 +302,17 @@ def main() -> None:
                 key = f"{ref_name} (kept outcomes)"  # not to replace a kept ablation group of the same run
             report["ablations"][key] = abl_cmp
             md += [intro, "", *accuracy_table(abl_cmp), ""]
-    if args.augment_stats:
-        stats = json.loads(args.augment_stats.read_text())
+    if args.augment_stats or (kept or {}).get("augment_stats"):
+        if args.augment_stats:
+            stats, source = json.loads(args.augment_stats.read_text()), f"From `{args.augment_stats}`."
+            report["augment_stats_source"] = str(args.augment_stats)
+        else:  # a run added without its own stats (an ablation of the augment stage) leaves the recorded ones
+            stats = kept["augment_stats"]
+            origin = kept.get("augment_stats_source") or "the augment stats its command names"
+            source = f"Kept from `{args.keep}` as recorded ({origin})."
+            report["augment_stats_source"] = origin
         report["augment_stats"] = stats
-        md += ["## `fcd data augment`", "", f"From `{args.augment_stats}`.", "", *augment_table(stats), ""]
+        md += ["## `fcd data augment`", "", source, "", *augment_table(stats), ""]
     cont = contamination(args.data, args.train_file)
     report["contamination"] = cont
     md += ["## Contamination", "",
