@@ -218,13 +218,12 @@ def test_metrics_expose_requests_tokens_and_grammar_cache(engine, server, client
     hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("fcd_grammar_cache_hits_total")))
     assert hits >= 1
     if engine == "hf":  # the second request reused the first one's prompt from the prefix cache
-        value = lambda kind: float(next(line.split()[-1] for line in text.splitlines()  # noqa: E731
-                                         if line.startswith(f'fcd_prefill_tokens{{kind="{kind}"}}')))
-        assert value("reused") > 0 and value("computed") > 0
-        drafts = {kind: float(next(line.split()[-1] for line in text.splitlines()
-                                   if line.startswith(f'fcd_prompt_lookup_tokens{{kind="{kind}"}}')))
-                  for kind in ("drafted", "accepted")}  # greedy requests draft by prompt lookup (the default)
-        assert drafts["drafted"] > 0 and 0 <= drafts["accepted"] <= drafts["drafted"]
+        value = lambda name, kind: float(next(line.split()[-1] for line in text.splitlines()  # noqa: E731
+                                               if line.startswith(f'{name}{{kind="{kind}"}}')))
+        assert value("fcd_prefill_tokens", "reused") > 0 and value("fcd_prefill_tokens", "computed") > 0
+        # greedy requests draft by prompt lookup (the default)
+        drafted, accepted = (value("fcd_prompt_lookup_tokens", kind) for kind in ("drafted", "accepted"))
+        assert drafted > 0 and 0 <= accepted <= drafted
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))

@@ -528,10 +528,8 @@ class HFEngine:
     def _draft(self, s: _Seq) -> list[int]:
         """Prompt-lookup guesses at the tokens after the ones just accepted; greedy rows only, since only
         there does keeping the guesses the model agrees with leave the output unchanged."""
-        sp = s.req.sampling
-        temperature = self.default_temperature if sp.temperature is None else sp.temperature
-        room = min(self.prompt_lookup, sp.max_tokens - s.n_out)
-        if temperature > 1e-5 or room <= 0:
+        room = min(self.prompt_lookup, s.req.sampling.max_tokens - s.n_out)
+        if self._temperature(s) > 1e-5 or room <= 0:
             return []
         draft = propose(s.req.prompt_ids + s.out_ids, room)
         self.drafted += len(draft)
@@ -554,13 +552,17 @@ class HFEngine:
         c = s.req.constraint
         return c.forced() if c is not None else None
 
+    def _temperature(self, s: _Seq) -> float:
+        sp = s.req.sampling
+        return self.default_temperature if sp.temperature is None else sp.temperature
+
     def _sample(self, s: _Seq, logits: Any) -> int:
         import torch
 
         if s.req.constraint is not None:
             s.req.constraint.mask_(logits)
         sp = s.req.sampling
-        temperature = self.default_temperature if sp.temperature is None else sp.temperature
+        temperature = self._temperature(s)
         top_p = self.default_top_p if sp.top_p is None else sp.top_p
         if temperature <= 1e-5:
             return int(torch.argmax(logits))
