@@ -306,68 +306,98 @@ def test_prompt_lookup_answers_exactly_as_step_by_step_with_drafts_accepted():
     assert stats["prompt_lookup_accepted"] >= 20 and stats["prompt_lookup_accepted"] <= stats["prompt_lookup_drafted"]
 
 
-def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_each_step():
+def test_growing_kv_cache_decodes_as_transformers_cache_without_copying_the_batch():
     """The engine's KV cache writes each step into spare room (DynamicCache copies every layer's cache every
-    step); the logits match DynamicCache's through prefill, multi-token steps (jump-forward), and rows
-    rejected draft tokens cropped, rows dropped and padding columns cut from outside (as the engine's batch does)."""
+    step) and changes its batch in place: rows leaving move only the rows that fill a hole, rows joining go
+    into spare rows, left padding comes and goes by moving the view. Its logits match DynamicCache's, with
+    the same batch changes made by copying, through prefill, multi-token steps (jump-forward), rejected
+    draft tokens cropped, a row leaving, its padding columns cut, a longer and a shorter row joining."""
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from fcdistill.models import cache_keyword, resolve_model
-    from fcdistill.serve.engines.kv_buffer import GrowingCache
+    from fcdistill.serve.engines.kv_buffer import GrowingCache, compaction
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
     kw = cache_keyword(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (3, 40), generator=gen)
+    joiners = [torch.randint(100, 40000, (1, n), generator=gen) for n in (50, 20)]  # longer, then shorter than the batch
     mask = torch.ones((3, 40), dtype=torch.long)
     mask[0, :12] = 0  # left padding on one row
-    caches = {"dynamic": DynamicCache(), "growing": GrowingCache()}
+    caches = {"dynamic": DynamicCache, "growing": GrowingCache}
     logits: dict[str, list] = {name: [] for name in caches}
+    bufs: list = []
+
+    def step(cache, feed, m, last):
+        m = torch.cat([m, torch.ones_like(feed)], 1)
+        pos = last + torch.arange(1, feed.shape[1] + 1)
+        out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
+        return out, m, pos[:, -1:]
+
     with torch.inference_mode():
-        for name, cache in caches.items():
+        for name, make in caches.items():
+            cache = make()
             m = mask.clone()
             pos = (m.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=prompt, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
             logits[name].append(out.logits[:, -1])
             last = pos[:, -1:]
+            if name == "growing":
+                bufs.append(cache.layers[0]._keys_buf)
             for width in (1, 1, 3, 1):  # a jump-forward step feeds several tokens at once
                 feed = torch.randint(100, 40000, (m.shape[0], width), generator=torch.Generator().manual_seed(width))
-                m = torch.cat([m, torch.ones_like(feed)], 1)
-                pos = last + torch.arange(1, width + 1)
-                last = pos[:, -1:]
-                out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
+                out, m, last = step(cache, feed, m, last)
                 logits[name].append(out.logits[:, -1])
             # a step with drafts, the last two rejected: the cache forgets them (what _Rows does after a verify)
             feed = torch.randint(100, 40000, (m.shape[0], 4), generator=torch.Generator().manual_seed(7))
-            m = torch.cat([m, torch.ones_like(feed)], 1)
-            pos = last + torch.arange(1, 5)
-            out = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
+            out, m, last = step(cache, feed, m, last)
             logits[name].append(out.logits[:, 1])
             cache.crop(-2)
-            m, last = m[:, :-2], pos[:, 1:2]
-            if name == "growing":
-                assert cache.layers[0]._keys_buf is not None  # cut in place: the next step writes over it
+            m, last = m[:, :-2], last - 2
             # the first row leaves, then the columns only it used go (what _Rows.select does)
-            cache.batch_select_indices(torch.tensor([1, 2]))
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[..., 12:, :], layer.values[..., 12:, :]
-                assert getattr(layer, "_keys_buf", None) is None  # replaced from outside: the old buffer is let go
-            m, last = m[1:, 12:], last[1:]
-            bufs = []
+            order = compaction([1, 2])
+            assert order == [2, 1]  # row 2 fills row 0's hole; row 1 stays where it is
+            if name == "growing":
+                for layer in cache.layers:
+                    layer.keep_rows(order)
+                    layer.drop_leading(12)
+            else:
+                cache.batch_select_indices(torch.tensor(order))
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[..., 12:, :], layer.values[..., 12:, :]
+            m, last = m[order, 12:], last[order]
+            # a row longer than the batch joins, then a shorter one (what _Rows.merge does)
+            for ids in joiners:
+                alone = make()
+                out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=True, **{kw: alone})
+                logits[name].append(out.logits[:, -1])
+                width = max(m.shape[1], ids.shape[1])
+                for mine, theirs in zip(cache.layers, alone.layers):
+                    if name == "growing":
+                        mine.merge_rows(theirs.keys, theirs.values)
+                    else:
+                        a, b = width - mine.keys.shape[-2], width - theirs.keys.shape[-2]
+                        mine.keys = torch.cat([F.pad(mine.keys, (0, 0, a, 0)), F.pad(theirs.keys, (0, 0, b, 0))])
+                        mine.values = torch.cat([F.pad(mine.values, (0, 0, a, 0)), F.pad(theirs.values, (0, 0, b, 0))])
+                m = torch.cat([F.pad(m, (width - m.shape[1], 0)), F.pad(torch.ones_like(ids), (width - ids.shape[1], 0))])
+                last = torch.cat([last, torch.tensor([[ids.shape[1] - 1]])])
             for _ in range(3):
-                feed = torch.full((2, 1), 1234)
-                m = torch.cat([m, torch.ones_like(feed)], 1)
-                last = last + 1
-                out = model(input_ids=feed, attention_mask=m, position_ids=last, use_cache=True, **{kw: cache})
+                out, m, last = step(cache, torch.full((4, 1), 1234), m, last)
                 logits[name].append(out.logits[:, -1])
                 if name == "growing":
-                    layer = cache.layers[0]
-                    assert layer.keys.data_ptr() == layer._keys_buf.data_ptr()  # a view of its buffer
-                    bufs.append(layer._keys_buf)
-    assert bufs[0] is bufs[1] is bufs[2]  # decode steps wrote in place: no new buffer, no copy
-    assert caches["growing"].get_seq_length() == caches["dynamic"].get_seq_length() == 40 + 6 + 2 - 12 + 3
-    assert len(logits["dynamic"]) == len(logits["growing"]) == 9
+                    bufs.append(cache.layers[0]._keys_buf)
+            if name == "growing":  # replaced from outside: the buffer is let go, and the next step makes a new one
+                layer = cache.layers[0]
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+                assert layer._keys_buf is None
+            out, m, last = step(cache, torch.full((4, 1), 99), m, last)
+            logits[name].append(out.logits[:, -1])
+    # the prefill's buffers took every later step and batch change in place: no new buffer, no copy
+    assert len(bufs) == 4 and all(b is bufs[0] for b in bufs)
+    assert cache.layers[0]._keys_buf is not None and cache.get_seq_length() == 50 + 4
+    assert len(logits["dynamic"]) == len(logits["growing"]) == 12
     for a, b in zip(logits["dynamic"], logits["growing"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))

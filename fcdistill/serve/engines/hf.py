@@ -46,7 +46,7 @@ from tokenizers.decoders import DecodeStream
 
 from fcdistill.serve.engines.base import (EngineRequestError, EngineUnavailable, GenerationEvent, GenerationRequest,
                                           check_fits, cut_at_stop)
-from fcdistill.serve.engines.kv_buffer import GrowingCache, GrowingLayer
+from fcdistill.serve.engines.kv_buffer import GrowingCache, GrowingLayer, compaction
 from fcdistill.serve.engines.prefix_cache import PrefixCache
 from fcdistill.serve.engines.prompt_lookup import propose
 
@@ -108,21 +108,32 @@ class _Rows:
     last_pos: Any  # [rows]
     logits: Any  # [rows, vocab]
 
-    def select(self, keep: list[int]) -> None:
-        """Drop the rows not in `keep`, then the leading columns no remaining row uses."""
+    def select(self, keep: list[int]) -> list[int]:
+        """Keep the rows in `keep` (ascending), then drop the leading columns no remaining row uses. The
+        kept rows may change order (the engine's cache moves only the rows that fill a hole): the
+        returned list is the old index of each new row."""
         import torch
 
-        self.seqs = [self.seqs[i] for i in keep]
-        if not keep:
-            return
-        idx = torch.tensor(keep)
-        self.cache.batch_select_indices(idx.to(self.cache.layers[0].keys.device))
+        order = compaction(keep) if self.mergeable() else keep
+        self.seqs = [self.seqs[i] for i in order]
+        if not order:
+            return order
+        idx = torch.tensor(order)
+        if self.mergeable():
+            for layer in self.cache.layers:
+                layer.keep_rows(order)
+        else:
+            self.cache.batch_select_indices(idx.to(self.cache.layers[0].keys.device))
         self.mask, self.last_pos, self.logits = self.mask[idx], self.last_pos[idx], self.logits[idx]
         unused = int((self.mask.sum(0) > 0).int().argmax())  # first column some row attends to
         if unused:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+                if type(layer) is GrowingLayer:
+                    layer.drop_leading(unused)
+                else:
+                    layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
             self.mask = self.mask[:, unused:]
+        return order
 
     def mergeable(self) -> bool:
         """Plain full-attention layers only (the engine's own): sliding-window or static caches cannot be
@@ -138,10 +149,14 @@ class _Rows:
             self.seqs, self.cache, self.mask, self.last_pos, self.logits = new.seqs, new.cache, new.mask, new.last_pos, new.logits
             return
         width = max(self.mask.shape[1], new.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, new.cache.layers):
-            a, b = width - mine.keys.shape[-2], width - theirs.keys.shape[-2]
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, a, 0)), F.pad(theirs.keys, (0, 0, b, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, a, 0)), F.pad(theirs.values, (0, 0, b, 0))])
+        if self.mergeable() and new.mergeable():  # into the running batch's spare rows: no copy of the batch
+            for mine, theirs in zip(self.cache.layers, new.cache.layers):
+                mine.merge_rows(theirs.keys, theirs.values)
+        else:
+            for mine, theirs in zip(self.cache.layers, new.cache.layers):
+                a, b = width - mine.keys.shape[-2], width - theirs.keys.shape[-2]
+                mine.keys = torch.cat([F.pad(mine.keys, (0, 0, a, 0)), F.pad(theirs.keys, (0, 0, b, 0))])
+                mine.values = torch.cat([F.pad(mine.values, (0, 0, a, 0)), F.pad(theirs.values, (0, 0, b, 0))])
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
                                F.pad(new.mask, (width - new.mask.shape[1], 0))])
         self.seqs = self.seqs + new.seqs
@@ -454,8 +469,8 @@ class HFEngine:
         rows = self._prefill(seqs, adapter)
         while rows.seqs:
             keep: list[int] = []
-            feeds: list[list[int]] = []  # per kept row: its sampled token, then any tokens jumped after it
-            drafts: list[list[int]] = []  # per kept row: prompt-lookup guesses at what follows the feed
+            feeds: dict[int, list[int]] = {}  # per kept row: its sampled token, then any tokens jumped after it
+            drafts: dict[int, list[int]] = {}  # per kept row: prompt-lookup guesses at what follows the feed
             # drafts need a cache that can forget the rejected ones: plain full-attention layers (the engine's own)
             speculate = 0 < len(rows.seqs) <= self.prompt_lookup_max_batch and self.prompt_lookup > 0 and rows.mergeable()
             for i, s in enumerate(rows.seqs):
@@ -473,12 +488,11 @@ class HFEngine:
                     self.jumped += 1
                 if not ended:
                     keep.append(i)
-                    feeds.append(feed)
-                    drafts.append(self._draft(s) if speculate else [])
-            if len(keep) < len(rows.seqs):
-                rows.select(keep)
+                    feeds[i] = feed
+                    drafts[i] = self._draft(s) if speculate else []
+            order = rows.select(keep) if len(keep) < len(rows.seqs) else keep
             if rows.seqs:
-                self._step(rows, feeds, drafts, adapter)
+                self._step(rows, [feeds[i] for i in order], [drafts[i] for i in order], adapter)
             if not self.continuous or not rows.mergeable():
                 continue
             if not self._drain(backlog):
