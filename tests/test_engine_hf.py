@@ -218,6 +218,44 @@ def test_prefix_cache_reuses_the_tools_prompt_and_answers_as_without_it():
         asyncio.run(plain.shutdown())
 
 
+def test_prompts_that_share_a_prefill_pass_answer_as_each_alone():
+    """Requests arriving together are prefilled in groups of alike uncached tails, one forward pass a group,
+    each reusing its own cached prefix (a conversation's next turn, a new question on the same tools, a
+    prompt with nothing cached): each answers token for token as alone without a prefix cache (fp32)."""
+    from fcdistill.serve.engines.hf import HFEngine, prefill_groups
+
+    assert prefill_groups([28, 30, 27, 1700, 25], key=int) == [[25, 27, 28, 30], [1700]]
+    assert prefill_groups([5, 200], key=int) == [[5], [200]]
+    cached = HFEngine("smollm2-135m", dtype="fp32", prompt_lookup=0)
+    plain = HFEngine("smollm2-135m", dtype="fp32", prompt_lookup=0, prefix_cache_mb=0)
+    groups: list[list[int]] = []
+    run_group = cached._prefill_group
+    cached._prefill_group = lambda group, adapter: groups.append([n for _, n, _ in group]) or run_group(group, adapter)
+    try:
+        first = asyncio.run(_collect(cached, _request(cached, WEATHER, 30, TOOLS), [], "first"))
+        asks = [(WEATHER + [{"role": "assistant", "content": "It is sunny."},
+                            {"role": "user", "content": "And in Lyon, in fahrenheit?"}], TOOLS),
+                ([{"role": "user", "content": "Weather in Rome, in celsius?"}], TOOLS),
+                ([{"role": "user", "content": "Is it raining in Oslo?"}], TOOLS),
+                (STORY, None)]
+        before = cached.prefix_cache.stats()
+
+        async def together():
+            return await asyncio.gather(*[_collect(cached, _request(cached, m, 24, t, "auto"), [], str(i))
+                                          for i, (m, t) in enumerate(asks)])
+        got = asyncio.run(together())
+        after = cached.prefix_cache.stats()
+        want = [asyncio.run(_collect(plain, _request(plain, m, 24, t, "auto"), [], "alone")) for m, t in asks]
+        assert first[1] in ("stop", "length")
+    finally:
+        asyncio.run(cached.shutdown())
+        asyncio.run(plain.shutdown())
+    assert got == want
+    shared = [g for g in groups[1:] if len(g) > 1]
+    assert shared and any(n > 0 for n in shared[0])  # rows reusing cached prefixes shared one pass
+    assert after["reused"] > before["reused"] and after["hits"] - before["hits"] >= 3
+
+
 def test_prefix_cache_stays_within_its_memory_dropping_the_oldest():
     import torch
 

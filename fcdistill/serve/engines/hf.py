@@ -1,11 +1,12 @@
 """The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
 
 One scheduler thread owns the model, from loading it on (`_start_scheduler` says why). Requests
-waiting when a batch starts, and those arriving within a short window after the first (20 ms), share
-one left-padded prefill and one KV cache; finished or cancelled rows leave the cache as they end.
-Continuous batching (the default): a request that arrives while a batch decodes is prefilled between
-two decode steps and joins it, its cache left-padded to the batch's width, so it does not wait for
-the batch to finish. `continuous=False` (`--batching static`) runs each batch to the end first. A
+waiting when a batch starts, and those arriving within a short window after the first (20 ms), are
+prefilled together (each reusing what the prefix cache holds of its prompt; prompts with alike uncached
+tails in one forward pass) and share one KV cache; finished or cancelled rows leave the cache as they
+end. Continuous batching (the default): requests that arrive while a batch decodes are prefilled between
+two decode steps and join it, their cache left-padded to the batch's width, so they do not wait for
+the batch to finish. Rows leaving and joining change the cache's buffers in place (kv_buffer.py). `continuous=False` (`--batching static`) runs each batch to the end first. A
 batch holds one adapter (or the base), because PEFT trainable-token layers do not take mixed-adapter
 batches; while another adapter's request waits, the running batch admits no one and drains, so a
 busy adapter cannot starve the rest.
@@ -413,52 +414,69 @@ class HFEngine:
         return self.model(**kwargs)
 
     def _prefill(self, seqs: list[_Seq], adapter: str | None) -> _Rows:
-        """Left-padded prompt pass for new sequences: their KV cache and first next-token logits."""
+        """The prompt pass for new sequences: their KV cache and first next-token logits. With the prefix
+        cache, each prompt reuses what it has of its start, and prompts whose uncached tails are alike
+        share one forward pass (`prefill_groups`); without it, all share one left-padded pass."""
         import torch
 
         for s in seqs:
             if s.req.sampling.seed is not None:
                 s.generator = torch.Generator(device="cpu").manual_seed(int(s.req.sampling.seed))
-        if self.prefix_cache is not None:
-            rows = self._prefill_one(seqs[0], adapter)
-            for s in seqs[1:]:
-                rows.merge(self._prefill_one(s, adapter))
-            return rows
-        pad = self.tokenizer.pad_token_id
-        width = max(len(s.req.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            n = len(s.req.prompt_ids)
-            ids[i, width - n:] = torch.tensor(s.req.prompt_ids)
-            mask[i, width - n:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.prefix_cache is None:
+            return self._prefill_group([(s, 0, None) for s in seqs], adapter)
+        found = [(s, *self.prefix_cache.lookup(adapter, s.req.prompt_ids)) for s in seqs]
+        rows: _Rows | None = None
+        for group in prefill_groups(found, key=lambda f: len(f[0].req.prompt_ids) - f[1]):
+            part = self._prefill_group(group, adapter)
+            if rows is None:
+                rows = part
+            else:
+                rows.merge(part)
+        assert rows is not None
+        return rows
+
+    def _prefill_group(self, group: list[tuple[_Seq, int, Any]], adapter: str | None) -> _Rows:
+        """One forward pass over the last `tail` tokens of each prompt, `tail` being the longest uncached
+        part among them: a prompt with a shorter one recomputes a few cached tokens, one shorter than
+        `tail` is left-padded, and the cached keys and values before each row's tail are left-padded to
+        a common width. So every row's tail lies in the same columns, and the rows need no holes.
+        `group`: (sequence, cached tokens n, their per-layer keys and values or None)."""
+        import torch
+        import torch.nn.functional as F
+
+        lengths = [len(s.req.prompt_ids) for s, _, _ in group]
+        tail = max(length - n for length, (_, n, _) in zip(lengths, group))
+        use = [max(0, length - tail) for length in lengths]  # cached tokens each row keeps (<= n)
+        width = max(use)
+        ids = torch.full((len(group), tail), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width + tail), dtype=torch.long)
+        for i, ((s, _, _), length, kept) in enumerate(zip(group, lengths, use)):
+            part = s.req.prompt_ids[kept:]
+            ids[i, tail - len(part):] = torch.tensor(part)
+            mask[i, width + tail - length:] = 1
+        positions = (torch.tensor(lengths).unsqueeze(1) - tail + torch.arange(tail)).clamp(min=0)
         cache = GrowingCache()
+        if width:
+            like = next(layers for _, _, layers in group if layers)
+            for layer, (k0, v0) in enumerate(like):
+                keys, values = [], []
+                for (_, _, layers), kept in zip(group, use):
+                    k, v = layers[layer] if kept else (k0[..., :0, :], v0[..., :0, :])
+                    keys.append(F.pad(k[..., :kept, :], (0, 0, width - kept, 0)))
+                    values.append(F.pad(v[..., :kept, :], (0, 0, width - kept, 0)))
+                cache.update(torch.cat(keys), torch.cat(values), layer)
         out = self._forward(adapter, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
                             **{self._cache_kw: cache})
-        return _Rows(list(seqs), cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
-
-    def _prefill_one(self, s: _Seq, adapter: str | None) -> _Rows:
-        """One prompt, no padding: what the prefix cache holds of its start is reused, the rest computed,
-        and the whole prompt's keys and values kept for the next request that starts the same way."""
-        import torch
-
-        ids = s.req.prompt_ids
-        n, reused = self.prefix_cache.lookup(adapter, ids)
-        cache = GrowingCache()
-        for layer, (keys, values) in enumerate(reused or []):
-            cache.update(keys, values, layer)
-        mask = torch.ones((1, len(ids)), dtype=torch.long)
-        positions = torch.arange(n, len(ids)).unsqueeze(0)
-        out = self._forward(adapter, input_ids=torch.tensor([ids[n:]]).to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
-                            **{self._cache_kw: cache})
-        rows = _Rows([s], cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
-        self.prefix_cache.computed += len(ids) - n
-        self.prefix_cache.reused += n
-        if rows.mergeable():  # plain full-attention layers: a sliding window's cache is not a prefix
-            self.prefix_cache.store(adapter, list(ids), [(layer.keys, layer.values) for layer in cache.layers])
+        rows = _Rows([s for s, _, _ in group], cache, mask, positions[:, -1].clone(), out.logits[:, -1, :].float().cpu())
+        if self.prefix_cache is not None:
+            self.prefix_cache.computed += sum(min(length, tail) for length in lengths)
+            self.prefix_cache.reused += sum(use)
+            if rows.mergeable():  # plain full-attention layers: a sliding window's cache is not a prefix
+                for i, (s, length) in enumerate(zip(rows.seqs, lengths)):
+                    start = width + tail - length
+                    self.prefix_cache.store(adapter, list(s.req.prompt_ids), [
+                        (layer.keys[i:i + 1, :, start:, :], layer.values[i:i + 1, :, start:, :]) for layer in cache.layers])
         return rows
 
     def _run_batch(self, seqs: list[_Seq], adapter: str | None, backlog: list[_Seq]) -> None:
@@ -611,6 +629,27 @@ class HFEngine:
             return True
         s.emit(GenerationEvent(text=delta, token_ids=[token]))
         return False
+
+
+PREFILL_PASS_TOKENS = 64  # a forward pass's fixed cost on a CPU, in prompt tokens' worth (a pass over 1-9
+# tokens costs about the same in bf16 on 2 cores)
+
+
+def prefill_groups(items: list[Any], key: Callable[[Any], int]) -> list[list[Any]]:
+    """Items (prompts, `key` their uncached length) in groups that share a prefill pass: shortest first,
+    a group taking the next prompt while one pass over them all, each computing as many tokens as the
+    longest, costs no more than separate passes (PREFILL_PASS_TOKENS each)."""
+    groups: list[list[Any]] = []
+    total = 0
+    for item in sorted(items, key=key):
+        t = key(item)
+        if groups and (len(groups[-1]) + 1) * t <= total + t + PREFILL_PASS_TOKENS * len(groups[-1]):
+            groups[-1].append(item)
+            total += t
+        else:
+            groups.append([item])
+            total = t
+    return groups
 
 
 def _merge_fits(mode: str, base: Any, count: int) -> bool:
