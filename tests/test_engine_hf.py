@@ -6,6 +6,7 @@ another adapter is not starved by joiners."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import jsonschema
 import pytest
@@ -254,6 +255,38 @@ def test_prompts_that_share_a_prefill_pass_answer_as_each_alone():
     shared = [g for g in groups[1:] if len(g) > 1]
     assert shared and any(n > 0 for n in shared[0])  # rows reusing cached prefixes shared one pass
     assert after["reused"] > before["reused"] and after["hits"] - before["hits"] >= 3
+
+
+def test_a_conversations_next_turn_reuses_the_answer_kept_from_its_last_turn():
+    """A finished answer's keys and values join its prompt's in the prefix cache: the next turn, which
+    repeats the call the model made, computes only what follows it, and answers as without a cache (fp32)."""
+    from fcdistill.serve.engines.hf import HFEngine
+
+    cached = HFEngine("smollm2-135m", dtype="fp32", prompt_lookup=0)
+    plain = HFEngine("smollm2-135m", dtype="fp32", prompt_lookup=0, prefix_cache_mb=0)
+    try:
+        chat = ChatFormat(cached.tokenizer, fc_token=cached.fc_token)
+        first = _request(cached, WEATHER, 40, TOOLS)
+        answer, reason = asyncio.run(_collect(cached, first, [], "first"))
+        assert reason == "stop"
+        calls = chat.parse(cached.tokenizer.decode(answer, skip_special_tokens=False)).tool_calls
+        assert len(calls) == 1
+        turn = WEATHER + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_0", "type": "function", "function": {
+                "name": calls[0].name, "arguments": json.dumps(calls[0].arguments)}}]},
+            {"role": "tool", "tool_call_id": "call_0", "content": '{"temperature": 21}'},
+            {"role": "user", "content": "And in Lyon?"}]
+        second = _request(cached, turn, 30, TOOLS)
+        known = first.prompt_ids + answer
+        shared = next((i for i, (a, b) in enumerate(zip(known, second.prompt_ids)) if a != b), len(known))
+        assert shared >= len(first.prompt_ids) + len(answer) // 2  # the re-rendered call is the generated one
+        before = cached.prefix_cache.stats()["reused"]
+        got = asyncio.run(_collect(cached, second, [], "second"))
+        assert cached.prefix_cache.stats()["reused"] - before == min(shared, len(second.prompt_ids) - 1)
+        assert got == asyncio.run(_collect(plain, _request(plain, turn, 30, TOOLS), [], "plain"))
+    finally:
+        asyncio.run(cached.shutdown())
+        asyncio.run(plain.shutdown())
 
 
 def test_prefix_cache_stays_within_its_memory_dropping_the_oldest():

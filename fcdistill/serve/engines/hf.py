@@ -492,7 +492,8 @@ class HFEngine:
             # drafts need a cache that can forget the rejected ones: plain full-attention layers (the engine's own)
             speculate = 0 < len(rows.seqs) <= self.prompt_lookup_max_batch and self.prompt_lookup > 0 and rows.mergeable()
             for i, s in enumerate(rows.seqs):
-                if s.ended:
+                if s.ended:  # on a draft it kept, last step
+                    self._remember(rows, i, adapter)
                     continue
                 if s.cancelled.is_set():
                     s.emit(GenerationEvent(finish_reason="cancelled"))
@@ -508,6 +509,8 @@ class HFEngine:
                     keep.append(i)
                     feeds[i] = feed
                     drafts[i] = self._draft(s) if speculate else []
+                else:  # (its client, having the last event, may be gone already: not a cancellation)
+                    self._remember(rows, i, adapter)
             order = rows.select(keep) if len(keep) < len(rows.seqs) else keep
             if rows.seqs:
                 self._step(rows, [feeds[i] for i in order], [drafts[i] for i in order], adapter)
@@ -521,6 +524,23 @@ class HFEngine:
             if joining:
                 seqs.extend(joining)  # the caller's list: an error reaches every row that ever joined
                 rows.merge(self._prefill(joining, adapter))
+
+    def _remember(self, rows: _Rows, i: int, adapter: str | None) -> None:
+        """Keep a finished row's prompt and answer in the prefix cache (replacing its prompt's entry): an
+        agent's next turn starts with both, as vLLM's prefix caching also keeps generated tokens. The row's
+        positions are its unmasked columns (rejected drafts and step padding are masked out), in order."""
+        if self.prefix_cache is None or not rows.mergeable():
+            return
+        s = rows.seqs[i]
+        ids = s.req.prompt_ids + s.out_ids
+        cols = rows.mask[i].nonzero().squeeze(1)
+        n = min(len(cols), len(ids))  # the last token sampled was never fed; an end-of-turn draft was, unrecorded
+        if n <= len(s.req.prompt_ids):
+            return
+        cols = cols[:n].to(self.device)
+        self.prefix_cache.store(adapter, list(ids[:n]), [
+            (layer.keys[i:i + 1].index_select(2, cols), layer.values[i:i + 1].index_select(2, cols))
+            for layer in rows.cache.layers], copy=False)
 
     def _step(self, rows: _Rows, feeds: list[list[int]], drafts: list[list[int]], adapter: str | None) -> None:
         """One forward pass over each row's new tokens: one a row, or more where tokens were jumped or

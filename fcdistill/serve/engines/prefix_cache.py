@@ -65,14 +65,15 @@ class PrefixCache:
             self.hits += 1
         return best, [(k[..., :best, :], v[..., :best, :]) for k, v in entry.layers]
 
-    def store(self, adapter: str | None, ids: list[int], layers: list[tuple[Any, Any]]) -> None:
-        """Keep a prompt's keys and values (copied: the running batch goes on extending its own)."""
+    def store(self, adapter: str | None, ids: list[int], layers: list[tuple[Any, Any]], copy: bool = True) -> None:
+        """Keep a prompt's keys and values: copied (the running batch goes on extending its own), unless
+        `copy` is False (they are the caller's own fresh tensors)."""
         import torch
 
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if nbytes > self.max_bytes:
             return
-        kept = [(k.detach().clone(), v.detach().clone()) for k, v in layers]
+        kept = [(k.detach().clone(), v.detach().clone()) for k, v in layers] if copy else list(layers)
         with self._lock:
             # a prompt that extends a cached one replaces it: its keys and values hold the older ones
             for key in [key for key, e in self._entries.items() if e.adapter == adapter and len(e.ids) <= len(ids)
