@@ -289,6 +289,41 @@ def test_a_conversations_next_turn_reuses_the_answer_kept_from_its_last_turn():
         asyncio.run(plain.shutdown())
 
 
+def test_cpu_attention_in_bf16_is_as_close_to_fp32_as_sdpa():
+    """The engine's CPU attention (eager for one or two rows in bf16, SDPA otherwise): a left-padded prefill of
+    two rows, a 5-token step on its cache, and an unmasked causal pass give logits as close to an fp32 SDPA
+    model's as bf16 SDPA's are, and the same greedy choices where the fp32 model is sure of them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fcdistill.models import cache_keyword, resolve_model
+    from fcdistill.serve.engines.cpu_attention import register
+    from fcdistill.serve.engines.kv_buffer import GrowingCache
+
+    name = register()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (2, 60), generator=gen)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[0, :20] = 0
+    feed = torch.randint(100, 40000, (2, 5), generator=gen)
+    out = {}
+    with torch.inference_mode():
+        for label, dtype, impl in (("fp32", torch.float32, "sdpa"), ("sdpa", torch.bfloat16, "sdpa"), ("ours", torch.bfloat16, name)):
+            model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=dtype, attn_implementation=impl).eval()
+            kw, cache = cache_keyword(model), GrowingCache()
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
+            step = model(input_ids=feed, attention_mask=torch.cat([mask, torch.ones(2, 5, dtype=torch.long)], 1),
+                         position_ids=pos[:, -1:] + torch.arange(1, 6), use_cache=True, **{kw: cache}).logits
+            causal = model(input_ids=ids[1:, :30], use_cache=False).logits
+            out[label] = [x.float() for x in (first[1], first[0, 20:], step.flatten(0, 1), causal[0])]
+    for ref, sdpa, ours in zip(out["fp32"], out["sdpa"], out["ours"]):
+        assert (ours - ref).abs().max() <= 1.25 * (sdpa - ref).abs().max() + 0.05
+        top2 = ref.topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) > 1.0  # where fp32's choice is clear, bf16 rounding cannot flip it
+        assert sure.any() and torch.equal(ours.argmax(-1)[sure], ref.argmax(-1)[sure])
+
+
 def test_prefix_cache_stays_within_its_memory_dropping_the_oldest():
     import torch
 

@@ -224,7 +224,10 @@ class HFEngine:
 
         from fcdistill.models import cache_keyword, load_peft_adapter, resize_for_tokenizer
 
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        from fcdistill.serve.engines.cpu_attention import register
+
+        attention = {"attn_implementation": register()} if self.device == "cpu" else {}
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **attention)
         if len(self.tokenizer) > base.get_input_embeddings().weight.shape[0]:
             resize_for_tokenizer(base, len(self.tokenizer))
         self._cache_kw = cache_keyword(base)
