@@ -1,4 +1,5 @@
-"""The embedded engine: transformers on CPU (fp32) or GPU (bf16), PEFT adapters side by side.
+"""The embedded engine: transformers on CPU (bf16 where the CPU has it, else fp32; attention from
+cpu_attention.py) or GPU (bf16), PEFT adapters side by side.
 
 One scheduler thread owns the model, from loading it on (`_start_scheduler` says why). Requests
 waiting when a batch starts, and those arriving within a short window after the first (20 ms), are
@@ -6,10 +7,12 @@ prefilled together (each reusing what the prefix cache holds of its prompt; prom
 tails in one forward pass) and share one KV cache; finished or cancelled rows leave the cache as they
 end. Continuous batching (the default): requests that arrive while a batch decodes are prefilled between
 two decode steps and join it, their cache left-padded to the batch's width, so they do not wait for
-the batch to finish. Rows leaving and joining change the cache's buffers in place (kv_buffer.py). `continuous=False` (`--batching static`) runs each batch to the end first. A
-batch holds one adapter (or the base), because PEFT trainable-token layers do not take mixed-adapter
-batches; while another adapter's request waits, the running batch admits no one and drains, so a
-busy adapter cannot starve the rest.
+the batch to finish. Rows leaving and joining change the cache's buffers in place (kv_buffer.py), and a
+finished answer joins its prompt in the prefix cache for the conversation's next turn.
+`continuous=False` (`--batching static`) runs each batch to the end first. A batch holds one adapter
+(or the base), because PEFT trainable-token layers do not take mixed-adapter batches; while another
+adapter's request waits, the running batch admits no one and drains, so a busy adapter cannot starve
+the rest.
 
 Adapters are merged by default (`merge_adapters="auto"`, while memory allows): each adapter gets its
 own copy of the base with the adapter merged in (merged in fp32, then cast to the serving dtype), and
