@@ -33,7 +33,7 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     lowest = torch.finfo(scores.dtype).min
     if attention_mask is not None:  # SDPA's: boolean, True where a query may look
         scores = scores.masked_fill(~attention_mask[..., :n], lowest)
-    elif q > 1:  # no mask given: causal, the queries being the last q positions
+    elif q > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):  # causal, the queries last
         causal = torch.ones((q, n), dtype=torch.bool, device=scores.device).tril(n - q)
         scores = scores.masked_fill(~causal, lowest)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
